@@ -1,0 +1,155 @@
+"""The Python API: ``prune(model, calib, options)``. The CLI is a thin layer over it."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .allocate import Allocation, allocate_uniform
+from .analyse import Analysis, analyse
+from .calibrate import collect_stats
+from .data import CalibrationSet, input_spec, load_calibration
+from .errors import InputError, TargetError
+from .flops import count_macs, count_params
+from .load import default_opset, load_model
+from .options import PruneOptions
+from .prepare import prepare
+from .progress import Progress, silent
+from .report import BlockedRow, GroupRow, Report
+from .rewrite import rewrite
+from .runtime import choose_providers
+from .score import NEEDS_STATS, representative_tensors, score_players
+from .shapes import static_shapes
+from .verify import accuracy, check_model, fidelity
+
+ModelSource = Union[str, os.PathLike, onnx.ModelProto]
+CalibSource = Union[str, os.PathLike, np.ndarray]
+Labelled = Tuple[np.ndarray, np.ndarray]
+
+
+@dataclass
+class PruneResult:
+    model: onnx.ModelProto
+    report: Report
+
+
+def load_labelled(path: str) -> Labelled:
+    """A labelled test set for --eval: an .npz with arrays ``x`` (preprocessed inputs) and ``y`` (class ids)."""
+    try:
+        data = np.load(path, allow_pickle=False)
+        x, y = data["x"], data["y"]
+    except Exception as e:
+        raise InputError(f"cannot read labelled data {path!r}: expected an .npz with arrays 'x' and 'y'") from e
+    if len(x) != len(y) or len(x) == 0:
+        raise InputError(f"labelled data {path!r}: 'x' and 'y' must have the same, non-zero length")
+    return x.astype(np.float32, copy=False), y.astype(np.int64, copy=False)
+
+
+def _analysis_of(prepared: onnx.ModelProto, cal: CalibrationSet, opts: PruneOptions) -> Analysis:
+    shapes = static_shapes(prepared, {cal.spec.name: (1,) + cal.sample_shape})
+    return analyse(gs.import_onnx(prepared), shapes, default_opset(prepared), opts.ignore)
+
+
+def prune(model: ModelSource, calib: CalibSource, options: Optional[PruneOptions] = None, *,
+          evaluate: Optional[Labelled] = None, progress: Progress = silent, log=lambda line: None) -> PruneResult:
+    """Prune ``model`` so that it loses ``options.flops`` of its FLOPs.
+
+    ``calib`` is a folder of images, a .npy/.npz path, or an array of
+    preprocessed inputs. ``evaluate`` is an optional (x, y) labelled set on
+    which accuracy before and after is measured. ``log`` receives one-line
+    status messages. The input model is never modified.
+    """
+    opts = (options or PruneOptions()).validate()
+    seconds = {}
+    t = time.perf_counter()
+    loaded = load_model(model)
+    original = loaded.model
+    spec = input_spec(original, opts)
+    cal = load_calibration(calib, spec, opts)
+    providers, provider_text = choose_providers(opts.device)
+    log(f"onnxruntime provider: {provider_text}")
+    prepared, prep_log = prepare(original)
+    analysis = _analysis_of(prepared, cal, opts)
+    seconds["load_prepare_analyse"] = time.perf_counter() - t
+    if not analysis.prunable_groups():
+        reasons = sorted({r for g in analysis.groups for r in g.reasons[:1]})
+        raise TargetError("no channel group of this model can be pruned: " + (reasons[0] if reasons else "none found"))
+
+    stats = None
+    if opts.criterion in NEEDS_STATS:
+        t = time.perf_counter()
+        stats = collect_stats(prepared, representative_tensors(analysis).values(), cal, cal.fit, providers, progress)
+        seconds["calibrate"] = time.perf_counter() - t
+    t = time.perf_counter()
+    scores = score_players(analysis, opts.criterion, stats, opts.seed)
+    alloc = allocate_uniform(analysis, scores, opts.flops, opts.min_keep, opts.round_to)
+    seconds["score_allocate"] = time.perf_counter() - t
+
+    report = _describe(analysis, alloc, opts)
+    t = time.perf_counter()
+    pruned = rewrite(analysis, alloc.keep_player, prepared)
+    seconds["rewrite"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    check_model(pruned, original, cal, providers)
+    input_shapes = {spec.name: (1,) + cal.sample_shape}
+    report.macs_before = count_macs(original, input_shapes)
+    report.macs_after = count_macs(pruned, input_shapes)
+    report.params_before, report.params_after = count_params(original), count_params(pruned)
+    if report.macs_after > report.macs_before:
+        from .errors import InternalError
+        raise InternalError("the pruned model has more FLOPs than the original (nothing written)")
+    fid = fidelity(original, pruned, cal, providers, progress)
+    report.fidelity_top1_agreement, report.fidelity_relative_error = fid.top1_agreement, fid.relative_error
+    report.fidelity_held_out, report.holdout_images = fid.held_out, fid.images
+    if evaluate is not None:
+        x, y = evaluate
+        report.accuracy_before = accuracy(original, x, y, providers)
+        report.accuracy_after = accuracy(pruned, x, y, providers)
+        report.eval_samples = len(y)
+    seconds["verify"] = time.perf_counter() - t
+
+    report.input_path = loaded.path
+    report.provider = provider_text
+    report.file_size_before = loaded.file_size
+    report.file_size_after = pruned.ByteSize()
+    report.calibration_images = len(cal)
+    report.skipped_files = cal.skipped
+    report.folded_batchnorms = len(prep_log.folded_batchnorms)
+    report.seconds = seconds
+    if cal.skipped:
+        report.notes.append(f"{cal.skipped} non-image files in the calibration folder were skipped")
+    if abs(report.flops_reduction - opts.flops) > 0.01:
+        report.notes.append(
+            f"achieved reduction {report.flops_reduction:.1%} is more than 1 point from the target: "
+            "the smallest pruning step of some group is large; try --round-to 1")
+    return PruneResult(pruned, report)
+
+
+def _describe(analysis: Analysis, alloc: Allocation, opts: PruneOptions) -> Report:
+    total = analysis.macs() or 1
+    per_group = analysis.group_macs()
+    report = Report(criterion=opts.criterion, flops_target=opts.flops)
+    touched = set()
+    for node in analysis.mac_nodes:
+        for t in list(node.inputs[:1]) + list(node.outputs[:1]):
+            atoms = analysis.cmap.get(t.name)
+            if atoms is not None and any(analysis.groups[g].prunable for g in np.unique(analysis.player_group[analysis.atom_player[atoms]]).tolist()):
+                touched.add(node.name)
+    from .ops import CountContext, rule_for
+    ctx = CountContext(analysis.shapes, lambda n: int(analysis.shapes[n][1]) if analysis.shapes.get(n) and len(analysis.shapes[n]) > 1 else 0)
+    report.prunable_macs_share = sum(rule_for(n.op).macs(n, ctx) for n in analysis.mac_nodes if n.name in touched) / total
+    for g in analysis.groups:
+        share = per_group.get(g.index, 0) / total
+        if g.prunable:
+            report.groups.append(GroupRow(g.name, g.producers, g.size, alloc.kept[g.index], share))
+        elif share > 0 and not all("(input)" in r for r in g.reasons):
+            # the image input's channels are not a layer anyone expects pruned
+            report.blocked.append(BlockedRow(g.name, g.size, share, g.reasons))
+    return report

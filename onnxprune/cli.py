@@ -1,0 +1,173 @@
+"""``onnxprune IN OUT --calib PATH --flops R``: a thin layer over :func:`onnxprune.prune`.
+
+Every pruning flag is generated from :class:`onnxprune.options.PruneOptions`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import traceback
+from typing import get_type_hints
+
+import click
+
+from . import __version__
+from .errors import PruneError, UsageError
+from .options import OPTION_SPECS, PruneOptions
+
+PREPROCESSING_HELP = """\
+Calibration images are preprocessed as pixel * --scale, then (x - --mean) / --std,
+resized (short side) and centre-cropped to the model's input size. This must match
+what the model was trained with. Common presets:
+
+\b
+  pixel / 255 (default):  (no flags)
+  ImageNet:               --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225
+  [-1, 1]:                --mean 0.5 --std 0.5
+  Caffe/OpenCV BGR:       add --bgr
+"""
+
+
+def _floats(text, count=None):
+    try:
+        values = tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}")
+    if count is not None and len(values) != count:
+        raise click.BadParameter(f"expected {count} comma-separated numbers, got {text!r}")
+    return values
+
+
+def _option_decorators():
+    hints = get_type_hints(PruneOptions)
+    decorators = []
+    for f in OPTION_SPECS:
+        meta = dict(f.metadata)
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = dict(help=meta["help"], show_default=f.default is not None and f.default is not False and f.default != ())
+        if meta["metavar"]:
+            kwargs["metavar"] = meta["metavar"]
+        hint = str(hints[f.name])
+        if meta["is_flag"]:
+            kwargs.update(is_flag=True, default=False)
+        elif meta["multiple"]:
+            kwargs.update(multiple=True)
+        elif meta["choices"]:
+            kwargs.update(type=click.Choice(meta["choices"]), default=f.default)
+        elif "Tuple[float" in hint:
+            kwargs.update(type=str, default=",".join(f"{v:g}" for v in f.default),
+                          callback=lambda ctx, p, v: _floats(v) if v is not None else None)
+        elif "Tuple[int, int]" in hint:
+            kwargs.update(type=str, default=None,
+                          callback=lambda ctx, p, v: tuple(int(x) for x in _floats(v, 2)) if v else None)
+        elif f.default is not None:
+            kwargs.update(type=type(f.default), default=f.default)
+        else:
+            kwargs.update(type=float, default=None)
+        if f.name == "scale":
+            kwargs["show_default"] = False
+            kwargs["help"] = meta["help"]
+        decorators.append(click.option(flag, f.name, **kwargs))
+    return decorators
+
+
+def _with_options(fn):
+    for deco in reversed(_option_decorators()):
+        fn = deco(fn)
+    return fn
+
+
+@contextlib.contextmanager
+def _bar(label, total):
+    with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True) as bar:
+        yield bar.update
+
+
+class _Terminated(BaseException):
+    pass
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+               epilog=PREPROCESSING_HELP)
+@click.argument("model_in", metavar="IN", type=click.Path(dir_okay=False))
+@click.argument("model_out", metavar="OUT", type=click.Path(dir_okay=False))
+@click.option("--calib", required=True, metavar="PATH",
+              help="Folder of images (png, jpg, bmp, webp; searched recursively, sorted) "
+                   "or a .npy/.npz file of preprocessed input tensors.")
+@_with_options
+@click.option("--eval", "eval_path", metavar="NPZ", default=None,
+              help="Labelled .npz (arrays x, y) to report top-1 accuracy before and after.")
+@click.option("--report", "report_path", metavar="FILE.json", default=None, help="Write the full report as JSON.")
+@click.option("--verbose", is_flag=True, help="Show tracebacks (for bug reports).")
+@click.version_option(__version__, "--version")
+def main(model_in, model_out, calib, eval_path, report_path, verbose, **option_values):
+    """Prune a CNN in ONNX format so that it loses a share of its FLOPs.
+
+    Reads IN, writes the smaller model to OUT. Example:
+
+        onnxprune in.onnx out.onnx --calib imgs/ --flops 0.4
+    """
+    from .api import load_labelled, prune
+    from .save import check_output_path, save_atomic
+
+    opts = PruneOptions(**option_values).validate()
+    check_output_path(model_out, model_in if os.path.exists(model_in) else None)
+    labelled = load_labelled(eval_path) if eval_path else None
+    result = prune(model_in, calib, opts, evaluate=labelled, progress=_bar,
+                   log=lambda line: click.echo(line, err=True))
+    result.report.output_path = model_out
+    result.report.file_size_after = save_atomic(result.model, model_out)
+    click.echo(result.report.format_text())
+    if report_path:
+        with open(report_path, "w") as f:
+            json.dump(result.report.to_dict(), f, indent=2)
+    click.echo(f"wrote {model_out}", err=True)
+
+
+def run(argv=None) -> int:
+    """Entry point: one line per error, distinct exit codes, no traceback without --verbose."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        main.main(args=argv, prog_name="onnxprune", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("onnxprune: interrupted", err=True)
+        return 130
+    except click.ClickException as e:
+        click.echo(f"onnxprune: error: {e.format_message()}", err=True)
+        return 2
+    except PruneError as e:
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"onnxprune: error: {e}", err=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        click.echo("onnxprune: interrupted", err=True)
+        return 130
+    except _Terminated:
+        click.echo("onnxprune: terminated", err=True)
+        return 143
+    except Exception as e:
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"onnxprune: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                   "(run with --verbose for the traceback)", err=True)
+        return 70
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def entry() -> None:
+    sys.exit(run())

@@ -1,0 +1,215 @@
+"""Calibration data: image folders and preprocessed tensor files, served in batches.
+
+Images are decoded per batch, so memory is bounded by the batch, not by the
+number of images.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .errors import InputError, UsageError
+from .options import PruneOptions
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+@dataclass
+class InputSpec:
+    """What the model's image input looks like."""
+
+    name: str
+    shape: Tuple[Optional[int], ...]  # as declared; None for dynamic axes
+    channels_last: bool
+    dtype: np.dtype
+
+    @property
+    def channels(self) -> Optional[int]:
+        return self.shape[-1] if self.channels_last else self.shape[1]
+
+    @property
+    def spatial(self) -> Tuple[Optional[int], Optional[int]]:
+        return tuple(self.shape[1:3]) if self.channels_last else tuple(self.shape[2:4])
+
+    @property
+    def fixed_batch(self) -> Optional[int]:
+        return self.shape[0]
+
+
+def input_spec(model, opts: PruneOptions) -> InputSpec:
+    import onnx
+    from onnx import helper
+
+    from .prepare import data_inputs
+
+    inputs = data_inputs(model.graph)
+    if len(inputs) != 1:
+        names = ", ".join(i.name for i in inputs)
+        raise InputError(f"the model has {len(inputs)} inputs ({names}); only single-input image models are supported")
+    vi = inputs[0]
+    tt = vi.type.tensor_type
+    dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+    if len(dims) != 4:
+        raise InputError(f"input {vi.name!r} has rank {len(dims)}; expected an image batch (N, C, H, W)")
+    try:
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
+    except Exception:
+        dtype = np.dtype(np.float32)
+    channels_last = dims[1] not in (1, 3) and dims[3] in (1, 3)
+    spec = InputSpec(vi.name, dims, channels_last, dtype)
+    h, w = spec.spatial
+    if h is None or w is None:
+        if opts.input_size is None:
+            raise UsageError(f"the spatial axes of input {vi.name!r} are dynamic: give --input-size H,W")
+        h, w = opts.input_size
+        dims = (dims[0], h, w, dims[3]) if channels_last else (dims[0], dims[1], h, w)
+        spec = InputSpec(vi.name, dims, channels_last, dtype)
+    if spec.channels is None:
+        raise InputError(f"the channel axis of input {vi.name!r} is dynamic; cannot tell grey from colour")
+    return spec
+
+
+@dataclass
+class CalibrationSet:
+    """The calibration items, split into a scoring part and a held-out part."""
+
+    spec: InputSpec
+    opts: PruneOptions
+    files: Optional[List[str]] = None
+    array: Optional[np.ndarray] = None
+    skipped: int = 0  # non-image files in the folder
+    fit: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    holdout: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    converted: Optional[str] = None  # e.g. "colour images converted to grey"
+
+    def __len__(self) -> int:
+        return len(self.files) if self.files is not None else len(self.array)
+
+    @property
+    def batch_size(self) -> int:
+        fixed = self.spec.fixed_batch
+        return fixed if fixed else self.opts.batch_size
+
+    @property
+    def sample_shape(self) -> Tuple[int, ...]:
+        return tuple(int(d) for d in self.spec.shape[1:])
+
+    def batches(self, indices: Sequence[int]) -> Iterator[np.ndarray]:
+        bs = self.batch_size
+        indices = np.asarray(indices)
+        for start in range(0, len(indices), bs):
+            chunk = indices[start:start + bs]
+            if self.spec.fixed_batch and len(chunk) < bs:
+                # a fixed-batch model takes exactly its batch: pad by repeating (results of pads ignored)
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - len(chunk))])
+            yield self._load(chunk)
+
+    def real_count(self, batch_index: int, indices: Sequence[int]) -> int:
+        bs = self.batch_size
+        return min(bs, len(indices) - batch_index * bs)
+
+    def _load(self, chunk: np.ndarray) -> np.ndarray:
+        if self.array is not None:
+            return np.ascontiguousarray(self.array[chunk], dtype=self.spec.dtype)
+        return np.stack([self._image(self.files[i]) for i in chunk]).astype(self.spec.dtype, copy=False)
+
+    def _image(self, path: str) -> np.ndarray:
+        from PIL import Image
+
+        spec, opts = self.spec, self.opts
+        h, w = (int(d) for d in spec.spatial)
+        try:
+            with Image.open(path) as img:
+                img = img.convert("L" if spec.channels == 1 else "RGB")
+                scale = max(h / img.height, w / img.width)
+                size = (max(w, round(img.width * scale)), max(h, round(img.height * scale)))
+                if size != img.size:
+                    img = img.resize(size, Image.BILINEAR)
+                left, top = (size[0] - w) // 2, (size[1] - h) // 2
+                img = img.crop((left, top, left + w, top + h))
+                pixels = np.asarray(img, dtype=np.float32)
+        except Exception as e:
+            raise InputError(f"cannot decode image {path!r}: {e}") from e
+        if pixels.ndim == 2:
+            pixels = pixels[:, :, None]
+        if opts.bgr and pixels.shape[2] == 3:
+            pixels = pixels[:, :, ::-1]
+        x = pixels * np.float32(opts.scale)
+        x = (x - np.asarray(opts.mean, np.float32)) / np.asarray(opts.std, np.float32)
+        return x if spec.channels_last else np.transpose(x, (2, 0, 1))
+
+
+def _list_images(folder: str) -> Tuple[List[str], int]:
+    found, skipped = [], 0
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for f in sorted(files):
+            if f.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(os.path.join(root, f))
+            else:
+                skipped += 1
+    return sorted(found), skipped
+
+
+def _load_array(path: str) -> np.ndarray:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise InputError(f"cannot read calibration tensors {path!r}: {e}") from e
+    if isinstance(data, np.lib.npyio.NpzFile):
+        keys = list(data.keys())
+        if not keys:
+            raise InputError(f"{path!r} holds no arrays")
+        key = "x" if "x" in keys else keys[0]
+        return data[key]
+    return data
+
+
+def load_calibration(source: Union[str, os.PathLike, np.ndarray], spec: InputSpec, opts: PruneOptions) -> CalibrationSet:
+    if isinstance(source, np.ndarray):
+        cal = _from_array(source, spec, opts, "the calibration array")
+    else:
+        path = os.fspath(source)
+        if not os.path.exists(path):
+            raise InputError(f"calibration path {path!r} does not exist")
+        if os.path.isdir(path):
+            files, skipped = _list_images(path)
+            if not files:
+                raise InputError(f"calibration folder {path!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            if spec.channels not in (1, 3):
+                raise InputError(f"input {spec.name!r} has {spec.channels} channels; images give 1 or 3: pass a .npy file")
+            cal = CalibrationSet(spec, opts, files=files[: opts.max_images], skipped=skipped)
+        elif path.lower().endswith((".npy", ".npz")):
+            cal = _from_array(_load_array(path), spec, opts, repr(path))
+        else:
+            raise InputError(f"calibration path {path!r} is neither a folder of images nor a .npy/.npz file")
+    _split(cal, opts)
+    return cal
+
+
+def _from_array(array: np.ndarray, spec: InputSpec, opts: PruneOptions, what: str) -> CalibrationSet:
+    expected = tuple(int(d) for d in spec.shape[1:])
+    if array.ndim == len(expected):
+        array = array[None]
+    if tuple(array.shape[1:]) != expected:
+        raise InputError(f"{what} has shape {tuple(array.shape)}; the model expects (N, {', '.join(map(str, expected))})")
+    if not np.issubdtype(array.dtype, np.floating) and np.issubdtype(spec.dtype, np.floating):
+        raise InputError(f"{what} has dtype {array.dtype}; expected preprocessed floating-point tensors")
+    if len(array) == 0:
+        raise InputError(f"{what} holds no samples")
+    if not np.isfinite(array).all():
+        raise InputError(f"{what} contains NaN or infinite values")
+    return CalibrationSet(spec, opts, array=array[: opts.max_images])
+
+
+def _split(cal: CalibrationSet, opts: PruneOptions) -> None:
+    """Hold out a seeded random share: folders sorted by class must not hold out one class."""
+    n = len(cal)
+    order = np.random.default_rng(opts.seed).permutation(n)
+    n_hold = int(round(n * opts.holdout)) if n >= 5 else 0
+    cal.holdout = np.sort(order[:n_hold])
+    cal.fit = np.sort(order[n_hold:])

@@ -1,0 +1,38 @@
+"""FLOPs (multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul) and parameters,
+counted on any model from its own initializers and inferred shapes."""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from .ops import MAC_OPS, CountContext, rule_for
+from .shapes import static_shapes
+
+
+def count_macs(model: onnx.ModelProto, inputs: Dict[str, Tuple[int, ...]]) -> int:
+    """MACs for one sample of the given input shape(s) (batch axis set to 1)."""
+    inputs = {k: (1,) + tuple(v[1:]) for k, v in inputs.items()}
+    shapes = static_shapes(model, inputs)
+    graph = gs.import_onnx(model)
+
+    def count(name: str) -> int:
+        shape = shapes.get(name)
+        return int(shape[1]) if shape is not None and len(shape) > 1 and shape[1] else 0
+
+    ctx = CountContext(shapes, count)
+    return sum(rule_for(n.op, n.domain or "").macs(n, ctx) for n in graph.nodes
+               if n.op in MAC_OPS and (n.domain or "") in ("", "ai.onnx"))
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Elements of all initializers (the weights a deployment has to carry)."""
+    total = 0
+    for t in model.graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        total += n
+    return total

@@ -1,0 +1,207 @@
+"""What every op rule works with.
+
+Channel tracking: every tensor whose axis 1 carries channels gets a *channel
+map*, an array of atom ids, one per position along axis 1. A producer (a
+Conv's filters) creates fresh atoms; ops that keep channels apart pass the
+map through; ops that tie channels together (a residual Add) union atoms;
+Concat concatenates maps; Flatten repeats each atom once per pixel. Atoms
+that end up in one union-find class are one *player*: pruned together, from
+every tensor and parameter that carries them. Atoms that reach something the
+analysis does not understand are *blocked*, with the op and the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+Shape = Tuple[Optional[int], ...]
+
+
+@dataclass
+class Space:
+    """A block of fresh atoms made by one node (or a graph input)."""
+
+    node: str
+    op: str
+    prunable: bool  # False where nobody knows how to remove its channels
+    reason: Optional[str] = None
+    start: int = 0  # first atom id; atom start + i is the node's output channel i
+
+
+class ChannelState:
+    """Analysis state that the rules read and write while walking the graph."""
+
+    def __init__(self, shapes: Dict[str, Shape], opset: int):
+        self.shapes = shapes
+        self.opset = opset
+        self.parent: List[int] = []
+        self.atom_space: List[int] = []
+        self.spaces: List[Space] = []
+        self.cmap: Dict[str, np.ndarray] = {}
+        self.blocks: List[Tuple[np.ndarray, str, str, str]] = []  # atoms, node, op, reason
+
+    # -- atoms -------------------------------------------------------------
+    def fresh(self, count: int, node: gs.Node, prunable: bool = True, reason: Optional[str] = None) -> np.ndarray:
+        start = len(self.parent)
+        self.spaces.append(Space(node.name, node.op, prunable, reason, start))
+        space = len(self.spaces) - 1
+        self.parent.extend(range(start, start + count))
+        self.atom_space.extend([space] * count)
+        return np.arange(start, start + count, dtype=np.int64)
+
+    def find(self, a: int) -> int:
+        parent = self.parent
+        root = a
+        while parent[root] != root:
+            root = parent[root]
+        while parent[a] != root:
+            parent[a], a = root, parent[a]
+        return root
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        for x, y in zip(a.tolist(), b.tolist()):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[max(rx, ry)] = min(rx, ry)
+
+    def block(self, atoms: Optional[np.ndarray], node: gs.Node, reason: str) -> None:
+        if atoms is not None and len(atoms):
+            self.blocks.append((np.unique(atoms), node.name, node.op, reason))
+
+    # -- tensors -----------------------------------------------------------
+    def shape(self, tensor: gs.Tensor) -> Optional[Shape]:
+        if isinstance(tensor, gs.Constant):
+            return tuple(tensor.values.shape)
+        return self.shapes.get(tensor.name)
+
+    def channels(self, tensor: gs.Tensor) -> Optional[np.ndarray]:
+        """The channel map of a tensor; tensors nobody mapped get blocked atoms."""
+        if tensor.name in self.cmap:
+            return self.cmap[tensor.name]
+        shape = self.shape(tensor)
+        if shape is None or len(shape) < 2 or shape[1] is None:
+            return None
+        atoms = self.fresh(shape[1], _Origin(tensor), prunable=False,
+                           reason="channels made by an op or input the analysis does not follow")
+        self.cmap[tensor.name] = atoms
+        return atoms
+
+    def set_channels(self, tensor: gs.Tensor, atoms: Optional[np.ndarray]) -> None:
+        if atoms is not None:
+            self.cmap[tensor.name] = atoms
+
+    def block_inputs(self, node: gs.Node, reason: str) -> None:
+        for t in node.inputs:
+            if not isinstance(t, gs.Constant) and t.name:
+                self.block(self.channels(t), node, reason)
+
+    def opaque_outputs(self, node: gs.Node, reason: str) -> None:
+        for t in node.outputs:
+            shape = self.shape(t)
+            if shape is not None and len(shape) >= 2 and shape[1] is not None:
+                self.cmap[t.name] = self.fresh(shape[1], node, prunable=False, reason=reason)
+
+
+class _Origin:
+    """Stands in for a node when a tensor's producer is unknown (graph inputs)."""
+
+    def __init__(self, tensor: gs.Tensor):
+        producer = tensor.inputs[0] if tensor.inputs else None
+        self.name = producer.name if producer is not None else tensor.name
+        self.op = producer.op if producer is not None else "input"
+
+
+class RewriteContext:
+    """What a rule may ask while it slices a node's parameters."""
+
+    def __init__(self, shapes: Dict[str, Shape], keep: Callable[[str], Optional[np.ndarray]],
+                 set_constant: Callable[[gs.Node, int, np.ndarray], None]):
+        self.shapes = shapes
+        self._keep = keep
+        self._set_constant = set_constant
+
+    def shape(self, tensor: gs.Tensor) -> Optional[Shape]:
+        """Shape before pruning."""
+        if tensor.name in self.shapes:
+            return self.shapes[tensor.name]
+        return tuple(tensor.values.shape) if isinstance(tensor, gs.Constant) else None
+
+    def keep(self, tensor: gs.Tensor) -> Optional[np.ndarray]:
+        """Boolean mask over axis 1 of ``tensor``, or None if nothing of it goes."""
+        return self._keep(tensor.name)
+
+    def set_constant(self, node: gs.Node, index: int, values: np.ndarray) -> None:
+        self._set_constant(node, index, values)
+
+
+class CountContext:
+    """Shapes and (possibly pruned) channel counts for MAC counting."""
+
+    def __init__(self, shapes: Dict[str, Shape], count: Callable[[str], int]):
+        self.shapes = shapes
+        self._count = count
+
+    def shape(self, tensor: gs.Tensor) -> Optional[Shape]:
+        if isinstance(tensor, gs.Constant):
+            return tuple(tensor.values.shape)
+        return self.shapes.get(tensor.name)
+
+    def count(self, tensor: gs.Tensor) -> int:
+        """Channels on axis 1 of ``tensor`` after pruning."""
+        return self._count(tensor.name)
+
+
+class Rule:
+    """How one op type moves, couples or consumes channels."""
+
+    def propagate(self, node: gs.Node, st: ChannelState) -> None:
+        st.block_inputs(node, f"{node.op} is not understood by the channel analysis")
+        st.opaque_outputs(node, f"channels made by {node.op}, which the analysis does not follow")
+
+    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        """Slice this node's parameters and fix its attributes (default: nothing)."""
+
+    def macs(self, node: gs.Node, ctx: CountContext) -> int:
+        """Multiply-accumulates per sample (0 for ops outside the FLOPs convention)."""
+        return 0
+
+    def filters(self, node: gs.Node) -> Optional[np.ndarray]:
+        """The weights of each output channel this node makes, as (channels, fan_in)."""
+        return None
+
+
+# -- helpers shared by several rules -------------------------------------------
+
+def attr(node: gs.Node, name: str, default=None):
+    return node.attrs.get(name, default)
+
+
+def const(tensor: Optional[gs.Tensor]) -> Optional[np.ndarray]:
+    return tensor.values if isinstance(tensor, gs.Constant) else None
+
+
+def opt_input(node: gs.Node, index: int) -> Optional[gs.Tensor]:
+    if len(node.inputs) > index and node.inputs[index].name:
+        return node.inputs[index]
+    return None
+
+
+def channel_axis_of_param(param_shape: Sequence[int], out_rank: int) -> Optional[int]:
+    """Axis of a broadcast parameter that lines up with axis 1 of a rank-``out_rank`` tensor."""
+    axis = len(param_shape) - (out_rank - 1)
+    return axis if 0 <= axis < len(param_shape) else None
+
+
+def prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
+def normalise_axes(axes, rank: int) -> List[int]:
+    return sorted(int(a) % rank for a in axes)

@@ -1,0 +1,131 @@
+"""Conv and ConvTranspose: the producers and consumers of channels."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .base import ChannelState, CountContext, RewriteContext, Rule, attr, const, opt_input, prod
+
+
+def _is_depthwise(group: int, cin: int, cout: int) -> bool:
+    return group > 1 and group == cin == cout
+
+
+class ConvRule(Rule):
+    """Dense convs make a new channel space and consume their input's.
+
+    A depthwise conv (group == in == out channels) passes channels through:
+    filter i reads only channel i, so both go together. Other grouped convs
+    block, since channels must leave in whole-group-consistent patterns.
+    """
+
+    def propagate(self, node: gs.Node, st: ChannelState) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        w = const(node.inputs[1])
+        b = opt_input(node, 2)
+        if w is None or (b is not None and const(b) is None):
+            st.block_inputs(node, "Conv weights are not constant")
+            st.opaque_outputs(node, "Conv with non-constant weights")
+            return
+        group = int(attr(node, "group", 1))
+        cout, cin = w.shape[0], w.shape[1] * group
+        if group == 1:
+            st.channels(x)
+            st.set_channels(y, st.fresh(cout, node))
+        elif _is_depthwise(group, cin, cout):
+            st.set_channels(y, st.channels(x))
+        else:
+            st.block_inputs(node, f"grouped Conv with {group} groups")
+            st.opaque_outputs(node, f"grouped Conv with {group} groups")
+
+    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        w = const(node.inputs[1])
+        keep_in, keep_out = ctx.keep(node.inputs[0]), ctx.keep(node.outputs[0])
+        group = int(attr(node, "group", 1))
+        new_w = w
+        if keep_out is not None:
+            new_w = new_w[keep_out]
+            b = opt_input(node, 2)
+            if b is not None:
+                ctx.set_constant(node, 2, const(b)[keep_out])
+        if group == 1 and keep_in is not None:
+            new_w = new_w[:, keep_in]
+        if _is_depthwise(group, w.shape[1] * group, w.shape[0]) and keep_out is not None:
+            node.attrs["group"] = int(keep_out.sum())
+        if new_w is not w:
+            ctx.set_constant(node, 1, new_w)
+
+    def filters(self, node: gs.Node):
+        w = const(node.inputs[1])
+        return None if w is None else w.reshape(w.shape[0], -1)
+
+    def macs(self, node: gs.Node, ctx: CountContext) -> int:
+        w = const(node.inputs[1])
+        out_shape = ctx.shape(node.outputs[0])
+        if w is None or out_shape is None or any(d is None for d in out_shape[2:]):
+            return 0
+        group = int(attr(node, "group", 1))
+        cout = ctx.count(node.outputs[0])
+        kernel = prod(w.shape[2:])
+        if _is_depthwise(group, w.shape[1] * group, w.shape[0]):
+            per_filter_inputs = 1
+        else:
+            per_filter_inputs = ctx.count(node.inputs[0]) // group
+        return cout * per_filter_inputs * kernel * prod(out_shape[2:])
+
+
+class ConvTransposeRule(Rule):
+    """ConvTranspose keeps its weight as (in, out / group, k...)."""
+
+    def propagate(self, node: gs.Node, st: ChannelState) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        w = const(node.inputs[1])
+        b = opt_input(node, 2)
+        group = int(attr(node, "group", 1))
+        if w is None or (b is not None and const(b) is None):
+            st.block_inputs(node, "ConvTranspose weights are not constant")
+            st.opaque_outputs(node, "ConvTranspose with non-constant weights")
+        elif group == 1:
+            st.channels(x)
+            st.set_channels(y, st.fresh(w.shape[1], node))
+        elif _is_depthwise(group, w.shape[0], w.shape[1] * group):
+            st.set_channels(y, st.channels(x))
+        else:
+            st.block_inputs(node, f"grouped ConvTranspose with {group} groups")
+            st.opaque_outputs(node, f"grouped ConvTranspose with {group} groups")
+
+    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        w = const(node.inputs[1])
+        keep_in, keep_out = ctx.keep(node.inputs[0]), ctx.keep(node.outputs[0])
+        group = int(attr(node, "group", 1))
+        depthwise = _is_depthwise(group, w.shape[0], w.shape[1] * group)
+        new_w = w
+        if keep_out is not None:
+            b = opt_input(node, 2)
+            if b is not None:
+                ctx.set_constant(node, 2, const(b)[keep_out])
+            if depthwise:
+                new_w = new_w[keep_out]
+                node.attrs["group"] = int(keep_out.sum())
+            else:
+                new_w = new_w[:, keep_out]
+        if keep_in is not None and not depthwise:
+            new_w = new_w[keep_in]
+        if new_w is not w:
+            ctx.set_constant(node, 1, new_w)
+
+    def filters(self, node: gs.Node):
+        w = const(node.inputs[1])
+        return None if w is None else np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)
+
+    def macs(self, node: gs.Node, ctx: CountContext) -> int:
+        w = const(node.inputs[1])
+        in_shape = ctx.shape(node.inputs[0])
+        if w is None or in_shape is None or any(d is None for d in in_shape[2:]):
+            return 0
+        group = int(attr(node, "group", 1))
+        kernel = prod(w.shape[2:])
+        if _is_depthwise(group, w.shape[0], w.shape[1] * group):
+            return ctx.count(node.outputs[0]) * kernel * prod(in_shape[2:])
+        return ctx.count(node.inputs[0]) * (ctx.count(node.outputs[0]) // group) * kernel * prod(in_shape[2:])

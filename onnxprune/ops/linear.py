@@ -1,0 +1,86 @@
+"""Gemm and MatMul: fully connected layers on (N, features) tensors."""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from .base import ChannelState, CountContext, RewriteContext, Rule, attr, const, opt_input, prod
+
+
+class GemmRule(Rule):
+    """Y = A B (+ C): rows or columns of B follow A's features and Y's outputs."""
+
+    def propagate(self, node: gs.Node, st: ChannelState) -> None:
+        a, y = node.inputs[0], node.outputs[0]
+        b, c = const(node.inputs[1]), opt_input(node, 2)
+        a_shape = st.shape(a)
+        if (attr(node, "transA", 0) or b is None or b.ndim != 2 or a_shape is None or len(a_shape) != 2
+                or (c is not None and const(c) is None)):
+            st.block_inputs(node, "Gemm with transposed or non-constant operands")
+            st.opaque_outputs(node, "Gemm with transposed or non-constant operands")
+            return
+        st.channels(a)
+        outputs = b.shape[0] if attr(node, "transB", 0) else b.shape[1]
+        st.set_channels(y, st.fresh(outputs, node))
+
+    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        b = const(node.inputs[1])
+        keep_in, keep_out = ctx.keep(node.inputs[0]), ctx.keep(node.outputs[0])
+        trans_b = bool(attr(node, "transB", 0))
+        new_b = b
+        if keep_in is not None:
+            new_b = new_b[:, keep_in] if trans_b else new_b[keep_in]
+        if keep_out is not None:
+            new_b = new_b[keep_out] if trans_b else new_b[:, keep_out]
+            c = opt_input(node, 2)
+            if c is not None and const(c).ndim >= 1 and const(c).shape[-1] == len(keep_out):
+                ctx.set_constant(node, 2, const(c)[..., keep_out])
+        if new_b is not b:
+            ctx.set_constant(node, 1, new_b)
+
+    def filters(self, node: gs.Node):
+        b = const(node.inputs[1])
+        return None if b is None else (b if attr(node, "transB", 0) else b.T)
+
+    def macs(self, node: gs.Node, ctx: CountContext) -> int:
+        return ctx.count(node.inputs[0]) * ctx.count(node.outputs[0])
+
+
+class MatMulRule(Rule):
+    """A (N, F) x B (F, K) with constant B is a fully connected layer."""
+
+    def propagate(self, node: gs.Node, st: ChannelState) -> None:
+        a, y = node.inputs[0], node.outputs[0]
+        b = const(node.inputs[1])
+        a_shape = st.shape(a)
+        if b is None or b.ndim != 2 or a_shape is None or len(a_shape) != 2:
+            super().propagate(node, st)
+            return
+        st.channels(a)
+        st.set_channels(y, st.fresh(b.shape[1], node))
+
+    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        b = const(node.inputs[1])
+        if b is None or b.ndim != 2:
+            return
+        keep_in, keep_out = ctx.keep(node.inputs[0]), ctx.keep(node.outputs[0])
+        new_b = b
+        if keep_in is not None:
+            new_b = new_b[keep_in]
+        if keep_out is not None:
+            new_b = new_b[:, keep_out]
+        if new_b is not b:
+            ctx.set_constant(node, 1, new_b)
+
+    def filters(self, node: gs.Node):
+        b = const(node.inputs[1])
+        return None if b is None or b.ndim != 2 else b.T
+
+    def macs(self, node: gs.Node, ctx: CountContext) -> int:
+        a_shape, y_shape = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
+        if a_shape is None or y_shape is None or any(d is None for d in a_shape[1:] + y_shape[1:]):
+            return 0
+        if len(a_shape) == 2 and len(y_shape) == 2:
+            return ctx.count(node.inputs[0]) * ctx.count(node.outputs[0])
+        # batched MatMul: every output element is one dot product over the inner axis
+        return prod(y_shape[1:]) * int(a_shape[-1])

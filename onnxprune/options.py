@@ -1,0 +1,102 @@
+"""The one definition of every pruning option.
+
+The Python API takes a :class:`PruneOptions`; the CLI builds its flags from
+the same fields (``cli.py`` reads ``OPTION_SPECS``), so a new option is added
+here once and appears in both, with one help text and one default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+from .errors import UsageError
+
+CRITERIA = ("l1", "l2", "random", "activation")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _opt(default, help, flag=None, multiple=False, choices=None, metavar=None, is_flag=False):
+    return field(
+        default=default,
+        metadata={
+            "help": help,
+            "flag": flag,
+            "multiple": multiple,
+            "choices": choices,
+            "metavar": metavar,
+            "is_flag": is_flag,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """What to prune and how. Field order is the order of ``--help``."""
+
+    flops: Optional[float] = _opt(
+        None, "Fraction of the model's FLOPs (multiply-accumulates of Conv, ConvTranspose, "
+        "Gemm and MatMul) to remove, in (0, 1).", metavar="R")
+    criterion: str = _opt(
+        "l1", "How channels are ranked within a group.", choices=CRITERIA)
+    input_size: Optional[Tuple[int, int]] = _opt(
+        None, "H,W to resize calibration images to where the model's spatial axes are dynamic.",
+        metavar="H,W")
+    mean: Tuple[float, ...] = _opt(
+        (0.0,), "Per-channel mean subtracted after scaling (one value or one per channel). "
+        "ImageNet: 0.485,0.456,0.406; [-1, 1] models: 0.5.", metavar="M[,M,M]")
+    std: Tuple[float, ...] = _opt(
+        (1.0,), "Per-channel std divided by after subtracting the mean. "
+        "ImageNet: 0.229,0.224,0.225; [-1, 1] models: 0.5.", metavar="S[,S,S]")
+    scale: float = _opt(1.0 / 255.0, "Factor applied to 8-bit pixel values first (default 1/255).")
+    bgr: bool = _opt(False, "Feed channels in BGR order (OpenCV/Caffe-trained models).", is_flag=True)
+    max_images: int = _opt(256, "Use at most this many calibration images.")
+    batch_size: int = _opt(32, "Images per onnxruntime run; bounds memory.")
+    holdout: float = _opt(
+        0.2, "Fraction of calibration images kept away from scoring and fitting and used "
+        "only to measure fidelity.")
+    seed: int = _opt(0, "Seed for every random choice (the hold-out split, the random criterion).")
+    ignore: Tuple[str, ...] = _opt(
+        (), "Leave this layer (node or tensor name) whole; repeatable.", multiple=True,
+        metavar="NAME")
+    round_to: int = _opt(
+        1, "Kept channel counts are multiples of N where a group is large enough.", metavar="N")
+    min_keep: float = _opt(
+        0.1, "Fraction of each channel group that always stays (at least one channel does).")
+    device: str = _opt("auto", "onnxruntime provider: CUDA when a GPU is found (auto), or forced.",
+                       choices=DEVICES)
+
+    def validate(self) -> "PruneOptions":
+        """Raise UsageError on any value a user could get wrong; return self."""
+        if self.flops is None:
+            raise UsageError("--flops is required")
+        if not (0.0 < self.flops < 1.0):
+            raise UsageError(f"--flops must be in (0, 1), got {self.flops}")
+        if self.criterion not in CRITERIA:
+            raise UsageError(f"--criterion must be one of {', '.join(CRITERIA)}")
+        if self.device not in DEVICES:
+            raise UsageError(f"--device must be one of {', '.join(DEVICES)}")
+        if self.input_size is not None and (
+            len(self.input_size) != 2 or min(self.input_size) < 1
+        ):
+            raise UsageError("--input-size must be two positive integers H,W")
+        if len(self.mean) not in (1, 3) or len(self.std) not in (1, 3):
+            raise UsageError("--mean and --std take one value or three")
+        if any(s == 0 for s in self.std):
+            raise UsageError("--std must not contain 0")
+        if self.max_images < 1 or self.batch_size < 1:
+            raise UsageError("--max-images and --batch-size must be at least 1")
+        if not (0.0 <= self.holdout < 1.0):
+            raise UsageError(f"--holdout must be in [0, 1), got {self.holdout}")
+        if self.round_to < 1:
+            raise UsageError("--round-to must be at least 1")
+        if not (0.0 <= self.min_keep < 1.0):
+            raise UsageError(f"--min-keep must be in [0, 1), got {self.min_keep}")
+        return self
+
+    def replace(self, **changes) -> "PruneOptions":
+        return dataclasses.replace(self, **changes)
+
+
+OPTION_SPECS = dataclasses.fields(PruneOptions)

@@ -1,0 +1,128 @@
+"""What a run did, as plain data (JSON for --report) and as the CLI's summary table."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+
+@dataclass
+class GroupRow:
+    name: str
+    producers: List[str]
+    channels: int
+    kept: int
+    macs_share: float  # share of the model's MACs in layers these channels enter or leave
+
+
+@dataclass
+class BlockedRow:
+    name: str
+    channels: int
+    macs_share: float
+    reasons: List[str]
+
+
+@dataclass
+class Report:
+    input_path: Optional[str] = None
+    output_path: Optional[str] = None
+    provider: str = ""
+    criterion: str = ""
+    allocation: str = "uniform"
+    flops_target: float = 0.0
+    macs_before: int = 0
+    macs_after: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    file_size_before: Optional[int] = None
+    file_size_after: Optional[int] = None
+    prunable_macs_share: float = 0.0
+    groups: List[GroupRow] = field(default_factory=list)
+    blocked: List[BlockedRow] = field(default_factory=list)
+    calibration_images: int = 0
+    skipped_files: int = 0
+    holdout_images: int = 0
+    fidelity_top1_agreement: Optional[float] = None
+    fidelity_relative_error: Optional[float] = None
+    fidelity_held_out: bool = True
+    accuracy_before: Optional[float] = None
+    accuracy_after: Optional[float] = None
+    eval_samples: int = 0
+    folded_batchnorms: int = 0
+    seconds: Dict[str, float] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def flops_reduction(self) -> float:
+        return 1.0 - self.macs_after / self.macs_before if self.macs_before else 0.0
+
+    @property
+    def params_reduction(self) -> float:
+        return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["flops_reduction"] = self.flops_reduction
+        d["params_reduction"] = self.params_reduction
+        d["flops_convention"] = "multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul, per sample"
+        return d
+
+    def format_text(self) -> str:
+        lines = []
+        add = lines.append
+
+        def pct(before, after):
+            return f"{(1 - after / before):+.1%}".replace("+", "-", 1) if before else "n/a"
+
+        add(f"{'':22}{'before':>14}{'after':>14}{'removed':>10}")
+        add(f"{'FLOPs (MACs/sample)':22}{_si(self.macs_before):>14}{_si(self.macs_after):>14}{self.flops_reduction:>10.1%}")
+        add(f"{'parameters':22}{_si(self.params_before):>14}{_si(self.params_after):>14}{self.params_reduction:>10.1%}")
+        if self.file_size_before and self.file_size_after:
+            add(f"{'file size':22}{_bytes(self.file_size_before):>14}{_bytes(self.file_size_after):>14}"
+                f"{1 - self.file_size_after / self.file_size_before:>10.1%}")
+        if self.accuracy_before is not None:
+            add(f"{'accuracy':22}{self.accuracy_before:>14.2%}{self.accuracy_after:>14.2%}"
+                f"{(self.accuracy_before - self.accuracy_after) * 100:>9.2f}p  ({self.eval_samples} labelled samples)")
+        add("")
+        add(f"FLOPs target -{self.flops_target:.0%}, achieved -{self.flops_reduction:.1%}; "
+            f"criterion {self.criterion}, allocation {self.allocation}; "
+            f"{self.prunable_macs_share:.0%} of FLOPs sit in layers touching prunable groups")
+        add("")
+        add(f"{'pruned channel group':40}{'kept':>12}")
+        for g in self.groups:
+            add(f"{_cut(g.name, 40):40}{f'{g.kept}/{g.channels}':>12}")
+        if self.blocked:
+            add("")
+            add("left whole:")
+            for b in self.blocked:
+                add(f"  {_cut(b.name, 38):38} {b.channels:>5} ch  {_cut(b.reasons[0], 80)}"
+                    + (f" (+{len(b.reasons) - 1} more)" if len(b.reasons) > 1 else ""))
+        add("")
+        where = "held-out calibration images" if self.fidelity_held_out else "calibration images (too few to hold any out)"
+        fid = f"fidelity on {self.holdout_images} {where}: relative output error {self.fidelity_relative_error:.4f}"
+        if self.fidelity_top1_agreement is not None:
+            fid += f", top-1 agreement {self.fidelity_top1_agreement:.2%}"
+        add(fid)
+        for note in self.notes:
+            add(f"note: {note}")
+        return "\n".join(lines)
+
+
+def _si(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def _bytes(n: int) -> str:
+    for unit, div in (("GB", 2 ** 30), ("MB", 2 ** 20), ("kB", 2 ** 10)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
+
+
+def _cut(s: str, width: int) -> str:
+    return s if len(s) <= width else s[: width - 1] + "…"

@@ -1,0 +1,64 @@
+"""Stage 8: graph surgery. Slice initializers, fix attributes, re-infer shapes."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .analyse import Analysis
+from .ops import RewriteContext, rule_for
+
+
+def rewrite(analysis: Analysis, keep_player: Optional[np.ndarray], template: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove the players not in ``keep_player`` and return the new model.
+
+    Mutates ``analysis.graph``. ``template`` supplies the model-level fields
+    (IR version, opsets, metadata) that the graph does not carry.
+    """
+    graph = analysis.graph
+    keep = analysis.keep_fn(keep_player)
+    fresh_names = set(graph.tensors().keys())
+
+    def set_constant(node: gs.Node, index: int, values: np.ndarray) -> None:
+        tensor = node.inputs[index]
+        values = np.ascontiguousarray(values)
+        if len(tensor.outputs) <= 1:
+            tensor.values = values
+            return
+        # shared with another node that may need other channels: give this node its own copy
+        k, name = 0, f"{tensor.name}_{node.name}"
+        while name in fresh_names:
+            k += 1
+            name = f"{tensor.name}_{node.name}_{k}"
+        fresh_names.add(name)
+        node.inputs[index] = gs.Constant(name, values)
+
+    ctx = RewriteContext(analysis.shapes, keep, set_constant)
+    if keep_player is not None and not keep_player.all():
+        for node in list(graph.nodes):
+            rule_for(node.op, node.domain or "").rewrite(node, ctx)
+    io = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and tensor.name not in io:
+            tensor.shape = None  # stale after pruning; re-inferred below
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    model = gs.export_onnx(graph, do_type_check=False)
+    _copy_model_fields(template, model)
+    return onnx.shape_inference.infer_shapes(model, strict_mode=False)
+
+
+def _copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
+    dst.ir_version = src.ir_version
+    del dst.opset_import[:]
+    dst.opset_import.extend(src.opset_import)
+    dst.producer_name = src.producer_name
+    dst.producer_version = src.producer_version
+    dst.domain = src.domain
+    dst.model_version = src.model_version
+    dst.doc_string = src.doc_string
+    del dst.metadata_props[:]
+    dst.metadata_props.extend(src.metadata_props)
+    dst.graph.name = src.graph.name

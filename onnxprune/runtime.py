@@ -1,0 +1,69 @@
+"""onnxruntime sessions: provider choice, intermediate outputs, batched runs."""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import InputError, UsageError
+
+ort.set_default_logger_severity(3)  # provider fallbacks are reported by us, in one line
+
+
+def _cuda_usable() -> bool:
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    try:
+        ctypes.CDLL("libcuda.so.1")  # the driver: absent on machines without a GPU
+    except OSError:
+        return False
+    return True
+
+
+def choose_providers(device: str) -> Tuple[List[str], str]:
+    """Providers for ``device`` (auto|cpu|cuda) and a one-line description."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"], "CPU (onnxruntime CPUExecutionProvider)"
+    if _cuda_usable():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"], "CUDA GPU (onnxruntime CUDAExecutionProvider)"
+    if device == "cuda":
+        raise UsageError("--device cuda: no usable CUDA GPU found by onnxruntime")
+    return ["CPUExecutionProvider"], "CPU (onnxruntime CPUExecutionProvider; no GPU found)"
+
+
+def make_session(model: onnx.ModelProto, providers: Sequence[str], threads: int = 0) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=list(providers))
+    if providers[0] == "CUDAExecutionProvider" and sess.get_providers()[0] != "CUDAExecutionProvider":
+        # the CUDA libraries failed to load after all: say so rather than pretend
+        raise UsageError("onnxruntime could not start its CUDA provider; use --device cpu")
+    return sess
+
+
+def expose(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the named intermediate tensors."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    present = {o.name for o in out.graph.output}
+    for name in names:
+        if name not in present:
+            out.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            present.add(name)
+    return out
+
+
+def run(sess: ort.InferenceSession, input_name: str, batch: np.ndarray, outputs: Optional[List[str]] = None) -> List[np.ndarray]:
+    try:
+        return sess.run(outputs, {input_name: batch})
+    except Exception as e:  # onnxruntime raises its own exception types per failure
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Failed to allocate" in text or "bad_alloc" in text:
+            raise InputError(f"out of memory running a batch of {len(batch)}: lower --batch-size") from e
+        raise InputError(f"onnxruntime failed to run the model: {text[:300]}") from e

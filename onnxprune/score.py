@@ -1,0 +1,63 @@
+"""Stage 5: how much each channel (player) matters. Higher is more important."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .analyse import Analysis
+from .calibrate import ChannelStats
+from .ops import rule_for
+
+NEEDS_STATS = ("activation",)
+
+
+def representative_tensors(analysis: Analysis) -> Dict[int, str]:
+    """For each prunable group, the input of the first layer that consumes its channels."""
+    out: Dict[int, str] = {}
+    prunable = {g.index for g in analysis.prunable_groups()}
+    for node in analysis.mac_nodes:
+        atoms = analysis.cmap.get(node.inputs[0].name)
+        if atoms is None:
+            continue
+        for g in np.unique(analysis.player_group[analysis.atom_player[atoms]]).tolist():
+            if g in prunable and g not in out:
+                out[g] = node.inputs[0].name
+    return out
+
+
+def _filter_norms(analysis: Analysis, order: int) -> np.ndarray:
+    """Sum over each player's producing filters of their L1 or L2 norm."""
+    nodes = {n.name: n for n in analysis.graph.nodes}
+    atom_norm = np.zeros(len(analysis.atom_player))
+    for s, space in enumerate(analysis.spaces):
+        node = nodes.get(space.node)
+        if node is None or not space.prunable:
+            continue
+        filters = rule_for(node.op, node.domain or "").filters(node)
+        if filters is None:
+            continue
+        f = np.asarray(filters, dtype=np.float64)
+        norms = np.abs(f).sum(axis=1) if order == 1 else np.sqrt((f * f).sum(axis=1))
+        atom_norm[space.start:space.start + len(norms)] = norms
+    return np.bincount(analysis.atom_player, weights=atom_norm, minlength=analysis.num_players)
+
+
+def score_players(analysis: Analysis, criterion: str, stats: Optional[ChannelStats] = None, seed: int = 0) -> np.ndarray:
+    if criterion == "l1":
+        return _filter_norms(analysis, 1)
+    if criterion == "l2":
+        return _filter_norms(analysis, 2)
+    if criterion == "random":
+        return np.random.default_rng(seed).random(analysis.num_players)
+    if criterion == "activation":
+        scores = np.zeros(analysis.num_players)
+        for g, name in representative_tensors(analysis).items():
+            players = analysis.atom_player[analysis.cmap[name]]
+            total = np.bincount(players, weights=stats.mean_abs[name], minlength=analysis.num_players)
+            count = np.bincount(players, minlength=analysis.num_players)
+            mine = analysis.player_group == g
+            scores[mine] = total[mine] / np.maximum(count[mine], 1)
+        return scores
+    raise ValueError(f"unknown criterion {criterion!r}")

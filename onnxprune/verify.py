@@ -1,0 +1,97 @@
+"""Stage 9: prove the pruned model is valid and measure how closely it follows the original."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import numpy as np
+import onnx
+
+from .data import CalibrationSet
+from .errors import InternalError
+from .progress import Progress, silent
+from .runtime import make_session, run
+
+
+def _io_signature(vis) -> List[tuple]:
+    out = []
+    for vi in vis:
+        tt = vi.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+        out.append((vi.name, tt.elem_type, dims))
+    return out
+
+
+def check_model(pruned: onnx.ModelProto, original: onnx.ModelProto, cal: CalibrationSet, providers: List[str]) -> None:
+    """The full ONNX check, an onnxruntime run, and the original's input/output signature."""
+    try:
+        onnx.checker.check_model(pruned, full_check=True)
+    except Exception as e:
+        raise InternalError(f"the pruned model fails the ONNX checker (nothing written): {str(e).splitlines()[0]}") from e
+    from .prepare import data_inputs
+
+    if _io_signature(data_inputs(pruned.graph)) != _io_signature(data_inputs(original.graph)):
+        raise InternalError("the pruned model's inputs differ from the original's (nothing written)")
+    if _io_signature(pruned.graph.output) != _io_signature(original.graph.output):
+        raise InternalError("the pruned model's outputs differ from the original's (nothing written)")
+    batch = next(cal.batches(cal.fit[: cal.batch_size] if len(cal.fit) else cal.holdout[: cal.batch_size]))
+    try:
+        outs_new = make_session(pruned, providers).run(None, {cal.spec.name: batch})
+    except Exception as e:
+        raise InternalError(f"onnxruntime cannot run the pruned model (nothing written): {str(e).splitlines()[0]}") from e
+    outs_old = make_session(original, providers).run(None, {cal.spec.name: batch})
+    for vi, a, b in zip(original.graph.output, outs_old, outs_new):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise InternalError(f"output {vi.name!r} changed shape {a.shape} -> {b.shape} (nothing written)")
+
+
+@dataclass
+class Fidelity:
+    images: int
+    top1_agreement: Optional[float]  # share of images where the arg-max class is unchanged
+    relative_error: float  # ||pruned - original|| / ||original|| over all outputs
+    held_out: bool  # False when too few images to hold any out
+
+
+def _is_classifier(out: np.ndarray) -> bool:
+    return out.ndim == 2 and out.shape[1] > 1
+
+
+def fidelity(original: onnx.ModelProto, pruned: onnx.ModelProto, cal: CalibrationSet, providers: List[str],
+             progress: Progress = silent) -> Fidelity:
+    held_out = len(cal.holdout) > 0
+    indices = cal.holdout if held_out else cal.fit
+    s_old, s_new = make_session(original, providers), make_session(pruned, providers)
+    agree = total = 0
+    err = norm = 0.0
+    classifier = None
+    with progress("measuring fidelity", len(indices)) as update:
+        for b, batch in enumerate(cal.batches(indices)):
+            real = cal.real_count(b, indices)
+            old = run(s_old, cal.spec.name, batch)
+            new = run(s_new, cal.spec.name, batch)
+            for a, c in zip(old, new):
+                a = np.asarray(a[:real], np.float64)
+                c = np.asarray(c[:real], np.float64)
+                err += float(((a - c) ** 2).sum())
+                norm += float((a ** 2).sum())
+            if classifier is None:
+                classifier = _is_classifier(old[0])
+            if classifier:
+                agree += int((old[0][:real].argmax(1) == new[0][:real].argmax(1)).sum())
+            total += real
+            update(real)
+    return Fidelity(total, agree / total if classifier and total else None,
+                    float(np.sqrt(err / norm)) if norm > 0 else float(np.sqrt(err)), held_out)
+
+
+def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, providers: List[str], batch_size: int = 256) -> float:
+    """Top-1 accuracy of the first output against integer labels."""
+    sess = make_session(model, providers)
+    name = sess.get_inputs()[0].name
+    correct = 0
+    for start in range(0, len(x), batch_size):
+        out = run(sess, name, np.ascontiguousarray(x[start:start + batch_size]))[0]
+        correct += int((out.argmax(1) == y[start:start + batch_size]).sum())
+    return correct / len(x)

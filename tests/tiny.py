@@ -1,0 +1,87 @@
+"""Tiny ONNX graphs built with onnx.helper, one block at a time, for the unit tests."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+class Builder:
+    """Appends nodes and random initializers; ``model()`` returns a checked ModelProto."""
+
+    def __init__(self, channels: int = 3, size: int = 8, opset: int = 13, seed: int = 0, batch="N"):
+        self.rng = np.random.default_rng(seed)
+        self.nodes: List[onnx.NodeProto] = []
+        self.inits: List[onnx.TensorProto] = []
+        self.opset = opset
+        self.input = helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, channels, size, size])
+        self.count = 0
+
+    def _name(self, prefix: str) -> str:
+        self.count += 1
+        return f"{prefix}{self.count}"
+
+    def init(self, value: np.ndarray, prefix: str = "w") -> str:
+        name = self._name(prefix)
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
+        return name
+
+    def node(self, op: str, inputs: Sequence[str], n_out: int = 1, **attrs) -> str:
+        outs = [self._name(op.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op, list(inputs), outs, name=self._name(op), **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def conv(self, x: str, cin: int, cout: int, k: int = 3, stride: int = 1, group: int = 1, bias: bool = True) -> str:
+        w = self.init(self.rng.normal(0, 1.0 / np.sqrt(cin * k * k / group), (cout, cin // group, k, k)))
+        inputs = [x, w] + ([self.init(self.rng.normal(0, 0.1, cout), "b")] if bias else [])
+        return self.node("Conv", inputs, kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride, stride], group=group)
+
+    def bn(self, x: str, c: int) -> str:
+        r = self.rng
+        return self.node("BatchNormalization", [x, self.init(r.uniform(0.5, 1.5, c)), self.init(r.normal(0, 0.1, c)),
+                                                self.init(r.normal(0, 0.1, c)), self.init(r.uniform(0.5, 1.5, c))])
+
+    def relu(self, x: str) -> str:
+        return self.node("Relu", [x])
+
+    def gemm(self, x: str, fin: int, fout: int) -> str:
+        return self.node("Gemm", [x, self.init(self.rng.normal(0, 1.0 / np.sqrt(fin), (fout, fin))),
+                                  self.init(self.rng.normal(0, 0.1, fout), "b")], transB=1)
+
+    def model(self, output: str, out_shape: Optional[Sequence] = None) -> onnx.ModelProto:
+        out = helper.make_tensor_value_info(output, TensorProto.FLOAT, out_shape)
+        graph = helper.make_graph(self.nodes, "tiny", [self.input], [out], self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
+        model.ir_version = 8
+        model = onnx.shape_inference.infer_shapes(model)
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+def plain_cnn(seed: int = 0) -> onnx.ModelProto:
+    """conv-bn-relu x2, maxpool, flatten, gemm-relu-gemm."""
+    b = Builder(seed=seed)
+    x = b.relu(b.bn(b.conv("input", 3, 8), 8))
+    x = b.relu(b.bn(b.conv(x, 8, 16), 16))
+    x = b.node("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
+    x = b.node("Flatten", [x], axis=1)
+    x = b.relu(b.gemm(x, 16 * 4 * 4, 32))
+    return b.model(b.gemm(x, 32, 10), ["N", 10])
+
+
+def residual_cnn(seed: int = 0) -> onnx.ModelProto:
+    """stem, two residual blocks (one with a 1x1 projection), a depthwise conv, GAP, Gemm."""
+    b = Builder(seed=seed)
+    x = b.relu(b.conv("input", 3, 8))
+    y = b.relu(b.conv(x, 8, 8))
+    x = b.relu(b.node("Add", [b.conv(y, 8, 8), x]))
+    y = b.relu(b.conv(x, 8, 16, stride=2))
+    x = b.relu(b.node("Add", [b.conv(y, 16, 16), b.conv(x, 8, 16, k=1, stride=2)]))
+    x = b.relu(b.conv(x, 16, 16, group=16))
+    x = b.relu(b.conv(x, 16, 24, k=1))
+    x = b.node("GlobalAveragePool", [x])
+    x = b.node("Flatten", [x], axis=1)
+    return b.model(b.gemm(x, 24, 10), ["N", 10])
