@@ -155,6 +155,18 @@ def _list_images(folder: str) -> Tuple[List[str], int]:
     return sorted(found), skipped
 
 
+def _check_headers(files: List[str]) -> None:
+    """Fail before any work on a file that is not an image (reads headers only)."""
+    from PIL import Image
+
+    for path in files:
+        try:
+            with Image.open(path):
+                pass
+        except Exception as e:
+            raise InputError(f"cannot decode image {path!r}: {type(e).__name__}") from e
+
+
 def _load_array(path: str) -> np.ndarray:
     try:
         data = np.load(path, allow_pickle=False)
@@ -182,7 +194,9 @@ def load_calibration(source: Union[str, os.PathLike, np.ndarray], spec: InputSpe
                 raise InputError(f"calibration folder {path!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             if spec.channels not in (1, 3):
                 raise InputError(f"input {spec.name!r} has {spec.channels} channels; images give 1 or 3: pass a .npy file")
-            cal = CalibrationSet(spec, opts, files=files[: opts.max_images], skipped=skipped)
+            files = files[: opts.max_images]
+            _check_headers(files)
+            cal = CalibrationSet(spec, opts, files=files, skipped=skipped)
         elif path.lower().endswith((".npy", ".npz")):
             cal = _from_array(_load_array(path), spec, opts, repr(path))
         else:

@@ -85,3 +85,35 @@ def residual_cnn(seed: int = 0) -> onnx.ModelProto:
     x = b.node("GlobalAveragePool", [x])
     x = b.node("Flatten", [x], axis=1)
     return b.model(b.gemm(x, 24, 10), ["N", 10])
+
+
+def concat_cnn(seed: int = 0) -> onnx.ModelProto:
+    """Two branches concatenated on channels (Inception/DenseNet style), then a residual
+    Add with a per-channel constant, Reshape-flatten into MatMul."""
+    b = Builder(seed=seed)
+    x = b.relu(b.conv("input", 3, 8))
+    left = b.relu(b.conv(x, 8, 6, k=1))
+    right = b.relu(b.conv(x, 8, 10, k=3))
+    cat = b.node("Concat", [left, x, right], axis=1)  # 6 + 8 + 10 = 24
+    y = b.conv(cat, 24, 8, k=1)
+    y = b.node("Add", [y, b.init(b.rng.normal(0, 0.1, (1, 8, 1, 1)), "c")])
+    x = b.relu(b.node("Mul", [b.node("Add", [y, x]), b.init(b.rng.uniform(0.5, 1.5, (8, 1, 1)), "s")]))
+    x = b.node("AveragePool", [x], kernel_shape=[2, 2], strides=[2, 2])
+    x = b.node("Reshape", [x, b.init(np.array([-1, 8 * 4 * 4]), "shape")])
+    b.inits[-1] = numpy_helper.from_array(np.array([-1, 8 * 4 * 4], dtype=np.int64), b.inits[-1].name)
+    x = b.node("MatMul", [x, b.init(b.rng.normal(0, 0.1, (128, 10)))])
+    return b.model(x, ["N", 10])
+
+
+def constant_node_cnn(seed: int = 0) -> onnx.ModelProto:
+    """Weights held in Constant nodes, as Paddle exports them, with an Identity and a PRelu."""
+    model = plain_cnn(seed)
+    graph = model.graph
+    consts = []
+    for init in graph.initializer:
+        consts.append(helper.make_node("Constant", [], [init.name], name=f"const_{init.name}", value=init))
+    del graph.initializer[:]
+    nodes = consts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model

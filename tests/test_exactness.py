@@ -1,0 +1,39 @@
+"""Pruning never changes what a network computes: only channels go."""
+
+import numpy as np
+import onnx
+import pytest
+
+import tiny
+from surgery import analysis_of, kill_players, outputs, prune_players, rel_error, sample
+
+MODELS = {"plain": tiny.plain_cnn, "residual": tiny.residual_cnn, "concat": tiny.concat_cnn,
+          "paddle_constants": tiny.constant_node_cnn}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_pruning_nothing_keeps_outputs(name):
+    model = MODELS[name]()
+    pruned = prune_players(model, {})
+    onnx.checker.check_model(pruned, full_check=True)
+    x = sample(model)
+    assert rel_error(outputs(model, x), outputs(pruned, x)) < 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_dead_channels_are_removed_exactly(name):
+    model = MODELS[name]()
+    _, analysis = analysis_of(model)
+    groups = analysis.prunable_groups()
+    assert groups, "every test model has prunable groups"
+    rng = np.random.default_rng(1)
+    # each prunable group on its own, then all at once
+    plans = [{g.index: sorted(rng.choice(g.size, max(1, g.size // 3), replace=False).tolist())} for g in groups]
+    plans.append({k: v for p in plans for k, v in p.items()})
+    x = sample(model)
+    for drop in plans:
+        killed = kill_players(model, drop)
+        pruned = prune_players(killed, drop)
+        onnx.checker.check_model(pruned, full_check=True)
+        assert rel_error(outputs(killed, x), outputs(pruned, x)) < 1e-4, drop
+        assert [o.name for o in pruned.graph.output] == [o.name for o in model.graph.output]

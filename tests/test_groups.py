@@ -1,0 +1,104 @@
+"""Channel groups found by the analysis, one topology per test."""
+
+import numpy as np
+
+import tiny
+from onnxprune.flops import count_macs
+from surgery import analysis_of, input_shape, outputs, prune_players, sample
+from tiny import Builder
+
+
+def _groups(model):
+    _, analysis = analysis_of(model)
+    return {g.name: g for g in analysis.groups}, analysis
+
+
+def test_plain_chain_one_group_per_layer_and_output_blocked():
+    groups, _ = _groups(tiny.plain_cnn())
+    sizes = {name: (g.size, g.prunable) for name, g in groups.items()}
+    assert sizes == {"input": (3, False), "Conv4": (8, True), "Conv16": (16, True),
+                     "Gemm32": (32, True), "Gemm38": (10, False)}
+    assert any("graph output" in r for r in groups["Gemm38"].reasons)
+
+
+def test_residual_add_couples_producers_and_depthwise_passes_through():
+    groups, _ = _groups(tiny.residual_cnn())
+    coupled = [g for g in groups.values() if len(g.producers) > 1]
+    assert sorted(sorted(g.producers) for g in coupled) == [["Conv16", "Conv4"], ["Conv30", "Conv34"]]
+    # the depthwise conv makes no group of its own: its channels are the block's
+    assert not any("Conv42" in g.producers for g in groups.values())
+
+
+def test_depthwise_group_count_follows_pruning():
+    model = tiny.residual_cnn()
+    groups, _ = _groups(model)
+    g = next(g for g in groups.values() if "Conv34" in g.producers)
+    pruned = prune_players(model, {g.index: [0, 3, 5]})
+    dw = next(n for n in pruned.graph.node if n.name == "Conv42")
+    assert next(a.i for a in dw.attribute if a.name == "group") == 13
+
+
+def test_flatten_into_gemm_maps_each_channel_to_its_pixels():
+    model = tiny.plain_cnn()
+    groups, _ = _groups(model)
+    pruned = prune_players(model, {groups["Conv16"].index: [1, 2]})
+    gemm = {i.name: i for i in pruned.graph.initializer}
+    shapes = sorted(tuple(t.dims) for t in pruned.graph.initializer if len(t.dims) == 2)
+    assert (32, 14 * 16) in shapes  # 16 channels x 4x4 pixels, two channels gone
+    assert gemm
+
+
+def test_concat_places_inputs_at_offsets():
+    groups, _ = _groups(tiny.concat_cnn())
+    # the branch convs stay separate groups; the skip input of the concat joins the Add group
+    assert groups["Conv10"].prunable and groups["Conv10"].size == 6
+    assert groups["Conv16"].prunable and groups["Conv16"].size == 10
+
+
+def _softmax_over_channels():
+    b = Builder()
+    x = b.relu(b.conv("input", 3, 8))
+    x = b.node("Softmax", [x], axis=1)
+    return b.model(b.conv(x, 8, 4))
+
+
+def test_channel_mixing_blocks_with_reason():
+    groups, _ = _groups(_softmax_over_channels())
+    g = groups["Conv4"]
+    assert not g.prunable
+    assert any("Softmax" in r and "mixes channels" in r for r in g.reasons)
+
+
+def test_unknown_op_blocks_and_says_which():
+    b = Builder()
+    x = b.relu(b.conv("input", 3, 8))
+    x = b.node("Transpose", [x], perm=[0, 1, 3, 2])
+    groups, _ = _groups(b.model(b.conv(x, 8, 4)))
+    assert not groups["Conv4"].prunable
+    assert any("Transpose" in r for r in groups["Conv4"].reasons)
+
+
+def test_ignore_leaves_a_layer_whole():
+    model = tiny.plain_cnn()
+    from onnxprune.analyse import analyse
+    from onnxprune.load import default_opset
+    import onnx_graphsurgeon as gs
+    prepared, analysis = analysis_of(model)
+    ignored = analyse(gs.import_onnx(prepared), analysis.shapes, default_opset(prepared), ignore=["Conv16"])
+    by_name = {g.name: g for g in ignored.groups}
+    assert not by_name["Conv16"].prunable and any("--ignore" in r for r in by_name["Conv16"].reasons)
+
+
+def test_macs_counted_by_hand():
+    # conv 3->8 and 8->16 at 8x8 with 3x3 kernels, then Gemm 256->32 and 32->10
+    expected = 8 * 3 * 9 * 64 + 16 * 8 * 9 * 64 + 256 * 32 + 32 * 10
+    model = tiny.plain_cnn()
+    assert count_macs(model, {"input": input_shape(model)}) == expected
+
+
+def test_macs_of_depthwise_and_strided_convs():
+    b = Builder(channels=4, size=8)
+    x = b.conv("input", 4, 4, group=4)  # depthwise: 4 * 9 * 64
+    x = b.conv(x, 4, 6, k=1, stride=2)  # 6 * 4 * 16
+    model = b.model(b.node("GlobalAveragePool", [x]))
+    assert count_macs(model, {"input": (1, 4, 8, 8)}) == 4 * 9 * 64 + 6 * 4 * 16
