@@ -1,20 +1,29 @@
 """Stage 6: how many channels each group keeps so that the model meets the FLOPs target.
 
-Counts are turned into masks by keeping each group's highest-scoring players,
-and every candidate is costed exactly with the analysis's MAC counter, so
-coupled groups and flatten mappings are accounted for as they will be written.
+Within a group the highest-ranked players stay. Two allocations:
+
+- uniform: every group keeps the same share (bisection on the share);
+- auto: greedy, removing at each step the next unit of channels whose loss of
+  retained payoff per FLOP saved is smallest, from each group's curve.
+
+Both cost every candidate exactly with :class:`MacModel`, an incremental
+form of the analysis's MAC count (so coupled groups, concatenations and
+flatten mappings count as they will be written), then return channels to
+the groups while the target still holds, so that the achieved reduction
+lands just past the target rather than a rounding step beyond it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
 from .analyse import Analysis
 from .errors import TargetError
+from .ops import CountContext, rule_for
 
 
 @dataclass
@@ -30,26 +39,91 @@ class Allocation:
         return 1.0 - self.macs_after / self.macs_before
 
 
+class MacModel:
+    """MACs as a function of which players are kept, updated incrementally.
+
+    Every MAC rule is a product of a constant and the channel counts of the
+    tensors it asks for; the counts are linear in the kept players.
+    """
+
+    def __init__(self, analysis: Analysis):
+        self.analysis = analysis
+        tensors: List[str] = []
+        index: Dict[str, int] = {}
+        self.base, self.factors = [], []
+        for node in analysis.mac_nodes:
+            asked: List[str] = []
+
+            def count(name: str) -> int:
+                asked.append(name)
+                return self._full(name)
+
+            macs = rule_for(node.op, node.domain or "").macs(node, CountContext(analysis.shapes, count))
+            asked = list(dict.fromkeys(asked))
+            denom = 1
+            for name in asked:
+                denom *= self._full(name)
+                if name not in index:
+                    index[name] = len(tensors)
+                    tensors.append(name)
+            self.base.append(macs / denom if denom else 0.0)
+            self.factors.append([index[n] for n in asked])
+        self.base = np.asarray(self.base)
+        self.tensors = tensors
+        n_players = analysis.num_players
+        self.per_player = np.zeros((len(tensors), n_players))
+        self.fixed = np.zeros(len(tensors))
+        for i, name in enumerate(tensors):
+            atoms = analysis.cmap.get(name)
+            if atoms is None:
+                self.fixed[i] = self._full(name)
+            else:
+                self.per_player[i] = np.bincount(analysis.atom_player[atoms], minlength=n_players)
+        width = max((len(f) for f in self.factors), default=0)
+        # factor index table, -1 padded; a padded factor multiplies by one
+        self.table = np.full((len(self.factors), max(width, 1)), -1, dtype=np.int64)
+        for m, f in enumerate(self.factors):
+            self.table[m, : len(f)] = f
+
+    def _full(self, name: str) -> int:
+        atoms = self.analysis.cmap.get(name)
+        if atoms is not None:
+            return len(atoms)
+        shape = self.analysis.shapes.get(name)
+        return int(shape[1]) if shape is not None and len(shape) > 1 and shape[1] else 0
+
+    def counts(self, keep: np.ndarray) -> np.ndarray:
+        return self.fixed + self.per_player @ keep.astype(np.float64)
+
+    def macs_of_counts(self, counts: np.ndarray) -> np.ndarray:
+        """counts: (T,) or (T, K) for K candidates at once."""
+        c = counts if counts.ndim == 2 else counts[:, None]
+        padded = np.vstack([c, np.ones((1, c.shape[1]))])
+        prod = np.prod(padded[self.table], axis=1)  # (M, K)
+        total = self.base @ prod
+        return total if counts.ndim == 2 else total[0]
+
+    def macs(self, keep: np.ndarray) -> int:
+        return int(round(self.macs_of_counts(self.counts(keep))))
+
+
+def _unit(size: int, round_to: int) -> int:
+    return round_to if round_to > 1 and size >= round_to else 1
+
+
 def _round_up(k: int, n: int, unit: int) -> int:
-    if unit > 1 and n >= unit:
-        k = int(math.ceil(k / unit) * unit)
-    return min(n, k)
+    return min(n, int(math.ceil(k / unit) * unit)) if unit > 1 else min(n, k)
 
 
 class _Planner:
-    def __init__(self, analysis: Analysis, scores: np.ndarray, min_keep: float, round_to: int):
+    def __init__(self, analysis: Analysis, ranked: Dict[int, np.ndarray], min_keep: float, round_to: int):
         self.analysis = analysis
-        self.groups = analysis.prunable_groups()
-        self.round_to = round_to
-        self.ranked: Dict[int, np.ndarray] = {}
-        self.floor: Dict[int, int] = {}
-        pg = analysis.player_group
-        for g in self.groups:
-            players = np.flatnonzero(pg == g.index)
-            # highest score first; ties broken by position, so runs are deterministic
-            order = np.lexsort((players, -scores[players]))
-            self.ranked[g.index] = players[order]
-            self.floor[g.index] = _round_up(max(1, math.ceil(min_keep * g.size - 1e-9)), g.size, round_to)
+        self.model = MacModel(analysis)
+        self.ranked = ranked  # group -> players, most important first
+        self.size = {g: len(p) for g, p in ranked.items()}
+        self.unit = {g: _unit(n, round_to) for g, n in self.size.items()}
+        self.floor = {g: _round_up(max(1, math.ceil(min_keep * n - 1e-9)), n, self.unit[g])
+                      for g, n in self.size.items()}
 
     def mask(self, kept: Dict[int, int]) -> np.ndarray:
         keep = np.ones(self.analysis.num_players, dtype=bool)
@@ -58,28 +132,53 @@ class _Planner:
         return keep
 
     def macs(self, kept: Dict[int, int]) -> int:
-        return self.analysis.macs(self.mask(kept))
+        return self.model.macs(self.mask(kept))
+
+    def step_down(self, g: int, k: int) -> int:
+        """The next smaller allowed count (a multiple of the unit), or k if none is allowed."""
+        u = self.unit[g]
+        nxt = ((k - 1) // u) * u if u > 1 else k - 1
+        return nxt if nxt >= self.floor[g] else k
+
+    def step_up(self, g: int, k: int) -> int:
+        u = self.unit[g]
+        return min(self.size[g], (k // u + 1) * u if u > 1 else k + 1)
 
     def uniform(self, t: float) -> Dict[int, int]:
-        """Every group keeps the same share 1 - t, subject to its floor and rounding."""
         out = {}
-        for g in self.groups:
-            k = _round_up(int(math.ceil(g.size * (1.0 - t) - 1e-9)), g.size, self.round_to)
-            out[g.index] = max(self.floor[g.index], k)
+        for g, n in self.size.items():
+            k = _round_up(int(math.ceil(n * (1.0 - t) - 1e-9)), n, self.unit[g])
+            out[g] = max(self.floor[g], k)
         return out
 
 
-def allocate_uniform(analysis: Analysis, scores: np.ndarray, flops: float, min_keep: float, round_to: int) -> Allocation:
-    plan = _Planner(analysis, scores, min_keep, round_to)
-    before = analysis.macs()
-    target = int(math.floor(before * (1.0 - flops)))
-    floor = plan.uniform(1.0)
+def _check_reachable(plan: _Planner, before: int, target: int, flops: float) -> None:
+    floor = dict(plan.floor)
     if plan.macs(floor) > target:
         best = 1.0 - plan.macs(floor) / before
         raise TargetError(
             f"--flops {flops:g} cannot be reached: at most {best:.1%} of FLOPs can be removed "
             f"(with --min-keep, --ignore and the channels that cannot be pruned)"
         )
+
+
+def allocate(analysis: Analysis, ranked: Dict[int, np.ndarray], flops: float, min_keep: float, round_to: int,
+             mode: str = "uniform", loss: Optional[Dict[int, np.ndarray]] = None) -> Allocation:
+    """``ranked``: per prunable group, its players most important first.
+    ``loss`` (auto mode): per group, loss[k] = payoff lost when the k best are kept, loss[n] = 0."""
+    plan = _Planner(analysis, ranked, min_keep, round_to)
+    before = plan.model.macs(np.ones(analysis.num_players, dtype=bool))
+    target = int(math.floor(before * (1.0 - flops)))
+    _check_reachable(plan, before, target, flops)
+    if mode == "uniform":
+        kept = _uniform(plan, target)
+    else:
+        kept = _greedy(plan, target, loss)
+    kept = _give_back(plan, kept, target, loss)
+    return Allocation(plan.mask(kept), kept, before, plan.macs(kept), target)
+
+
+def _uniform(plan: _Planner, target: int) -> Dict[int, int]:
     lo, hi = 0.0, 1.0  # macs(uniform(lo)) > target >= macs(uniform(hi))
     for _ in range(40):
         mid = (lo + hi) / 2
@@ -87,23 +186,57 @@ def allocate_uniform(analysis: Analysis, scores: np.ndarray, flops: float, min_k
             hi = mid
         else:
             lo = mid
-    kept = plan.uniform(hi)
-    kept = _give_back(plan, kept, target)
-    return Allocation(plan.mask(kept), kept, before, plan.macs(kept), target)
+    return plan.uniform(hi)
 
 
-def _give_back(plan: _Planner, kept: Dict[int, int], target: int) -> Dict[int, int]:
-    """Return channels to the most-pruned groups while the target still holds, so that
-    the reduction lands just past the target rather than a rounding step beyond it."""
-    sizes = {g.index: g.size for g in plan.groups}
+def _greedy(plan: _Planner, target: int, loss: Dict[int, np.ndarray]) -> Dict[int, int]:
+    model = plan.model
+    groups = sorted(plan.size)
+    kept = dict(plan.size)
+    keep = np.ones(plan.analysis.num_players, dtype=bool)
+    counts = model.counts(keep)
+    current = model.macs_of_counts(counts)
+    while current > target:
+        cands, deltas, dloss = [], [], []
+        for g in groups:
+            nk = plan.step_down(g, kept[g])
+            if nk == kept[g]:
+                continue
+            removed = plan.ranked[g][nk:kept[g]]
+            cands.append((g, nk, removed))
+            deltas.append(model.per_player[:, removed].sum(axis=1))
+            dloss.append(float(loss[g][nk] - loss[g][kept[g]]))
+        if not cands:
+            break
+        trial = counts[:, None] - np.stack(deltas, axis=1)
+        saved = current - model.macs_of_counts(trial)
+        cost = np.asarray(dloss) / np.maximum(saved, 1e-12)
+        cost[saved <= 0] = np.inf
+        best = int(np.argmin(cost))
+        if not np.isfinite(cost[best]):
+            break
+        g, nk, removed = cands[best]
+        kept[g] = nk
+        keep[removed] = False
+        counts = trial[:, best]
+        current = current - saved[best]
+    return kept
+
+
+def _give_back(plan: _Planner, kept: Dict[int, int], target: int, loss: Optional[Dict[int, np.ndarray]]) -> Dict[int, int]:
+    """Return channels, most valuable first, while the target still holds."""
     changed = True
     while changed:
         changed = False
-        for g in sorted(kept, key=lambda i: (kept[i] / sizes[i], i)):
-            if kept[g] >= sizes[g]:
+        if loss is not None:
+            order = sorted(kept, key=lambda g: -(loss[g][kept[g]] - loss[g][plan.step_up(g, kept[g])]))
+        else:
+            order = sorted(kept, key=lambda g: (kept[g] / plan.size[g], g))
+        for g in order:
+            if kept[g] >= plan.size[g]:
                 continue
             trial = dict(kept)
-            trial[g] = min(sizes[g], kept[g] + (plan.round_to if sizes[g] >= plan.round_to else 1))
+            trial[g] = plan.step_up(g, kept[g])
             if plan.macs(trial) <= target:
                 kept = trial
                 changed = True

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .allocate import Allocation, allocate_uniform
+from .allocate import Allocation, allocate
 from .analyse import Analysis, analyse
 from .calibrate import collect_stats
 from .data import CalibrationSet, input_spec, load_calibration
@@ -24,7 +24,10 @@ from .progress import Progress, silent
 from .report import BlockedRow, GroupRow, Report
 from .rewrite import rewrite
 from .runtime import choose_providers
-from .score import NEEDS_STATS, representative_tensors, score_players
+from .consumers import find_consumers
+from .recover import recover
+from .score import NEEDS_STATS, score_players
+from .snpfi import group_games
 from .shapes import static_shapes
 from .verify import accuracy, check_model, fidelity
 
@@ -82,16 +85,26 @@ def prune(model: ModelSource, calib: CalibSource, options: Optional[PruneOptions
         raise TargetError("no channel group of this model can be pruned: " + (reasons[0] if reasons else "none found"))
 
     stats = None
-    if opts.criterion in NEEDS_STATS:
+    if opts.criterion in NEEDS_STATS or opts.recover:
         t = time.perf_counter()
-        stats = collect_stats(prepared, representative_tensors(analysis).values(), cal, cal.fit, providers, progress)
+        wanted = {c.tensor: c.repeat for c in find_consumers(analysis)}
+        stats = collect_stats(prepared, wanted, cal, cal.fit, providers, progress)
         seconds["calibrate"] = time.perf_counter() - t
     t = time.perf_counter()
-    scores = score_players(analysis, opts.criterion, stats, opts.seed)
-    alloc = allocate_uniform(analysis, scores, opts.flops, opts.min_keep, opts.round_to)
+    ranked, loss = _rank(analysis, opts, stats)
+    alloc = allocate(analysis, ranked, opts.flops, opts.min_keep, opts.round_to, opts.allocation, loss)
     seconds["score_allocate"] = time.perf_counter() - t
+    recovery = None
+    if opts.recover:
+        t = time.perf_counter()
+        recovery = recover(analysis, alloc.keep_player, stats)
+        seconds["recover"] = time.perf_counter() - t
 
     report = _describe(analysis, alloc, opts)
+    if recovery is not None:
+        report.refitted_layers = len(recovery.refitted)
+        if recovery.mean_only:
+            report.notes.append("ill-conditioned refit, bias correction only: " + ", ".join(recovery.mean_only))
     t = time.perf_counter()
     pruned = rewrite(analysis, alloc.keep_player, prepared)
     seconds["rewrite"] = time.perf_counter() - t
@@ -132,10 +145,32 @@ def prune(model: ModelSource, calib: CalibSource, options: Optional[PruneOptions
     return PruneResult(pruned, report)
 
 
+def _rank(analysis: Analysis, opts: PruneOptions, stats):
+    """Per prunable group: players most important first, and the loss curve for auto allocation."""
+    ranked, loss = {}, {}
+    if opts.criterion == "snpfi":
+        for g, game in group_games(analysis, stats).items():
+            ranked[g] = game.players[game.order]
+            loss[g] = game.loss
+        return ranked, loss
+    scores = score_players(analysis, opts.criterion, stats, opts.seed)
+    for g in analysis.prunable_groups():
+        players = np.flatnonzero(analysis.player_group == g.index)
+        order = np.lexsort((players, -scores[players]))
+        ranked[g.index] = players[order]
+        # the share of the group's total score lost when only the k best are kept
+        s = np.maximum(scores[ranked[g.index]], 0.0)
+        total = s.sum()
+        kept_share = np.concatenate([[0.0], np.cumsum(s)]) / total if total > 0 else np.ones(len(s) + 1)
+        loss[g.index] = 1.0 - kept_share
+    return ranked, loss
+
+
 def _describe(analysis: Analysis, alloc: Allocation, opts: PruneOptions) -> Report:
     total = analysis.macs() or 1
     per_group = analysis.group_macs()
-    report = Report(criterion=opts.criterion, flops_target=opts.flops)
+    report = Report(criterion=opts.criterion, allocation=opts.allocation, recovery=opts.recover,
+                    flops_target=opts.flops)
     touched = set()
     for node in analysis.mac_nodes:
         for t in list(node.inputs[:1]) + list(node.outputs[:1]):

@@ -1,15 +1,19 @@
-"""Stage 4: stream calibration batches through onnxruntime and accumulate
-per-channel statistics of the tensors that later stages need.
+"""Stage 4: stream calibration batches through onnxruntime and accumulate the
+statistics that later stages need, per channel of each tensor.
 
-Only running sums are kept: memory grows with the batch and the tensors'
-channel counts, never with the number of calibration images.
+For each requested tensor: the mean, the mean absolute value and the
+second-moment matrix of its channels, pooled over the batch and pixels (a
+flattened (N, C * P) tensor is viewed as (N, C, P) when asked to), as a full
+matrix up to ``FULL_GRAM_LIMIT`` channels and the diagonal beyond. Only
+running sums in float64 are kept: memory grows with the batch and the channel
+counts, never with the number of calibration images.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -19,43 +23,76 @@ from .errors import InputError
 from .progress import Progress, silent
 from .runtime import expose, make_session, run
 
+FULL_GRAM_LIMIT = 4096
+
+
+@dataclass
+class TensorStats:
+    count: int = 0  # samples x pixels accumulated
+    sum: Optional[np.ndarray] = None
+    abs_sum: Optional[np.ndarray] = None
+    gram: Optional[np.ndarray] = None  # sum of x x^T (full) or of x^2 (diagonal, 1-D)
+
+    def add(self, x: np.ndarray) -> None:
+        flat = np.moveaxis(x.reshape(x.shape[0], x.shape[1], -1), 1, 2).reshape(-1, x.shape[1])
+        flat = flat.astype(np.float64, copy=False)
+        if self.sum is None:
+            c = x.shape[1]
+            self.sum, self.abs_sum = np.zeros(c), np.zeros(c)
+            self.gram = np.zeros((c, c)) if c <= FULL_GRAM_LIMIT else np.zeros(c)
+        self.count += flat.shape[0]
+        self.sum += flat.sum(axis=0)
+        self.abs_sum += np.abs(flat).sum(axis=0)
+        if self.gram.ndim == 2:
+            self.gram += flat.T @ flat
+        else:
+            self.gram += (flat * flat).sum(axis=0)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / self.count
+
+    @property
+    def mean_abs(self) -> np.ndarray:
+        return self.abs_sum / self.count
+
+    def covariance(self) -> np.ndarray:
+        """Centred second moments: a (C, C) matrix, or the (C,) variances when only the diagonal is kept."""
+        mu = self.mean
+        if self.gram.ndim == 2:
+            return self.gram / self.count - np.outer(mu, mu)
+        return self.gram / self.count - mu * mu
+
 
 @dataclass
 class ChannelStats:
-    """Per position along axis 1 of each tensor, averaged over batch and pixels."""
-
-    mean: Dict[str, np.ndarray] = field(default_factory=dict)
-    mean_abs: Dict[str, np.ndarray] = field(default_factory=dict)
+    tensors: Dict[str, TensorStats] = field(default_factory=dict)
     images: int = 0
     seconds: float = 0.0
 
+    def __getitem__(self, name: str) -> TensorStats:
+        return self.tensors[name]
 
-def collect_stats(model: onnx.ModelProto, tensors: Sequence[str], cal: CalibrationSet, indices: Sequence[int],
-                  providers: List[str], progress: Progress = silent) -> ChannelStats:
+
+def collect_stats(model: onnx.ModelProto, tensors: Dict[str, int], cal: CalibrationSet, indices: Sequence[int],
+                  providers: List[str], progress: Progress = silent, label: str = "calibrating") -> ChannelStats:
+    """``tensors``: name -> positions per channel (1, or the pixels of a flattened map)."""
     start = time.perf_counter()
-    names = list(dict.fromkeys(tensors))
+    names = list(tensors)
     sess = make_session(expose(model, names), providers)
-    sums: Dict[str, np.ndarray] = {}
-    abs_sums: Dict[str, np.ndarray] = {}
-    counts: Dict[str, int] = {}
-    seen = 0
-    with progress("calibrating", len(indices)) as update:
+    stats = ChannelStats(tensors={n: TensorStats() for n in names})
+    with progress(label, len(indices)) as update:
         for b, batch in enumerate(cal.batches(indices)):
             real = cal.real_count(b, indices)
             outs = run(sess, cal.spec.name, batch, names)
             for name, value in zip(names, outs):
-                x = np.asarray(value[:real], dtype=np.float64)
+                x = value[:real]
+                if tensors[name] > 1:
+                    x = x.reshape(x.shape[0], -1, tensors[name])
                 if not np.isfinite(x).all():
                     raise InputError(f"the model computes NaN or infinite values at {name!r} on the calibration data")
-                flat = x.reshape(x.shape[0], x.shape[1], -1)
-                sums[name] = sums.get(name, 0.0) + flat.sum(axis=(0, 2))
-                abs_sums[name] = abs_sums.get(name, 0.0) + np.abs(flat).sum(axis=(0, 2))
-                counts[name] = counts.get(name, 0) + flat.shape[0] * flat.shape[2]
-            seen += real
+                stats.tensors[name].add(x)
+            stats.images += real
             update(real)
-    stats = ChannelStats(images=seen, seconds=time.perf_counter() - start)
-    for name in names:
-        if name in sums:
-            stats.mean[name] = sums[name] / counts[name]
-            stats.mean_abs[name] = abs_sums[name] / counts[name]
+    stats.seconds = time.perf_counter() - start
     return stats

@@ -52,7 +52,10 @@ def _option_decorators():
         if meta["metavar"]:
             kwargs["metavar"] = meta["metavar"]
         hint = str(hints[f.name])
-        if meta["is_flag"]:
+        if meta["flag"]:
+            flag = meta["flag"]  # an on/off pair such as --recover/--no-recover
+            kwargs.update(default=f.default)
+        elif meta["is_flag"]:
             kwargs.update(is_flag=True, default=False)
         elif meta["multiple"]:
             kwargs.update(multiple=True)

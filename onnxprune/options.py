@@ -13,7 +13,8 @@ from typing import Optional, Tuple
 
 from .errors import UsageError
 
-CRITERIA = ("l1", "l2", "random", "activation")
+CRITERIA = ("snpfi", "l1", "l2", "random", "activation")
+ALLOCATIONS = ("auto", "uniform")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -39,7 +40,14 @@ class PruneOptions:
         None, "Fraction of the model's FLOPs (multiply-accumulates of Conv, ConvTranspose, "
         "Gemm and MatMul) to remove, in (0, 1).", metavar="R")
     criterion: str = _opt(
-        "l1", "How channels are ranked within a group.", choices=CRITERIA)
+        "snpfi", "How channels are ranked within a group: snpfi (filter-wise interaction, Shapley values "
+        "of the local payoff) or a baseline.", choices=CRITERIA)
+    allocation: str = _opt(
+        "auto", "How many channels each group keeps: auto (from each group's utilisation curve) or "
+        "uniform (the same share everywhere).", choices=ALLOCATIONS)
+    recover: bool = _opt(
+        True, "Refit the layers next to every cut on the calibration data (--no-recover to compare).",
+        flag="--recover/--no-recover")
     input_size: Optional[Tuple[int, int]] = _opt(
         None, "H,W to resize calibration images to where the model's spatial axes are dynamic.",
         metavar="H,W")
@@ -75,6 +83,8 @@ class PruneOptions:
             raise UsageError(f"--flops must be in (0, 1), got {self.flops}")
         if self.criterion not in CRITERIA:
             raise UsageError(f"--criterion must be one of {', '.join(CRITERIA)}")
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)}")
         if self.device not in DEVICES:
             raise UsageError(f"--device must be one of {', '.join(DEVICES)}")
         if self.input_size is not None and (

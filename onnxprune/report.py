@@ -30,7 +30,9 @@ class Report:
     output_path: Optional[str] = None
     provider: str = ""
     criterion: str = ""
-    allocation: str = "uniform"
+    allocation: str = "auto"
+    recovery: bool = True
+    refitted_layers: int = 0
     flops_target: float = 0.0
     macs_before: int = 0
     macs_after: int = 0
@@ -87,7 +89,8 @@ class Report:
                 f"{(self.accuracy_before - self.accuracy_after) * 100:>9.2f}p  ({self.eval_samples} labelled samples)")
         add("")
         add(f"FLOPs target -{self.flops_target:.0%}, achieved -{self.flops_reduction:.1%}; "
-            f"criterion {self.criterion}, allocation {self.allocation}; "
+            f"criterion {self.criterion}, allocation {self.allocation}, "
+            f"recovery {'on (' + str(self.refitted_layers) + ' layers refitted)' if self.recovery else 'off'}; "
             f"{self.prunable_macs_share:.0%} of FLOPs sit in layers touching prunable groups")
         add("")
         add(f"{'pruned channel group':40}{'kept':>12}")

@@ -8,23 +8,10 @@ import numpy as np
 
 from .analyse import Analysis
 from .calibrate import ChannelStats
+from .consumers import find_consumers
 from .ops import rule_for
 
-NEEDS_STATS = ("activation",)
-
-
-def representative_tensors(analysis: Analysis) -> Dict[int, str]:
-    """For each prunable group, the input of the first layer that consumes its channels."""
-    out: Dict[int, str] = {}
-    prunable = {g.index for g in analysis.prunable_groups()}
-    for node in analysis.mac_nodes:
-        atoms = analysis.cmap.get(node.inputs[0].name)
-        if atoms is None:
-            continue
-        for g in np.unique(analysis.player_group[analysis.atom_player[atoms]]).tolist():
-            if g in prunable and g not in out:
-                out[g] = node.inputs[0].name
-    return out
+NEEDS_STATS = ("activation", "snpfi")
 
 
 def _filter_norms(analysis: Analysis, order: int) -> np.ndarray:
@@ -52,12 +39,12 @@ def score_players(analysis: Analysis, criterion: str, stats: Optional[ChannelSta
     if criterion == "random":
         return np.random.default_rng(seed).random(analysis.num_players)
     if criterion == "activation":
-        scores = np.zeros(analysis.num_players)
-        for g, name in representative_tensors(analysis).items():
-            players = analysis.atom_player[analysis.cmap[name]]
-            total = np.bincount(players, weights=stats.mean_abs[name], minlength=analysis.num_players)
-            count = np.bincount(players, minlength=analysis.num_players)
-            mine = analysis.player_group == g
-            scores[mine] = total[mine] / np.maximum(count[mine], 1)
-        return scores
+        # mean |activation| of each channel where consumers read it, averaged over readings
+        total = np.zeros(analysis.num_players)
+        count = np.zeros(analysis.num_players)
+        for consumer in find_consumers(analysis):
+            players = analysis.atom_player[consumer.channel_atoms(analysis)]
+            total += np.bincount(players, weights=stats[consumer.tensor].mean_abs, minlength=analysis.num_players)
+            count += np.bincount(players, minlength=analysis.num_players)
+        return total / np.maximum(count, 1)
     raise ValueError(f"unknown criterion {criterion!r}")

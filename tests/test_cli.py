@@ -72,7 +72,7 @@ def test_npy_calibration_equals_image_folder(tmp_path, capsys):
     model_path, calib, _ = _paths(MODELS[0])
     from PIL import Image
     files = sorted(os.listdir(calib))[:40]
-    x = np.stack([np.asarray(Image.open(os.path.join(calib, f)), np.float32)[None] / 255 for f in files])
+    x = np.stack([np.asarray(Image.open(os.path.join(calib, f)), np.float32)[None] * np.float32(1 / 255) for f in files])
     np.save(tmp_path / "x.npy", x.astype(np.float32))
     sub = tmp_path / "imgs"
     sub.mkdir()

@@ -173,6 +173,24 @@ class Rule:
         """The weights of each output channel this node makes, as (channels, fan_in)."""
         return None
 
+    def input_filters(self, node: gs.Node) -> Optional[np.ndarray]:
+        """For a layer that sums over its input channels: the weights each input channel
+        is multiplied by, as (in_channels, out_channels, taps). None for other ops
+        (including depthwise convs, which pass channels through)."""
+        return None
+
+    def set_input_filters(self, node: gs.Node, filters: np.ndarray) -> None:
+        """Write back weights in the layout :meth:`input_filters` returned."""
+        raise NotImplementedError(node.op)
+
+    def add_bias(self, node: gs.Node, delta: np.ndarray, graph: gs.Graph) -> None:
+        """Add ``delta`` (one value per output channel) to the layer's bias."""
+        raise NotImplementedError(node.op)
+
+    def output_pixels(self, node: gs.Node, shape) -> int:
+        """How many times each weight is applied per sample (output pixels of a conv)."""
+        return 1
+
 
 # -- helpers shared by several rules -------------------------------------------
 
@@ -194,6 +212,21 @@ def channel_axis_of_param(param_shape: Sequence[int], out_rank: int) -> Optional
     """Axis of a broadcast parameter that lines up with axis 1 of a rank-``out_rank`` tensor."""
     axis = len(param_shape) - (out_rank - 1)
     return axis if 0 <= axis < len(param_shape) else None
+
+
+def add_to_bias_input(node: gs.Node, index: int, delta: np.ndarray, dtype) -> None:
+    """Add ``delta`` to the bias held in input ``index``, creating the input if absent."""
+    if len(node.inputs) > index and node.inputs[index].name:
+        bias = node.inputs[index]
+        new = (bias.values.astype(np.float64) + delta.reshape(bias.values.shape)).astype(bias.values.dtype)
+        if len(bias.outputs) > 1:
+            node.inputs[index] = gs.Constant(f"{bias.name}_{node.name}", new)
+        else:
+            bias.values = new
+    else:
+        while len(node.inputs) < index:
+            node.inputs.append(gs.Variable.empty())
+        node.inputs.append(gs.Constant(f"{node.name}_bias", delta.astype(dtype)))
 
 
 def prod(values) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import ChannelState, CountContext, RewriteContext, Rule, attr, const, opt_input, prod
+from .base import ChannelState, CountContext, RewriteContext, Rule, add_to_bias_input, attr, const, opt_input, prod
 
 
 def _is_depthwise(group: int, cin: int, cout: int) -> bool:
@@ -59,6 +59,24 @@ class ConvRule(Rule):
     def filters(self, node: gs.Node):
         w = const(node.inputs[1])
         return None if w is None else w.reshape(w.shape[0], -1)
+
+    def input_filters(self, node: gs.Node):
+        w = const(node.inputs[1])
+        if w is None or int(attr(node, "group", 1)) != 1:
+            return None
+        return np.moveaxis(w, 1, 0).reshape(w.shape[1], w.shape[0], -1)
+
+    def set_input_filters(self, node: gs.Node, filters: np.ndarray) -> None:
+        w = const(node.inputs[1])
+        new = np.moveaxis(filters.reshape((w.shape[1], w.shape[0]) + w.shape[2:]), 0, 1)
+        _set_weight(node, 1, np.ascontiguousarray(new, dtype=w.dtype))
+
+    def add_bias(self, node: gs.Node, delta: np.ndarray, graph: gs.Graph) -> None:
+        add_to_bias_input(node, 2, delta, const(node.inputs[1]).dtype)
+
+    def output_pixels(self, node: gs.Node, shape) -> int:
+        out = shape(node.outputs[0])
+        return prod(out[2:]) if out is not None and None not in out[2:] else 1
 
     def macs(self, node: gs.Node, ctx: CountContext) -> int:
         w = const(node.inputs[1])
@@ -119,6 +137,23 @@ class ConvTransposeRule(Rule):
         w = const(node.inputs[1])
         return None if w is None else np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)
 
+    def input_filters(self, node: gs.Node):
+        w = const(node.inputs[1])
+        if w is None or int(attr(node, "group", 1)) != 1:
+            return None
+        return w.reshape(w.shape[0], w.shape[1], -1)
+
+    def set_input_filters(self, node: gs.Node, filters: np.ndarray) -> None:
+        w = const(node.inputs[1])
+        _set_weight(node, 1, np.ascontiguousarray(filters.reshape(w.shape), dtype=w.dtype))
+
+    def add_bias(self, node: gs.Node, delta: np.ndarray, graph: gs.Graph) -> None:
+        add_to_bias_input(node, 2, delta, const(node.inputs[1]).dtype)
+
+    def output_pixels(self, node: gs.Node, shape) -> int:
+        x = shape(node.inputs[0])
+        return prod(x[2:]) if x is not None and None not in x[2:] else 1
+
     def macs(self, node: gs.Node, ctx: CountContext) -> int:
         w = const(node.inputs[1])
         in_shape = ctx.shape(node.inputs[0])
@@ -129,3 +164,11 @@ class ConvTransposeRule(Rule):
         if _is_depthwise(group, w.shape[0], w.shape[1] * group):
             return ctx.count(node.outputs[0]) * kernel * prod(in_shape[2:])
         return ctx.count(node.inputs[0]) * (ctx.count(node.outputs[0]) // group) * kernel * prod(in_shape[2:])
+
+
+def _set_weight(node: gs.Node, index: int, values: np.ndarray) -> None:
+    tensor = node.inputs[index]
+    if len(tensor.outputs) > 1:
+        node.inputs[index] = gs.Constant(f"{tensor.name}_{node.name}", values)
+    else:
+        tensor.values = values

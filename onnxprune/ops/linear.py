@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import ChannelState, CountContext, RewriteContext, Rule, attr, const, opt_input, prod
+from .base import (ChannelState, CountContext, RewriteContext, Rule, add_to_bias_input, attr, const, opt_input,
+                   prod)
+from .conv import _set_weight
 
 
 class GemmRule(Rule):
@@ -42,6 +45,25 @@ class GemmRule(Rule):
         b = const(node.inputs[1])
         return None if b is None else (b if attr(node, "transB", 0) else b.T)
 
+    def input_filters(self, node: gs.Node):
+        b = const(node.inputs[1])
+        if b is None or b.ndim != 2:
+            return None
+        return (b.T if attr(node, "transB", 0) else b)[:, :, None]
+
+    def set_input_filters(self, node: gs.Node, filters: np.ndarray) -> None:
+        b = const(node.inputs[1])
+        f = filters[:, :, 0]
+        _set_weight(node, 1, np.ascontiguousarray(f.T if attr(node, "transB", 0) else f, dtype=b.dtype))
+
+    def add_bias(self, node: gs.Node, delta: np.ndarray, graph: gs.Graph) -> None:
+        beta = float(attr(node, "beta", 1.0))
+        c = opt_input(node, 2)
+        if c is not None and const(c) is not None and const(c).shape != (len(delta),) and const(c).size != len(delta):
+            # a broadcast bias (scalar or (1, 1)): widen it so each output can move on its own
+            c.values = np.broadcast_to(const(c), (len(delta),)).astype(const(c).dtype).copy()
+        add_to_bias_input(node, 2, delta / beta if beta else delta, const(node.inputs[1]).dtype)
+
     def macs(self, node: gs.Node, ctx: CountContext) -> int:
         return ctx.count(node.inputs[0]) * ctx.count(node.outputs[0])
 
@@ -75,6 +97,21 @@ class MatMulRule(Rule):
     def filters(self, node: gs.Node):
         b = const(node.inputs[1])
         return None if b is None or b.ndim != 2 else b.T
+
+    def input_filters(self, node: gs.Node):
+        b = const(node.inputs[1])
+        return None if b is None or b.ndim != 2 else b[:, :, None]
+
+    def set_input_filters(self, node: gs.Node, filters: np.ndarray) -> None:
+        _set_weight(node, 1, np.ascontiguousarray(filters[:, :, 0], dtype=const(node.inputs[1]).dtype))
+
+    def add_bias(self, node: gs.Node, delta: np.ndarray, graph: gs.Graph) -> None:
+        """MatMul has no bias: follow it with an Add of a constant."""
+        out = node.outputs[0]
+        pre = gs.Variable(f"{out.name}_before_bias", dtype=out.dtype)
+        bias = gs.Constant(f"{node.name}_bias", delta.astype(const(node.inputs[1]).dtype))
+        node.outputs[0] = pre
+        graph.nodes.append(gs.Node("Add", name=f"{node.name}_bias_add", inputs=[pre, bias], outputs=[out]))
 
     def macs(self, node: gs.Node, ctx: CountContext) -> int:
         a_shape, y_shape = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])

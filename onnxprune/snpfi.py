@@ -1,0 +1,105 @@
+"""SNPFI's filter-wise interaction with the local payoff, in closed form.
+
+Players are the channels of a group; a channel outside the coalition S is
+replaced by its calibration mean. The payoff is minus the squared error this
+causes in the outputs of the layers that consume the group:
+
+    v(S) = -(1 - s)^T Q (1 - s),   s = indicator of S,
+
+where Q[i, j] = E<W_i * z_i, W_j * z_j> sums, over consumers, the interaction
+of the centred channels z_i, z_j through the consumer's weights, each
+consumer's share divided by the variance of its output (so v is minus the sum
+of the consumers' relative output errors). From
+streamed second moments Q is, per consumer,
+
+    Q_pos = Cov(x) (.) (F F^T) * pixels
+
+with F the consumer's per-input-channel weights (all outputs and taps). For
+1x1 convs and fully connected layers this is exact; for k x k convs it keeps
+the same-tap terms (the channel-level approximation), which needs only the
+(C, C) channel covariance.
+
+For a quadratic game the Shapley value has a closed form: phi_i = (Q 1)_i,
+and the pairwise interaction index is -2 Q_ij. The utilisation curve of a
+group is the payoff retained when its k most important channels are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .analyse import Analysis
+from .calibrate import ChannelStats
+from .consumers import Consumer, find_consumers
+
+
+@dataclass
+class GroupGame:
+    players: np.ndarray  # global player ids, in group order
+    q: np.ndarray  # (n, n) interaction matrix
+    shapley: np.ndarray  # (n,)
+    order: np.ndarray  # positions in `players`, most important first
+    loss: np.ndarray  # (n + 1,) payoff lost when the k best are kept, in consumer-output variances
+
+    def retained(self, k: int) -> float:
+        return 1.0 - float(self.loss[k])
+
+
+def _channel_q(analysis: Analysis, consumer: Consumer, stats: ChannelStats) -> np.ndarray:
+    f = consumer.channel_filters().astype(np.float64)
+    f = f.reshape(f.shape[0], -1)
+    cov = stats[consumer.tensor].covariance()
+    if cov.ndim == 1:  # only variances kept (very wide layers)
+        return np.diag(cov * (f * f).sum(axis=1)) * consumer.pixels(analysis)
+    return cov * (f @ f.T) * consumer.pixels(analysis)
+
+
+def group_games(analysis: Analysis, stats: ChannelStats) -> Dict[int, GroupGame]:
+    q_by_group: Dict[int, np.ndarray] = {}
+    members: Dict[int, np.ndarray] = {}
+    local: Dict[int, np.ndarray] = {}  # global player -> index within its group
+    for g in analysis.prunable_groups():
+        players = np.flatnonzero(analysis.player_group == g.index)
+        members[g.index] = players
+        q_by_group[g.index] = np.zeros((len(players), len(players)))
+    lookup = np.full(analysis.num_players, -1, dtype=np.int64)
+    for g, players in members.items():
+        lookup[players] = np.arange(len(players))
+    for consumer in find_consumers(analysis):
+        qp = _channel_q(analysis, consumer, stats)
+        # in units of the consumer's own output variance, so that layers are comparable and a
+        # group read by several layers (a residual stream) counts every reading
+        energy = float(qp.sum())
+        if not np.isfinite(energy) or energy <= 0:
+            continue
+        qp = qp / energy
+        players = analysis.atom_player[consumer.channel_atoms(analysis)]
+        groups = analysis.player_group[players]
+        for g in np.unique(groups).tolist():
+            if g not in q_by_group:
+                continue
+            pos = np.flatnonzero(groups == g)
+            # sum position-level interactions into player-level ones (a player may span positions)
+            m = np.zeros((len(pos), len(members[g])))
+            m[np.arange(len(pos)), lookup[players[pos]]] = 1.0
+            q_by_group[g] += m.T @ qp[np.ix_(pos, pos)] @ m
+    games = {}
+    for g, q in q_by_group.items():
+        q = (q + q.T) / 2
+        phi = q.sum(axis=1)
+        order = np.lexsort((np.arange(len(phi)), -phi))
+        games[g] = GroupGame(members[g], q, phi, order, _loss_curve(q, order))
+    return games
+
+
+def _loss_curve(q: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """loss[k] = 1_R^T Q 1_R with R the players outside the k best."""
+    n = len(order)
+    rev = q[np.ix_(order[::-1], order[::-1])]
+    blocks = np.cumsum(np.cumsum(rev, axis=0), axis=1)  # blocks[m-1, m-1] = sum of the m least important
+    tail = np.concatenate([[0.0], np.diag(blocks)])  # tail[m] for m removed
+    return np.maximum(tail[::-1], 0.0)  # loss[k] has n - k removed
