@@ -24,8 +24,8 @@ from .progress import Progress, silent
 from .report import BlockedRow, GroupRow, Report
 from .rewrite import rewrite
 from .runtime import choose_providers
-from .consumers import find_consumers
-from .recover import recover
+from .consumers import find_consumers, flatten_repeat
+from .recover import recover, refit_sequential
 from .score import NEEDS_STATS, score_players
 from .snpfi import group_games
 from .shapes import static_shapes
@@ -106,8 +106,18 @@ def prune(model: ModelSource, calib: CalibSource, options: Optional[PruneOptions
         if recovery.mean_only:
             report.notes.append("ill-conditioned refit, bias correction only: " + ", ".join(recovery.mean_only))
     t = time.perf_counter()
-    pruned = rewrite(analysis, alloc.keep_player, prepared)
+    keep_fn = analysis.keep_fn(alloc.keep_player)
+    repeat_fn = lambda name: flatten_repeat(analysis, name)  # noqa: E731
+    pruned, changed = rewrite(analysis, alloc.keep_player, prepared)
     seconds["rewrite"] = time.perf_counter() - t
+    if opts.recover:
+        t = time.perf_counter()
+        seq = refit_sequential(prepared, pruned, keep_fn, repeat_fn, changed, cal, cal.fit, providers, progress,
+                               seed=opts.seed)
+        seconds["refit"] = time.perf_counter() - t
+        report.refitted_layers = len(seq.patch) + len(seq.channel)
+        if seq.failed:
+            report.notes.append("refit failed (kept the channel-level fit): " + ", ".join(seq.failed))
 
     t = time.perf_counter()
     check_model(pruned, original, cal, providers)

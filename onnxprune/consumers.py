@@ -31,21 +31,36 @@ class Consumer:
 
     def channel_filters(self) -> np.ndarray:
         """(C, out, taps): the weights each input channel meets."""
-        f = np.asarray(self.rule.input_filters(self.node))
-        if self.repeat == 1:
-            return f
-        c = f.shape[0] // self.repeat
-        f = f.reshape(c, self.repeat, f.shape[1], f.shape[2]).transpose(0, 2, 1, 3)
-        return f.reshape(c, f.shape[1], -1)
+        return to_channel_view(np.asarray(self.rule.input_filters(self.node)), self.repeat)
 
     def set_channel_filters(self, filters: np.ndarray) -> None:
-        if self.repeat > 1:
-            c, out = filters.shape[0], filters.shape[1]
-            filters = filters.reshape(c, out, self.repeat, -1).transpose(0, 2, 1, 3).reshape(c * self.repeat, out, -1)
-        self.rule.set_input_filters(self.node, filters)
+        self.rule.set_input_filters(self.node, from_channel_view(filters, self.repeat))
 
     def pixels(self, analysis: Analysis) -> int:
         return self.rule.output_pixels(self.node, lambda t: analysis.shapes.get(t.name))
+
+
+def to_channel_view(filters: np.ndarray, repeat: int) -> np.ndarray:
+    """(C * repeat, out, taps) input filters -> (C, out, repeat * taps)."""
+    if repeat == 1:
+        return filters
+    c = filters.shape[0] // repeat
+    f = filters.reshape(c, repeat, filters.shape[1], filters.shape[2]).transpose(0, 2, 1, 3)
+    return f.reshape(c, filters.shape[1], -1)
+
+
+def from_channel_view(filters: np.ndarray, repeat: int) -> np.ndarray:
+    if repeat == 1:
+        return filters
+    c, out = filters.shape[0], filters.shape[1]
+    return filters.reshape(c, out, repeat, -1).transpose(0, 2, 1, 3).reshape(c * repeat, out, -1)
+
+
+def flatten_repeat(analysis: Analysis, tensor: str) -> int:
+    """Positions per channel of a 2-D tensor that a Flatten made (1 otherwise)."""
+    shape = analysis.shapes.get(tensor)
+    atoms = analysis.cmap.get(tensor)
+    return _repeat(atoms) if atoms is not None and shape is not None and len(shape) == 2 else 1
 
 
 def _repeat(atoms: np.ndarray) -> int:
@@ -67,7 +82,5 @@ def find_consumers(analysis: Analysis) -> List[Consumer]:
         if atoms is None or rule.input_filters(node) is None:
             continue
         if prunable[analysis.player_group[analysis.atom_player[atoms]]].any():
-            shape = analysis.shapes.get(name)
-            repeat = _repeat(atoms) if shape is not None and len(shape) == 2 else 1
-            out.append(Consumer(node, name, repeat, rule))
+            out.append(Consumer(node, name, flatten_repeat(analysis, name), rule))
     return out

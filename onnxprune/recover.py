@@ -16,15 +16,27 @@ bias alone, and the report says where.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
 import scipy.linalg
+from onnx import numpy_helper
 
 from .analyse import Analysis
 from .calibrate import ChannelStats
-from .consumers import find_consumers
+from .consumers import find_consumers, from_channel_view, to_channel_view
+from .data import CalibrationSet
+from .ops import rule_for
+from .progress import Progress, silent
+from .refit import PATCH_LIMIT, ROWS_PER_UNKNOWN, ChannelFit, PatchFit
+from .runtime import make_session, run_feeds
+from .segments import Frontier, Segmenter
 
 RIDGE = 1e-3  # relative to the mean variance of the kept channels
 
@@ -83,3 +95,217 @@ def recover(analysis: Analysis, keep_player: np.ndarray, stats: ChannelStats, ri
             analysis.cmap[consumer.node.outputs[0].name] = analysis.cmap[out.name]
             analysis.shapes[consumer.node.outputs[0].name] = analysis.shapes[out.name]
     return log
+
+
+# -- sequential refit against the pruned model's own inputs ----------------------------------------
+
+def _mini_graph(model: onnx.ModelProto, node: onnx.NodeProto) -> gs.Graph:
+    """One node with its initializers, as a graph the op rules can edit."""
+    inits = {t.name: t for t in model.graph.initializer}
+    used = [inits[n] for n in node.input if n in inits]
+    vis = [onnx.helper.make_empty_tensor_value_info(n) for n in node.input if n and n not in inits]
+    g = onnx.helper.make_graph([node], "one", vis, [onnx.helper.make_empty_tensor_value_info(o) for o in node.output], used)
+    return gs.import_onnx(onnx.helper.make_model(g, opset_imports=model.opset_import))
+
+
+def _write_back(model: onnx.ModelProto, index: int, graph: gs.Graph) -> None:
+    """Copy an edited single-node graph's node and constants back into ``model``."""
+    node = graph.nodes[0]
+    proto = model.graph.node[index]
+    inits = {t.name: i for i, t in enumerate(model.graph.initializer)}
+    del proto.input[:]
+    for t in node.inputs:
+        proto.input.append(t.name if t.name else "")
+        if isinstance(t, gs.Constant):
+            tensor = numpy_helper.from_array(np.asarray(t.values), t.name)
+            if t.name in inits:
+                model.graph.initializer[inits[t.name]].CopyFrom(tensor)
+            else:
+                model.graph.initializer.append(tensor)
+                inits[t.name] = len(model.graph.initializer) - 1
+    for a in proto.attribute:
+        if a.name == "group":
+            a.i = int(node.attrs.get("group", a.i))
+
+
+def _refit_candidates(pruned: onnx.ModelProto, changed: set) -> List[int]:
+    """Dense layers whose input differs from the original's: downstream of any changed node."""
+    dirty_tensors = set()
+    out = []
+    for i, node in enumerate(pruned.graph.node):
+        dirty_in = any(n in dirty_tensors for n in node.input)
+        rule = rule_for(node.op_type, node.domain)
+        if dirty_in and node.op_type in ("Conv", "Gemm", "MatMul"):
+            out.append(i)
+        if dirty_in or node.name in changed:
+            dirty_tensors.update(o for o in node.output if o)
+    return out
+
+
+@dataclass
+class SequentialLog:
+    patch: List[str] = field(default_factory=list)
+    channel: List[str] = field(default_factory=list)
+    failed: List[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: Callable[[str], Optional[np.ndarray]],
+                     repeat: Callable[[str], int], changed: set, cal: CalibrationSet, indices: Sequence[int], providers: List[str],
+                     progress: Progress = silent, ridge: float = RIDGE, seed: int = 0) -> SequentialLog:
+    """Refit, in place in ``pruned``, every dense layer whose input the pruning changed, in
+    topological order, each against the original layer's output (on its kept channels) from
+    the pruned model's own input with every earlier layer already refitted.
+
+    ``keep(tensor)`` is the pruning mask of a tensor of ``original`` (None: all kept);
+    ``changed`` names the nodes the surgery edited."""
+    start_time = time.perf_counter()
+    log = SequentialLog()
+    original = onnx.shape_inference.infer_shapes(_in_order_of(original, pruned))
+    layers = _refit_candidates(pruned, changed)
+    if not layers:
+        return log
+    names = [pruned.graph.node[i].name for i in layers]
+    o_nodes = {n.name: n for n in original.graph.node}
+    o_inits = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
+    seg_o, seg_p = Segmenter(original, names), Segmenter(pruned, names)
+    bs = cal.batch_size
+    indices = np.asarray(indices)
+    n = len(indices)
+    folder = tempfile.mkdtemp(prefix="onnxprune-")
+    prev_o = prev_p = None
+    prev_live_o = prev_live_p = [cal.spec.name]
+    try:
+        with progress("refitting layers", len(layers)) as update:
+            for step, (layer_index, name) in enumerate(zip(layers, names)):
+                node_p = pruned.graph.node[layer_index]
+                node_o = o_nodes[name]
+                live_o, live_p = seg_o.live_at(seg_o.cuts[step]), seg_p.live_at(seg_p.cuts[step])
+                start_o = seg_o.cuts[step - 1] if step else 0
+                start_p = seg_p.cuts[step - 1] if step else 0
+                sess_o = make_session(seg_o.segment(original, start_o, seg_o.cuts[step], prev_live_o, live_o), providers)
+                sess_p = make_session(seg_p.segment(pruned, start_p, seg_p.cuts[step], prev_live_p, live_p), providers)
+                fit = _make_fit(node_o, node_p, o_inits, keep, repeat, seed + step)
+                new_o, new_p = Frontier(folder), Frontier(folder)
+                for b0 in range(0, n, bs):
+                    real = min(bs, n - b0)
+                    if prev_o is None:
+                        batch = next(cal.batches(indices[b0:b0 + real]))
+                        feeds_o = {cal.spec.name: batch}
+                        feeds_p = {cal.spec.name: batch}
+                    else:
+                        feeds_o = {t: prev_o.read(t, b0, b0 + real) for t in prev_live_o}
+                        feeds_p = {t: prev_p.read(t, b0, b0 + real) for t in prev_live_p}
+                    outs_o = dict(zip(live_o, run_feeds(sess_o, feeds_o, live_o)))
+                    outs_p = dict(zip(live_p, run_feeds(sess_p, feeds_p, live_p)))
+                    for frontier, outs in ((new_o, outs_o), (new_p, outs_p)):
+                        for t, v in outs.items():
+                            v = v[:real]
+                            if t not in frontier.arrays:
+                                frontier.allocate(t, n, v.shape[1:], v.dtype)
+                            frontier.write(t, b0, v)
+                    if fit is not None:
+                        fit.add(outs_o[node_o.input[0]][:real], outs_p[node_p.input[0]][:real])
+                solved = fit.solve(ridge) if fit is not None else None
+                if solved is None:
+                    log.failed.append(name)
+                else:
+                    _apply(pruned, layer_index, solved, fit)
+                    (log.patch if isinstance(fit, PatchFit) else log.channel).append(name)
+                for f in (prev_o, prev_p):
+                    if f is not None:
+                        f.close()
+                prev_o, prev_p, prev_live_o, prev_live_p = new_o, new_p, live_o, live_p
+                update(1)
+    finally:
+        for f in (prev_o, prev_p):
+            if f is not None:
+                f.close()
+        shutil.rmtree(folder, ignore_errors=True)
+    log.seconds = time.perf_counter() - start_time
+    return log
+
+
+def _in_order_of(model: onnx.ModelProto, reference: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with its nodes in ``reference``'s order, so that cuts made by
+    node name fall at the same places in both (they share topology and node names)."""
+    rank = {n.name: i for i, n in enumerate(reference.graph.node)}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = sorted(out.graph.node, key=lambda n: rank.get(n.name, -1))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def _make_fit(node_o: onnx.NodeProto, node_p: onnx.NodeProto, inits, keep, repeat, seed: int):
+    w = inits.get(node_o.input[1])
+    if w is None:
+        return None
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node_o.attribute}
+    keep_out = keep(node_o.output[0])
+    keep_in = keep(node_o.input[0])
+    out_mask = np.ones(_out_channels(node_o, w, attrs), dtype=bool) if keep_out is None else keep_out
+    bias = inits.get(node_o.input[2]) if len(node_o.input) > 2 and node_o.input[2] else None
+    if bias is None:
+        bias = np.zeros(len(out_mask))
+    elif node_o.op_type == "Gemm":
+        bias = np.broadcast_to(bias, (len(out_mask),)) * float(attrs.get("beta", 1.0))
+    bias = bias[out_mask]
+    graph = _mini_graph_from(node_o, w)
+    rule = rule_for(node_o.op_type, node_o.domain)
+    filters = rule.input_filters(graph.nodes[0])
+    if filters is None:
+        return None
+    filters = np.asarray(filters)[:, out_mask]
+    if node_o.op_type == "Conv" and w.ndim == 4:
+        in_mask = np.ones(w.shape[1], dtype=bool) if keep_in is None else keep_in
+        taps = int(np.prod(w.shape[2:]))
+        if int(in_mask.sum()) * taps <= PATCH_LIMIT:
+            w_kept = w[out_mask]
+            rows = ROWS_PER_UNKNOWN * (int(in_mask.sum()) * taps + 1)
+            return PatchFit(w_kept, bias, attrs, in_mask, rows_per_image=max(1, rows), seed=seed)
+    r = repeat(node_o.input[0])
+    return ChannelFit(to_channel_view(filters, r), bias, r)
+
+
+def _mini_graph_from(node: onnx.NodeProto, weight: np.ndarray) -> gs.Graph:
+    x = onnx.helper.make_empty_tensor_value_info(node.input[0])
+    w = numpy_helper.from_array(weight, node.input[1])
+    n = onnx.helper.make_node(node.op_type, list(node.input[:2]), list(node.output), name=node.name)
+    n.attribute.extend(node.attribute)
+    g = onnx.helper.make_graph([n], "one", [x], [onnx.helper.make_empty_tensor_value_info(node.output[0])], [w])
+    return gs.import_onnx(onnx.helper.make_model(g))
+
+
+def _out_channels(node: onnx.NodeProto, w: np.ndarray, attrs: dict) -> int:
+    if node.op_type == "Conv":
+        return w.shape[0]
+    if node.op_type == "Gemm":
+        return w.shape[0] if attrs.get("transB", 0) else w.shape[1]
+    return w.shape[1]
+
+
+def _apply(pruned: onnx.ModelProto, index: int, solved, fit) -> None:
+    node = pruned.graph.node[index]
+    graph = _mini_graph(pruned, node)
+    g_node = graph.nodes[0]
+    rule = rule_for(node.op_type, node.domain)
+    weights, bias = solved
+    if isinstance(fit, PatchFit):  # (out, in, kh, kw) -> input filters (in, out, taps)
+        weights = np.moveaxis(weights, 1, 0).reshape(weights.shape[1], weights.shape[0], -1)
+    else:
+        weights = from_channel_view(weights, fit.repeat)
+    rule.set_input_filters(g_node, weights)
+    current = _current_bias(g_node, len(bias))
+    rule.add_bias(g_node, bias - current, graph)
+    _write_back(pruned, index, graph)
+
+
+def _current_bias(node: gs.Node, n: int) -> np.ndarray:
+    if node.op == "MatMul" or len(node.inputs) < 3 or not isinstance(node.inputs[2], gs.Constant):
+        return np.zeros(n)
+    b = np.asarray(node.inputs[2].values, np.float64)
+    if node.op == "Gemm":
+        b = np.broadcast_to(b, (n,)) * float(node.attrs.get("beta", 1.0))
+    return b.reshape(n)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Set, Tuple
 
 import numpy as np
 import onnx
@@ -12,8 +12,9 @@ from .analyse import Analysis
 from .ops import RewriteContext, rule_for
 
 
-def rewrite(analysis: Analysis, keep_player: Optional[np.ndarray], template: onnx.ModelProto) -> onnx.ModelProto:
-    """Remove the players not in ``keep_player`` and return the new model.
+def rewrite(analysis: Analysis, keep_player: Optional[np.ndarray], template: onnx.ModelProto) -> Tuple[onnx.ModelProto, Set[str]]:
+    """Remove the players not in ``keep_player``; return the new model and the names of
+    the nodes whose parameters or attributes changed.
 
     Mutates ``analysis.graph``. ``template`` supplies the model-level fields
     (IR version, opsets, metadata) that the graph does not carry.
@@ -21,8 +22,10 @@ def rewrite(analysis: Analysis, keep_player: Optional[np.ndarray], template: onn
     graph = analysis.graph
     keep = analysis.keep_fn(keep_player)
     fresh_names = set(graph.tensors().keys())
+    changed: Set[str] = set()
 
     def set_constant(node: gs.Node, index: int, values: np.ndarray) -> None:
+        changed.add(node.name)
         tensor = node.inputs[index]
         values = np.ascontiguousarray(values)
         if len(tensor.outputs) <= 1:
@@ -47,7 +50,7 @@ def rewrite(analysis: Analysis, keep_player: Optional[np.ndarray], template: onn
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)
     _copy_model_fields(template, model)
-    return onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    return onnx.shape_inference.infer_shapes(model, strict_mode=False), changed
 
 
 def _copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:

@@ -59,6 +59,16 @@ def expose(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
     return out
 
 
+def run_feeds(sess: ort.InferenceSession, feeds: dict, outputs: Optional[List[str]] = None) -> List[np.ndarray]:
+    try:
+        return sess.run(outputs, feeds)
+    except Exception as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Failed to allocate" in text or "bad_alloc" in text:
+            raise InputError("out of memory running a batch: lower --batch-size") from e
+        raise InputError(f"onnxruntime failed to run the model: {text[:300]}") from e
+
+
 def run(sess: ort.InferenceSession, input_name: str, batch: np.ndarray, outputs: Optional[List[str]] = None) -> List[np.ndarray]:
     try:
         return sess.run(outputs, {input_name: batch})

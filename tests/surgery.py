@@ -46,7 +46,7 @@ def prune_players(model: onnx.ModelProto, drop: Dict[int, List[int]]) -> onnx.Mo
     for g, positions in drop.items():
         players = np.flatnonzero(analysis.player_group == g)
         keep[players[positions]] = False
-    return rewrite(analysis, keep, prepared)
+    return rewrite(analysis, keep, prepared)[0]
 
 
 def kill_players(model: onnx.ModelProto, drop: Dict[int, List[int]]) -> onnx.ModelProto:

@@ -1,0 +1,155 @@
+"""Least-squares refits of one layer against the original model's output.
+
+Each solver streams pairs (x_orig, x_new) of the layer's input in the
+original and in the pruned model for the same images, accumulates float64
+Gram matrices, and solves for the pruned layer's weights and bias so that
+its output matches the original layer's output on its kept channels:
+
+- PatchFit: a dense Conv, exactly, over im2col patches of the pruned input
+  (rows sampled per image when there are many, which the solve does not need);
+- ChannelFit: any layer that sums over channels (a Conv of many channels, a
+  fully connected layer, one behind a Flatten viewed per channel): regress
+  the original input's channels on the pruned input's, pixel by pixel, and
+  fold the regression into the original weights. Exact for 1x1 convs and
+  fully connected layers.
+
+The ridge is relative to the mean diagonal of the Gram matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import scipy.linalg
+
+PATCH_LIMIT = 2304  # widest im2col row (in-channels x kernel taps) fitted exactly
+ROWS_PER_UNKNOWN = 16  # sampled patch rows per unknown, per output-channel system
+
+
+def _solve(gram: np.ndarray, rhs: np.ndarray, ridge: float) -> Optional[np.ndarray]:
+    d = np.diag(gram)[:-1]
+    scale = float(d.mean()) if len(d) else 1.0
+    if not np.isfinite(scale) or scale <= 0:
+        return None
+    reg = np.full(len(gram), ridge * scale)
+    reg[-1] = 1e-9 * scale  # the intercept is not shrunk
+    try:
+        sol = scipy.linalg.solve(gram + np.diag(reg), rhs, assume_a="pos")
+    except (np.linalg.LinAlgError, ValueError):
+        return None
+    return sol if np.isfinite(sol).all() else None
+
+
+def _with_ones(x: np.ndarray) -> np.ndarray:
+    return np.hstack([x, np.ones((x.shape[0], 1), dtype=x.dtype)])
+
+
+def conv_pads(attrs: dict, in_hw, kernel, strides, dilations):
+    pads = list(attrs.get("pads", [0] * 4))
+    auto = attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto, bytes):
+        auto = auto.decode()
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0] * 4
+        for i in range(2):
+            out = -(-in_hw[i] // strides[i])
+            total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - in_hw[i])
+            small, big = total // 2, total - total // 2
+            pads[i], pads[i + 2] = (small, big) if auto == "SAME_UPPER" else (big, small)
+    elif auto == "VALID":
+        pads = [0] * 4
+    return pads
+
+
+def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
+    """(N, C, H, W) -> (N * H' * W', C * kh * kw), columns ordered like a Conv weight's."""
+    n, c, h, w = x.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    ho = (h + pads[0] + pads[2] - dilations[0] * (kernel[0] - 1) - 1) // strides[0] + 1
+    wo = (w + pads[1] + pads[3] - dilations[1] * (kernel[1] - 1) - 1) // strides[1] + 1
+    cols = np.empty((n, ho, wo, c, kernel[0], kernel[1]), dtype=x.dtype)
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            r, s = i * dilations[0], j * dilations[1]
+            cols[:, :, :, :, i, j] = xp[:, :, r:r + strides[0] * ho:strides[0], s:s + strides[1] * wo:strides[1]].transpose(0, 2, 3, 1)
+    return cols.reshape(n * ho * wo, c * kernel[0] * kernel[1])
+
+
+class PatchFit:
+    """Exact refit of a dense 2-D Conv: new weights over the pruned input's patches."""
+
+    def __init__(self, w_orig: np.ndarray, b_orig: np.ndarray, attrs: dict, keep_in: np.ndarray, rows_per_image: int,
+                 seed: int = 0):
+        self.w = w_orig.reshape(w_orig.shape[0], -1).astype(np.float64)  # (out kept, C * taps)
+        self.b = b_orig.astype(np.float64)
+        self.kernel = list(w_orig.shape[2:])
+        self.attrs = attrs
+        self.strides = list(attrs.get("strides", [1, 1]))
+        self.dilations = list(attrs.get("dilations", [1, 1]))
+        self.keep_in = keep_in
+        self.rows_per_image = rows_per_image
+        self.rng = np.random.default_rng(seed)
+        d = int(keep_in.sum()) * int(np.prod(self.kernel)) + 1
+        self.gram = np.zeros((d, d))
+        self.cross = np.zeros((d, self.w.shape[1]))
+
+    def add(self, x_orig: np.ndarray, x_new: np.ndarray) -> None:
+        pads = conv_pads(self.attrs, x_orig.shape[2:], self.kernel, self.strides, self.dilations)
+        n = x_orig.shape[0]
+        p_new = im2col(x_new, self.kernel, self.strides, pads, self.dilations)
+        p_orig = im2col(x_orig, self.kernel, self.strides, pads, self.dilations)
+        per_image = p_new.shape[0] // n
+        if per_image > self.rows_per_image:
+            pick = np.concatenate([i * per_image + np.sort(self.rng.choice(per_image, self.rows_per_image, replace=False))
+                                   for i in range(n)])
+            p_new, p_orig = p_new[pick], p_orig[pick]
+        a = _with_ones(p_new.astype(np.float64))
+        self.gram += a.T @ a
+        self.cross += a.T @ p_orig.astype(np.float64)
+
+    def solve(self, ridge: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        # target y = p_orig W^T + b  =>  A^T y = cross W^T + (A^T 1) b^T
+        rhs = self.cross @ self.w.T + np.outer(self.gram[:, -1], self.b)
+        sol = _solve(self.gram, rhs, ridge)
+        if sol is None:
+            return None
+        k = int(self.keep_in.sum())
+        return sol[:-1].T.reshape((self.w.shape[0], k) + tuple(self.kernel)), sol[-1]
+
+
+class ChannelFit:
+    """Refit by regressing the original input's channels on the pruned input's, per pixel.
+
+    ``filters`` are the original layer's per-input-channel weights on its kept
+    outputs, (C, out, taps); the result is the same layout over the kept inputs.
+    ``repeat`` > 1 views a flattened (N, C * repeat) input as (N, C, repeat).
+    """
+
+    def __init__(self, filters: np.ndarray, bias: np.ndarray, repeat: int = 1):
+        self.f = filters.astype(np.float64)
+        self.b = bias.astype(np.float64)
+        self.repeat = repeat
+        self.gram = None
+        self.cross = None
+
+    def _pixels(self, x: np.ndarray) -> np.ndarray:
+        x = x.reshape(x.shape[0], -1, self.repeat) if self.repeat > 1 else x.reshape(x.shape[0], x.shape[1], -1)
+        return np.moveaxis(x, 1, 2).reshape(-1, x.shape[1]).astype(np.float64)
+
+    def add(self, x_orig: np.ndarray, x_new: np.ndarray) -> None:
+        a = _with_ones(self._pixels(x_new))
+        t = self._pixels(x_orig)
+        if self.gram is None:
+            self.gram = np.zeros((a.shape[1], a.shape[1]))
+            self.cross = np.zeros((a.shape[1], t.shape[1]))
+        self.gram += a.T @ a
+        self.cross += a.T @ t
+
+    def solve(self, ridge: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        theta = _solve(self.gram, self.cross, ridge)  # x_orig ~ [x_new, 1] theta
+        if theta is None:
+            return None
+        new_f = np.einsum("kc,cot->kot", theta[:-1], self.f)
+        new_b = self.b + np.einsum("c,cot->o", theta[-1], self.f)
+        return new_f, new_b
