@@ -175,6 +175,7 @@ def allocate(analysis: Analysis, ranked: Dict[int, np.ndarray], flops: float, mi
     else:
         kept = _greedy(plan, target, loss)
     kept = _give_back(plan, kept, target, loss)
+    kept = _close_gap(plan, kept, target, int(math.floor(before * 0.01)))
     return Allocation(plan.mask(kept), kept, before, plan.macs(kept), target)
 
 
@@ -220,6 +221,41 @@ def _greedy(plan: _Planner, target: int, loss: Dict[int, np.ndarray]) -> Dict[in
         keep[removed] = False
         counts = trial[:, best]
         current = current - saved[best]
+    return kept
+
+
+def _close_gap(plan: _Planner, kept: Dict[int, int], target: int, tolerance: int) -> Dict[int, int]:
+    """Where pruning steps are coarse (small groups), the reduction can overshoot the target
+    by more than the tolerance with no single step to give back. Trade a step or two of one
+    group for steps of another, keeping the trade that lands closest under the target,
+    until the gap is within the tolerance or no trade narrows it."""
+
+    def moved(g: int, k: int, steps: int) -> int:
+        for _ in range(abs(steps)):
+            k = plan.step_up(g, k) if steps > 0 else plan.step_down(g, k)
+        return k
+
+    current = plan.macs(kept)
+    while target - current > tolerance:
+        best, best_macs = None, current
+        for up in kept:
+            for i in (1, 2):
+                k_up = moved(up, kept[up], i)
+                if k_up == kept[up]:
+                    continue
+                for down in kept:
+                    for j in (1, 2, 3):
+                        k_down = moved(down, kept[down], -j)
+                        if down == up or k_down == kept[down]:
+                            continue
+                        trial = dict(kept)
+                        trial[up], trial[down] = k_up, k_down
+                        m = plan.macs(trial)
+                        if best_macs < m <= target:
+                            best, best_macs = trial, m
+        if best is None:
+            break
+        kept, current = best, best_macs
     return kept
 
 

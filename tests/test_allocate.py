@@ -1,0 +1,69 @@
+"""Allocation: the FLOPs target is met exactly as counted, with rounding, floors and curves."""
+
+import numpy as np
+import onnx
+import pytest
+
+import tiny
+from onnxprune.allocate import MacModel, allocate
+from onnxprune.errors import TargetError
+from surgery import analysis_of
+
+MODELS = {"plain": tiny.plain_cnn, "residual": tiny.residual_cnn, "concat": tiny.concat_cnn}
+
+
+def _ranked(analysis):
+    return {g.index: np.flatnonzero(analysis.player_group == g.index) for g in analysis.prunable_groups()}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_incremental_mac_model_equals_full_count(name):
+    _, analysis = analysis_of(MODELS[name]())
+    model = MacModel(analysis)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        keep = rng.random(analysis.num_players) < 0.6
+        keep |= ~np.array([analysis.groups[g].prunable for g in analysis.player_group])
+        assert model.macs(keep) == analysis.macs(keep)
+
+
+@pytest.mark.parametrize("mode", ["uniform", "auto"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_target_met_within_one_point(name, mode):
+    _, analysis = analysis_of(MODELS[name]())
+    ranked = _ranked(analysis)
+    loss = {g: np.linspace(1, 0, len(p) + 1) ** 2 for g, p in ranked.items()}
+    for ratio in (0.2, 0.4, 0.6):
+        a = allocate(analysis, ranked, ratio, 0.1, 1, mode, loss)
+        assert a.macs_after == analysis.macs(a.keep_player)
+        # tiny groups prune in coarse steps (one channel can be 10% of the FLOPs): the
+        # reduction is never short of the target and close past it; real models land
+        # within one point (test_cli)
+        assert ratio <= a.reduction <= ratio + 0.03
+
+
+def test_round_to_and_min_keep_are_honoured():
+    _, analysis = analysis_of(tiny.residual_cnn())
+    ranked = _ranked(analysis)
+    a = allocate(analysis, ranked, 0.5, 0.25, 4, "uniform")
+    for g, k in a.kept.items():
+        n = len(ranked[g])
+        assert k % 4 == 0 or k == n
+        assert k >= 0.25 * n
+
+
+def test_auto_prunes_where_the_curve_says_it_costs_nothing():
+    _, analysis = analysis_of(tiny.plain_cnn())
+    ranked = _ranked(analysis)
+    groups = sorted(ranked)
+    free = groups[1]  # the 16-channel conv: removing its channels costs no payoff
+    loss = {g: (np.zeros(len(p) + 1) if g == free else np.linspace(1, 0, len(p) + 1)) for g, p in ranked.items()}
+    a = allocate(analysis, ranked, 0.3, 0.1, 1, "auto", loss)
+    share = {g: a.kept[g] / len(ranked[g]) for g in groups}
+    assert share[free] < min(share[g] for g in groups if g != free)
+
+
+def test_unreachable_target_says_the_most():
+    _, analysis = analysis_of(tiny.plain_cnn())
+    with pytest.raises(TargetError, match=r"at most \d+\.\d%"):
+        allocate(analysis, _ranked(analysis), 0.97, 0.5, 1, "uniform")

@@ -1,0 +1,92 @@
+"""Recovery: the refit makes the pruned model follow the original."""
+
+import numpy as np
+import onnx
+import onnxprune
+import pytest
+
+from onnxprune.calibrate import TensorStats
+from onnxprune.refit import ChannelFit, PatchFit, im2col
+from surgery import outputs, rel_error
+from tiny import Builder
+
+
+def _redundant_model():
+    """conv (3->8) whose filter 7 is a copy of filter 0 and filter 6 twice filter 1, then
+    a 3x3 conv, GAP and Gemm. Removing 6 and 7 loses no information (no ReLU between)."""
+    b = Builder(seed=4)
+    x = b.conv("input", 3, 8)
+    w = onnx.numpy_helper.to_array(b.inits[0]).copy()
+    bias = onnx.numpy_helper.to_array(b.inits[1]).copy()
+    w[7], bias[7] = w[0], bias[0]
+    w[6], bias[6] = 2 * w[1], 2 * bias[1]
+    b.inits[0] = onnx.numpy_helper.from_array(w, b.inits[0].name)
+    b.inits[1] = onnx.numpy_helper.from_array(bias, b.inits[1].name)
+    x = b.relu(b.conv(x, 8, 8))
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
+    return b.model(b.gemm(x, 8, 5), ["N", 5])
+
+
+def test_refit_restores_channels_that_are_combinations_of_kept_ones():
+    from onnxprune.data import input_spec, load_calibration
+    from onnxprune.recover import refit_sequential
+    from onnxprune.rewrite import rewrite
+    from surgery import analysis_of
+
+    model = _redundant_model()
+    x = np.random.default_rng(0).normal(size=(64, 3, 8, 8)).astype(np.float32)
+    opts = onnxprune.PruneOptions(flops=0.5)
+    cal = load_calibration(x, input_spec(model, opts), opts)
+    prepared, analysis = analysis_of(model)
+    group = next(g for g in analysis.groups if g.prunable and len(g.players) == 8 and "Conv" in g.name)
+    keep = np.ones(analysis.num_players, dtype=bool)
+    players = np.flatnonzero(analysis.player_group == group.index)
+    keep[players[[6, 7]]] = False
+    keep_fn = analysis.keep_fn(keep)
+    pruned, changed = rewrite(analysis, keep, prepared)
+    before = rel_error(outputs(model, x), outputs(pruned, x))
+    log = refit_sequential(prepared, pruned, keep_fn, lambda name: 1, changed, cal, cal.fit, ["CPUExecutionProvider"],
+                           ridge=1e-9)
+    assert log.patch and not log.failed
+    onnx.checker.check_model(pruned, full_check=True)
+    after = rel_error(outputs(model, x), outputs(pruned, x))
+    assert before > 0.05 and after < 1e-3
+
+
+def test_patch_fit_is_exact_least_squares():
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(4, 3, 3, 3))
+    b = rng.normal(size=4)
+    x = rng.normal(size=(16, 3, 6, 6))
+    attrs = {"pads": [1, 1, 1, 1], "strides": [1, 1]}
+    fit = PatchFit(w, b, attrs, np.ones(3, dtype=bool), rows_per_image=36)
+    fit.add(x, x)  # same input: the fit must return the original layer
+    w2, b2 = fit.solve(ridge=1e-9)
+    np.testing.assert_allclose(w2, w, atol=1e-6)
+    np.testing.assert_allclose(b2, b, atol=1e-6)
+
+
+def test_channel_fit_folds_regression_into_weights():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(500, 4))
+    x_new = x[:, :3]
+    x[:, 3] = x[:, 0] - 2 * x[:, 2] + 0.5  # removed feature is linear in the kept ones
+    filters = rng.normal(size=(4, 2, 1))
+    bias = rng.normal(size=2)
+    fit = ChannelFit(filters, bias)
+    fit.add(x, x_new)
+    f, b2 = fit.solve(ridge=1e-12)
+    y = x @ filters[:, :, 0] + bias
+    np.testing.assert_allclose(x_new @ f[:, :, 0] + b2, y, atol=1e-6)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_recovery_cuts_held_out_error_on_real_model(ratio):
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    model = os.path.join(root, "models", "fmnist_resnet.onnx")
+    calib = os.path.join(root, "models", "fmnist_resnet_calib")
+    on = onnxprune.prune(model, calib, onnxprune.PruneOptions(flops=ratio, max_images=128)).report
+    off = onnxprune.prune(model, calib, onnxprune.PruneOptions(flops=ratio, max_images=128, recover=False)).report
+    assert on.fidelity_relative_error < 0.5 * off.fidelity_relative_error
+    assert on.fidelity_top1_agreement > off.fidelity_top1_agreement
