@@ -185,7 +185,7 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                 start_p = seg_p.cuts[step - 1] if step else 0
                 sess_o = make_session(seg_o.segment(original, start_o, seg_o.cuts[step], prev_live_o, live_o), providers)
                 sess_p = make_session(seg_p.segment(pruned, start_p, seg_p.cuts[step], prev_live_p, live_p), providers)
-                fit = _make_fit(node_o, node_p, o_inits, keep, repeat, seed + step)
+                fit = _make_fit(node_o, node_p, o_inits, keep, repeat, n, seed + step)
                 new_o, new_p = Frontier(folder), Frontier(folder)
                 for b0 in range(0, n, bs):
                     real = min(bs, n - b0)
@@ -238,7 +238,7 @@ def _in_order_of(model: onnx.ModelProto, reference: onnx.ModelProto) -> onnx.Mod
     return out
 
 
-def _make_fit(node_o: onnx.NodeProto, node_p: onnx.NodeProto, inits, keep, repeat, seed: int):
+def _make_fit(node_o: onnx.NodeProto, node_p: onnx.NodeProto, inits, keep, repeat, images: int, seed: int):
     w = inits.get(node_o.input[1])
     if w is None:
         return None
@@ -264,7 +264,7 @@ def _make_fit(node_o: onnx.NodeProto, node_p: onnx.NodeProto, inits, keep, repea
         if int(in_mask.sum()) * taps <= PATCH_LIMIT:
             w_kept = w[out_mask]
             rows = ROWS_PER_UNKNOWN * (int(in_mask.sum()) * taps + 1)
-            return PatchFit(w_kept, bias, attrs, in_mask, rows_per_image=max(1, rows), seed=seed)
+            return PatchFit(w_kept, bias, attrs, in_mask, rows_per_image=max(1, -(-rows // max(images, 1))), seed=seed)
     r = repeat(node_o.input[0])
     return ChannelFit(to_channel_view(filters, r), bias, r)
 

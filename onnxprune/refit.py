@@ -24,7 +24,9 @@ import numpy as np
 import scipy.linalg
 
 PATCH_LIMIT = 2304  # widest im2col row (in-channels x kernel taps) fitted exactly
-ROWS_PER_UNKNOWN = 16  # sampled patch rows per unknown, per output-channel system
+# Patch rows sampled per unknown of a layer's system, over all calibration images together:
+# enough for a well-determined least-squares fit, far fewer than all pixels of large maps.
+ROWS_PER_UNKNOWN = 16
 
 
 def _solve(gram: np.ndarray, rhs: np.ndarray, ridge: float) -> Optional[np.ndarray]:
