@@ -159,7 +159,8 @@ def _rank(analysis: Analysis, opts: PruneOptions, stats):
     """Per prunable group: players most important first, and the loss curve for auto allocation."""
     ranked, loss = {}, {}
     if opts.criterion == "snpfi":
-        for g, game in group_games(analysis, stats).items():
+        # without recovery removed channels become zeros, with it their means go into the bias
+        for g, game in group_games(analysis, stats, centred=opts.recover).items():
             ranked[g] = game.players[game.order]
             loss[g] = game.loss
         return ranked, loss

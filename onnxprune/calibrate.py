@@ -58,6 +58,10 @@ class TensorStats:
     def mean_abs(self) -> np.ndarray:
         return self.abs_sum / self.count
 
+    def second_moment(self) -> np.ndarray:
+        """Uncentred E[x x^T] (or E[x^2] when only the diagonal is kept)."""
+        return self.gram / self.count
+
     def covariance(self) -> np.ndarray:
         """Centred second moments: a (C, C) matrix, or the (C,) variances when only the diagonal is kept."""
         mu = self.mean

@@ -38,6 +38,9 @@ def choose_providers(device: str) -> Tuple[List[str], str]:
 def make_session(model: onnx.ModelProto, providers: Sequence[str], threads: int = 0) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # onnxruntime's threads otherwise spin for a while after each run, starving the NumPy
+    # work (statistics, solves) that follows every batch on small machines
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=list(providers))

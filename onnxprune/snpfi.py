@@ -1,8 +1,10 @@
 """SNPFI's filter-wise interaction with the local payoff, in closed form.
 
 Players are the channels of a group; a channel outside the coalition S is
-replaced by its calibration mean. The payoff is minus the squared error this
-causes in the outputs of the layers that consume the group:
+replaced by its calibration mean (when recovery will fold that mean into the
+next layer's bias) or by zero (when channels are simply removed), so that the
+payoff describes what the pipeline will do. The payoff is minus the squared
+error this causes in the outputs of the layers that consume the group:
 
     v(S) = -(1 - s)^T Q (1 - s),   s = indicator of S,
 
@@ -12,9 +14,12 @@ consumer's share divided by the variance of its output (so v is minus the sum
 of the consumers' relative output errors). From
 streamed second moments Q is, per consumer,
 
-    Q_pos = Cov(x) (.) (F F^T) * pixels
+    Q_pos = M(x) (.) (F F^T) * pixels
 
-with F the consumer's per-input-channel weights (all outputs and taps). For
+with M the covariance (mean replacement) or the uncentred second moment
+(zero replacement) of the consumer's input channels,
+
+and F the consumer's per-input-channel weights (all outputs and taps). For
 1x1 convs and fully connected layers this is exact; for k x k convs it keeps
 the same-tap terms (the channel-level approximation), which needs only the
 (C, C) channel covariance.
@@ -49,16 +54,18 @@ class GroupGame:
         return 1.0 - float(self.loss[k])
 
 
-def _channel_q(analysis: Analysis, consumer: Consumer, stats: ChannelStats) -> np.ndarray:
+def _channel_q(analysis: Analysis, consumer: Consumer, stats: ChannelStats, centred: bool) -> np.ndarray:
     f = consumer.channel_filters().astype(np.float64)
     f = f.reshape(f.shape[0], -1)
-    cov = stats[consumer.tensor].covariance()
+    s = stats[consumer.tensor]
+    cov = s.covariance() if centred else s.second_moment()
     if cov.ndim == 1:  # only variances kept (very wide layers)
         return np.diag(cov * (f * f).sum(axis=1)) * consumer.pixels(analysis)
     return cov * (f @ f.T) * consumer.pixels(analysis)
 
 
-def group_games(analysis: Analysis, stats: ChannelStats) -> Dict[int, GroupGame]:
+def group_games(analysis: Analysis, stats: ChannelStats, centred: bool = True) -> Dict[int, GroupGame]:
+    """``centred``: channels outside a coalition take their mean (True) or zero (False)."""
     q_by_group: Dict[int, np.ndarray] = {}
     members: Dict[int, np.ndarray] = {}
     local: Dict[int, np.ndarray] = {}  # global player -> index within its group
@@ -70,7 +77,7 @@ def group_games(analysis: Analysis, stats: ChannelStats) -> Dict[int, GroupGame]
     for g, players in members.items():
         lookup[players] = np.arange(len(players))
     for consumer in find_consumers(analysis):
-        qp = _channel_q(analysis, consumer, stats)
+        qp = _channel_q(analysis, consumer, stats, centred)
         # in units of the consumer's own output variance, so that layers are comparable and a
         # group read by several layers (a residual stream) counts every reading
         energy = float(qp.sum())

@@ -1,0 +1,182 @@
+"""Accuracy of every criterion x allocation x recovery at several FLOPs targets, on real data.
+
+    python bench/run_bench.py [--models mnist_cnn,fmnist_resnet,...] [--ratios 0.3,0.5,0.6,0.7]
+                              [--full] [--out bench/results]
+
+Calibration images come from the training split (the shipped PNG folders, or the
+benchmark cache's NAME_calib.npy); accuracy is top-1 on the full 10k test split,
+through onnxruntime. Every configuration of a model runs in the same process, one
+after another, so the time ratios in a row are comparable; absolute seconds depend
+on the machine and its load. The table and a JSON file with every number go to
+--out, named by date and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "models"))
+
+import onnxprune  # noqa: E402
+
+BENCH_CACHE = os.path.expanduser(os.environ.get("ONNXPRUNE_BENCH", "~/.cache/onnxprune-bench"))
+
+CRITERIA = ("snpfi", "l1", "l2", "random", "activation")
+WITH_RECOVERY = (("snpfi", "auto"), ("snpfi", "uniform"), ("l1", "uniform"), ("l1", "auto"))
+
+
+def _shipped(name: str, dataset: str):
+    import datasets  # models/datasets.py: fetches MNIST / Fashion-MNIST offline
+
+    _, _, x, y = datasets.load_mnist() if dataset == "mnist" else datasets.load_fashion_mnist()
+    test = (x[:, None].astype(np.float32) * np.float32(1 / 255), y)
+    return os.path.join(ROOT, "models", f"{name}.onnx"), os.path.join(ROOT, "models", f"{name}_calib"), test
+
+
+def _cached(name: str):
+    path = os.path.join(BENCH_CACHE, name)
+    data = np.load(path + "_test.npz")
+    return path + ".onnx", np.load(path + "_calib.npy"), (data["x"], data["y"])
+
+
+MODELS = {
+    "mnist_cnn": lambda: _shipped("mnist_cnn", "mnist"),
+    "fmnist_resnet": lambda: _shipped("fmnist_resnet", "fmnist"),
+    "alexnet_mnist": lambda: _cached("alexnet_mnist"),
+    "mobilenetv1_fmnist": lambda: _cached("mobilenetv1_fmnist"),
+    "resnet20_fmnist": lambda: _cached("resnet20_fmnist"),
+}
+
+
+def accuracy(model, x, y) -> float:
+    data = model if isinstance(model, str) else model.SerializeToString()
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    correct = 0
+    for s in range(0, len(x), 500):
+        correct += int((sess.run(None, {name: x[s:s + 500]})[0].argmax(1) == y[s:s + 500]).sum())
+    return correct / len(x)
+
+
+def plain_pass_seconds(model_path: str, calib) -> float:
+    """One onnxruntime pass over the same calibration images the conversion uses, batch 32."""
+    from onnxprune.data import input_spec, load_calibration
+    import onnx
+
+    opts = onnxprune.PruneOptions(flops=0.5)
+    cal = load_calibration(calib, input_spec(onnx.load(model_path), opts), opts)
+    everything = np.arange(len(cal))
+    sess = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
+    start = time.perf_counter()
+    for batch in cal.batches(everything):  # decoding images is part of a pass
+        sess.run(None, {cal.spec.name: batch})
+    return time.perf_counter() - start
+
+
+def configurations(full: bool):
+    for criterion in CRITERIA:
+        for allocation in ("auto", "uniform"):
+            yield criterion, allocation, False
+    for criterion, allocation in WITH_RECOVERY if not full else [(c, a) for c in CRITERIA for a in ("auto", "uniform")]:
+        yield criterion, allocation, True
+
+
+def run_model(name: str, ratios, full: bool, log):
+    model_path, calib, (x, y) = MODELS[name]()
+    base = accuracy(model_path, x, y)
+    plain = plain_pass_seconds(model_path, calib)
+    log(f"{name}: accuracy {base:.4f}, plain pass {plain:.2f}s")
+    rows = []
+    for ratio in ratios:
+        for criterion, allocation, recover in configurations(full):
+            opts = onnxprune.PruneOptions(flops=ratio, criterion=criterion, allocation=allocation, recover=recover)
+            start = time.perf_counter()
+            try:
+                result = onnxprune.prune(model_path, calib, opts)
+            except onnxprune.PruneError as e:
+                log(f"  {ratio} {criterion}/{allocation}/{'rec' if recover else 'plain'}: {e}")
+                continue
+            wall = time.perf_counter() - start
+            acc = accuracy(result.model, x, y)
+            r = result.report
+            rows.append(dict(model=name, ratio=ratio, criterion=criterion, allocation=allocation, recover=recover,
+                             flops_reduction=r.flops_reduction, accuracy=acc, base_accuracy=base,
+                             fidelity_error=r.fidelity_relative_error, fidelity_top1=r.fidelity_top1_agreement,
+                             wall_seconds=wall, plain_pass_seconds=plain, seconds=r.seconds))
+            log(f"  {ratio} {criterion:10} {allocation:7} {'rec' if recover else '   '} "
+                f"-{r.flops_reduction:.1%} acc {acc:.4f} ({(acc - base) * 100:+.2f}p) "
+                f"wall {wall:.1f}s = {wall / plain:.1f}x plain")
+    return base, plain, rows
+
+
+def table(results) -> str:
+    lines = []
+    for name, (base, plain, rows) in results.items():
+        lines.append(f"### {name} (accuracy {base:.2%}; plain onnxruntime pass over the calibration images {plain:.2f} s)")
+        lines.append("")
+        ratios = sorted({r["ratio"] for r in rows})
+        lines.append("| criterion | allocation | recovery | " + " | ".join(f"R={q}" for q in ratios) + " |")
+        lines.append("| --- | --- | --- | " + " | ".join("---" for _ in ratios) + " |")
+        keys = list(dict.fromkeys((r["criterion"], r["allocation"], r["recover"]) for r in rows))
+        for c, a, rec in keys:
+            cells = []
+            for q in ratios:
+                hit = [r for r in rows if (r["criterion"], r["allocation"], r["recover"], r["ratio"]) == (c, a, rec, q)]
+                cells.append(f"{hit[0]['accuracy']:.2%} (-{hit[0]['flops_reduction']:.1%})" if hit else "n/a")
+            lines.append(f"| {c} | {a} | {'on' if rec else 'off'} | " + " | ".join(cells) + " |")
+        lines.append("")
+        timed = [r for r in rows if r["criterion"] == "snpfi" and r["allocation"] == "auto"]
+        if timed:
+            lines.append("Time of the default conversion (snpfi, auto), in plain passes over the calibration images:")
+            lines.append("")
+            lines.append("| R | recovery | calibrate + score | refit | whole conversion |")
+            lines.append("| --- | --- | --- | --- | --- |")
+            for r in timed:
+                s = r["seconds"]
+                score = s.get("calibrate", 0) + s.get("score_allocate", 0)
+                lines.append(f"| {r['ratio']} | {'on' if r['recover'] else 'off'} | {score / plain:.2f}x | "
+                             f"{s.get('refit', 0) / plain:.2f}x | {r['wall_seconds'] / plain:.2f}x |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--ratios", default="0.3,0.5,0.6,0.7")
+    p.add_argument("--full", action="store_true", help="recovery rows for every criterion, not only snpfi and l1")
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = p.parse_args()
+    ratios = [float(r) for r in args.ratios.split(",")]
+    results = {}
+    for name in args.models.split(","):
+        results[name] = run_model(name, ratios, args.full, lambda line: print(line, flush=True))
+    stamp = datetime.date.today().isoformat()
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, f"{stamp}-accuracy")
+    header = (f"# onnxprune accuracy benchmark, {stamp}\n\nMachine: {machine}; onnxruntime "
+              f"{ort.__version__} (CPU provider). Command: `python bench/run_bench.py --models {args.models} "
+              f"--ratios {args.ratios}{' --full' if args.full else ''}`\n\nCells: top-1 accuracy on the full test "
+              "split (achieved FLOPs reduction). Calibration: 256 training-split images (51 held out).\n\n")
+    with open(base + ".md", "w") as f:
+        f.write(header + table(results))
+    with open(base + ".json", "w") as f:
+        json.dump({"date": stamp, "machine": machine, "results": {k: v[2] for k, v in results.items()}}, f, indent=1)
+    print(f"wrote {base}.md and .json")
+
+
+if __name__ == "__main__":
+    main()
