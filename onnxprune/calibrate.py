@@ -21,7 +21,7 @@ import onnx
 from .data import CalibrationSet
 from .errors import InputError
 from .progress import Progress, silent
-from .runtime import expose, make_session, run
+from .runtime import blas_single_thread, expose, make_session, run
 
 FULL_GRAM_LIMIT = 4096
 
@@ -87,7 +87,7 @@ def collect_stats(model: onnx.ModelProto, tensors: Dict[str, int], cal: Calibrat
     names = list(tensors)
     sess = make_session(expose(model, names), providers)
     stats = ChannelStats(tensors={n: TensorStats() for n in names})
-    with progress(label, len(indices)) as update:
+    with progress(label, len(indices)) as update, blas_single_thread():
         for b, batch in enumerate(cal.batches(indices)):
             real = cal.real_count(b, indices)
             outs = run(sess, cal.spec.name, batch, names)

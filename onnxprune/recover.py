@@ -35,7 +35,7 @@ from .data import CalibrationSet
 from .ops import rule_for
 from .progress import Progress, silent
 from .refit import PATCH_LIMIT, ROWS_PER_UNKNOWN, ChannelFit, PatchFit
-from .runtime import make_session, run_feeds
+from .runtime import blas_single_thread, make_session, run_feeds
 from .segments import Frontier, Segmenter
 
 RIDGE = 1e-3  # relative to the mean variance of the kept channels
@@ -176,7 +176,7 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
     prev_o = prev_p = None
     prev_live_o = prev_live_p = [cal.spec.name]
     try:
-        with progress("refitting layers", len(layers)) as update:
+        with progress("refitting layers", len(layers)) as update, blas_single_thread():
             for step, (layer_index, name) in enumerate(zip(layers, names)):
                 node_p = pruned.graph.node[layer_index]
                 node_o = o_nodes[name]

@@ -8,10 +8,21 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 import onnxruntime as ort
+from threadpoolctl import threadpool_limits
 
 from .errors import InputError, UsageError
 
 ort.set_default_logger_severity(3)  # provider fallbacks are reported by us, in one line
+
+
+def blas_single_thread():
+    """Single-threaded BLAS for the per-batch statistics that run between onnxruntime calls.
+
+    Those products are small; with several BLAS threads on a machine whose cores are
+    busy (onnxruntime's own threads, other jobs), OpenBLAS's thread hand-offs made them
+    up to a thousand times slower (measured on 2 cores). One thread is never slow.
+    """
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _cuda_usable() -> bool:
