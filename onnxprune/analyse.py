@@ -84,10 +84,28 @@ class Analysis:
         ctx = CountContext(self.shapes, count)
         return sum(rule_for(n.op, n.domain or "").macs(n, ctx) for n in self.mac_nodes)
 
+    def prunable_share(self) -> float:
+        """Share of the MACs in layers that a prunable group's channels enter or leave."""
+        total = self.macs() or 1
+        full = CountContext(self.shapes, self._full_count)
+        prunable = np.array([g.prunable for g in self.groups])
+        touched = 0
+        for n in self.mac_nodes:
+            for t in list(n.inputs[:1]) + list(n.outputs[:1]):
+                atoms = self.cmap.get(t.name)
+                if atoms is not None and prunable[self.player_group[self.atom_player[atoms]]].any():
+                    touched += rule_for(n.op, n.domain or "").macs(n, full)
+                    break
+        return touched / total
+
+    def _full_count(self, name: str) -> int:
+        shape = self.shapes.get(name)
+        return int(shape[1]) if shape is not None and len(shape) > 1 and shape[1] else 0
+
     def group_macs(self) -> Dict[int, int]:
         """MACs of the layers that each group's channels enter or leave."""
         out: Dict[int, int] = {}
-        ctx = CountContext(self.shapes, lambda name: int(self.shapes[name][1]) if self.shapes.get(name) and len(self.shapes[name]) > 1 else 0)
+        ctx = CountContext(self.shapes, self._full_count)
         for n in self.mac_nodes:
             m = rule_for(n.op, n.domain or "").macs(n, ctx)
             touched = set()

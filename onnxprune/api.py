@@ -177,25 +177,32 @@ def _rank(analysis: Analysis, opts: PruneOptions, stats):
     return ranked, loss
 
 
-def _describe(analysis: Analysis, alloc: Allocation, opts: PruneOptions) -> Report:
+def _describe(analysis: Analysis, alloc: Optional[Allocation], opts: PruneOptions) -> Report:
     total = analysis.macs() or 1
     per_group = analysis.group_macs()
     report = Report(criterion=opts.criterion, allocation=opts.allocation, recovery=opts.recover,
-                    flops_target=opts.flops)
-    touched = set()
-    for node in analysis.mac_nodes:
-        for t in list(node.inputs[:1]) + list(node.outputs[:1]):
-            atoms = analysis.cmap.get(t.name)
-            if atoms is not None and any(analysis.groups[g].prunable for g in np.unique(analysis.player_group[analysis.atom_player[atoms]]).tolist()):
-                touched.add(node.name)
-    from .ops import CountContext, rule_for
-    ctx = CountContext(analysis.shapes, lambda n: int(analysis.shapes[n][1]) if analysis.shapes.get(n) and len(analysis.shapes[n]) > 1 else 0)
-    report.prunable_macs_share = sum(rule_for(n.op).macs(n, ctx) for n in analysis.mac_nodes if n.name in touched) / total
+                    flops_target=opts.flops or 0.0, macs_before=analysis.macs())
+    report.prunable_macs_share = analysis.prunable_share()
     for g in analysis.groups:
         share = per_group.get(g.index, 0) / total
         if g.prunable:
-            report.groups.append(GroupRow(g.name, g.producers, g.size, alloc.kept[g.index], share))
+            kept = alloc.kept[g.index] if alloc is not None else g.size
+            report.groups.append(GroupRow(g.name, g.producers, g.size, kept, share))
         elif share > 0 and not all("(input)" in r for r in g.reasons):
             # the image input's channels are not a layer anyone expects pruned
             report.blocked.append(BlockedRow(g.name, g.size, share, g.reasons))
+    return report
+
+
+def analyze(model: ModelSource, options: Optional[PruneOptions] = None) -> Report:
+    """Channel groups of ``model`` without pruning: which are prunable, their FLOPs
+    share, and for each blocked group the op and the reason."""
+    opts = options or PruneOptions()
+    loaded = load_model(model)
+    spec = input_spec(loaded.model, opts)
+    prepared, _ = prepare(loaded.model)
+    shapes = static_shapes(prepared, {spec.name: (1,) + tuple(int(d) for d in spec.shape[1:])})
+    analysis = analyse(gs.import_onnx(prepared), shapes, default_opset(prepared), opts.ignore)
+    report = _describe(analysis, None, opts)
+    report.input_path = loaded.path
     return report

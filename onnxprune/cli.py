@@ -101,8 +101,11 @@ def _on_sigterm(signum, frame):
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
                epilog=PREPROCESSING_HELP)
 @click.argument("model_in", metavar="IN", type=click.Path(dir_okay=False))
-@click.argument("model_out", metavar="OUT", type=click.Path(dir_okay=False))
-@click.option("--calib", required=True, metavar="PATH",
+@click.argument("model_out", metavar="OUT", type=click.Path(dir_okay=False), required=False)
+@click.option("--analyze", is_flag=True,
+              help="Only print the channel groups of IN: which can be pruned, their FLOPs share, and "
+                   "why the others cannot. Needs no OUT and no --calib.")
+@click.option("--calib", metavar="PATH",
               help="Folder of images (png, jpg, bmp, webp; searched recursively, sorted) "
                    "or a .npy/.npz file of preprocessed input tensors.")
 @_with_options
@@ -111,16 +114,28 @@ def _on_sigterm(signum, frame):
 @click.option("--report", "report_path", metavar="FILE.json", default=None, help="Write the full report as JSON.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks (for bug reports).")
 @click.version_option(__version__, "--version")
-def main(model_in, model_out, calib, eval_path, report_path, verbose, **option_values):
+def main(model_in, model_out, analyze, calib, eval_path, report_path, verbose, **option_values):
     """Prune a CNN in ONNX format so that it loses a share of its FLOPs.
 
     Reads IN, writes the smaller model to OUT. Example:
 
         onnxprune in.onnx out.onnx --calib imgs/ --flops 0.4
     """
+    from .api import analyze as analyze_model
     from .api import load_labelled, prune
     from .save import check_output_path, save_atomic
 
+    if analyze:
+        report = analyze_model(model_in, PruneOptions(**option_values))
+        click.echo(report.format_analysis())
+        if report_path:
+            with open(report_path, "w") as f:
+                json.dump(report.to_dict(), f, indent=2)
+        return
+    if model_out is None:
+        raise UsageError("missing argument OUT (or give --analyze)")
+    if calib is None:
+        raise UsageError("missing option --calib PATH (a folder of images or a .npy/.npz file)")
     opts = PruneOptions(**option_values).validate()
     check_output_path(model_out, model_in if os.path.exists(model_in) else None)
     labelled = load_labelled(eval_path) if eval_path else None

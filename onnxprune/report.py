@@ -71,6 +71,21 @@ class Report:
         d["flops_convention"] = "multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul, per sample"
         return d
 
+    def format_analysis(self) -> str:
+        lines = [f"FLOPs: {_si(self.macs_before)} MACs per sample; "
+                 f"{self.prunable_macs_share:.1%} in layers that prunable groups enter or leave", ""]
+        lines.append(f"{'prunable channel group':50}{'channels':>9}{'FLOPs share':>13}")
+        for g in sorted(self.groups, key=lambda g: -g.macs_share):
+            lines.append(f"{_cut(g.name, 50):50}{g.channels:>9}{g.macs_share:>13.1%}")
+        if self.blocked:
+            lines.append("")
+            lines.append(f"{'blocked channel group':50}{'channels':>9}{'FLOPs share':>13}  why")
+            for b in sorted(self.blocked, key=lambda b: -b.macs_share):
+                lines.append(f"{_cut(b.name, 50):50}{b.channels:>9}{b.macs_share:>13.1%}  {b.reasons[0]}")
+                for r in b.reasons[1:]:
+                    lines.append(f"{'':74}{r}")
+        return "\n".join(lines)
+
     def format_text(self) -> str:
         lines = []
         add = lines.append

@@ -88,3 +88,23 @@ def test_installed_command_runs():
     exe = os.path.join(os.path.dirname(sys.executable), "onnxprune")
     result = subprocess.run([exe, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--flops" in result.stdout and "ImageNet" in result.stdout
+
+
+def test_analyze_lists_groups_and_blocked_reasons(capsys):
+    model_path, _, _ = _paths("fmnist_resnet")
+    assert run([model_path, "--analyze"]) == 0
+    out = capsys.readouterr().out
+    assert "100.0% in layers that prunable groups enter or leave" in out
+    assert "(+2 coupled)" in out  # residual streams are one group
+    assert "reaches a graph output" in out
+
+
+def test_analyze_shows_why_a_group_is_blocked(tmp_path, capsys):
+    import tiny
+    b = tiny.Builder()
+    x = b.relu(b.conv("input", 3, 8))
+    model = b.model(b.conv(b.node("Softmax", [x], axis=1), 8, 4))
+    onnx.save(model, tmp_path / "m.onnx")
+    assert run([str(tmp_path / "m.onnx"), "--analyze"]) == 0
+    out = capsys.readouterr().out
+    assert "Softmax" in out and "mixes channels" in out

@@ -130,3 +130,17 @@ def test_missing_calib_option(work, capsys):
 
 def test_unreachable_target(work, capsys):
     _expect_error(work, capsys, _prune_args(work, flops="0.99"), 4, ["cannot be reached", "at most"])
+
+
+def test_missing_output_argument(work, capsys):
+    _expect_error(work, capsys, [str(work / "in.onnx"), "--calib", CALIB, "--flops", "0.4"], 2, ["OUT"])
+
+
+def test_dynamic_spatial_axes_need_input_size(work, capsys):
+    import tiny
+    b = tiny.Builder(channels=1)
+    b.input = onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 1, "H", "W"])
+    x = b.relu(b.conv("input", 1, 8))
+    model = b.model(b.node("GlobalAveragePool", [b.conv(x, 8, 4)]))
+    onnx.save(model, work / "dyn.onnx")
+    _expect_error(work, capsys, _prune_args(work, model=work / "dyn.onnx"), 2, ["--input-size"])
