@@ -144,3 +144,10 @@ def test_dynamic_spatial_axes_need_input_size(work, capsys):
     model = b.model(b.node("GlobalAveragePool", [b.conv(x, 8, 4)]))
     onnx.save(model, work / "dyn.onnx")
     _expect_error(work, capsys, _prune_args(work, model=work / "dyn.onnx"), 2, ["--input-size"])
+
+
+def test_opset_older_than_supported(work, capsys):
+    import tiny
+    model = tiny.plain_cnn(opset=9)
+    onnx.save(model, work / "old.onnx")
+    _expect_error(work, capsys, _prune_args(work, model=work / "old.onnx"), 3, ["opset 9", "oldest supported (11)"])

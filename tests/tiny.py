@@ -61,9 +61,9 @@ class Builder:
         return model
 
 
-def plain_cnn(seed: int = 0) -> onnx.ModelProto:
+def plain_cnn(seed: int = 0, opset: int = 13) -> onnx.ModelProto:
     """conv-bn-relu x2, maxpool, flatten, gemm-relu-gemm."""
-    b = Builder(seed=seed)
+    b = Builder(seed=seed, opset=opset)
     x = b.relu(b.bn(b.conv("input", 3, 8), 8))
     x = b.relu(b.bn(b.conv(x, 8, 16), 16))
     x = b.node("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
@@ -72,9 +72,9 @@ def plain_cnn(seed: int = 0) -> onnx.ModelProto:
     return b.model(b.gemm(x, 32, 10), ["N", 10])
 
 
-def residual_cnn(seed: int = 0) -> onnx.ModelProto:
+def residual_cnn(seed: int = 0, opset: int = 13) -> onnx.ModelProto:
     """stem, two residual blocks (one with a 1x1 projection), a depthwise conv, GAP, Gemm."""
-    b = Builder(seed=seed)
+    b = Builder(seed=seed, opset=opset)
     x = b.relu(b.conv("input", 3, 8))
     y = b.relu(b.conv(x, 8, 8))
     x = b.relu(b.node("Add", [b.conv(y, 8, 8), x]))
