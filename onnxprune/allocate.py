@@ -115,14 +115,45 @@ def _round_up(k: int, n: int, unit: int) -> int:
     return min(n, int(math.ceil(k / unit) * unit)) if unit > 1 else min(n, k)
 
 
+def _spaces_of_players(analysis: Analysis, players: np.ndarray) -> List[np.ndarray]:
+    atom_player = analysis.atom_player
+    lookup = {int(p): i for i, p in enumerate(players)}
+    spaces: List[set] = [set() for _ in players]
+    for atom in np.flatnonzero(np.isin(atom_player, players)):
+        spaces[lookup[int(atom_player[atom])]].add(int(analysis.atom_space[atom]))
+    return [np.array(sorted(s)) for s in spaces]
+
+
+def essentials_first(analysis: Analysis, ranked: Dict[int, np.ndarray]):
+    """Move forward, for every producer a group spans, its best channel: a group that ties
+    several layers' outputs together (a Concat feeding a Squeeze-Excite gate, say) must not
+    leave any of those layers with zero filters, whatever the ranking says. Returns the new
+    rankings and, per group, how many leading players are essential. (Loss curves stay those
+    of the criterion's order: the essential players are few and rank high anyway.)"""
+    out, counts = {}, {}
+    for g, players in ranked.items():
+        spaces = _spaces_of_players(analysis, players)
+        covered, essential = set(), []
+        for i, sp in enumerate(spaces):
+            if not set(sp.tolist()) <= covered:
+                essential.append(i)
+                covered |= set(sp.tolist())
+        rest = [i for i in range(len(players)) if i not in set(essential)]
+        out[g] = players[essential + rest]
+        counts[g] = len(essential)
+    return out, counts
+
+
 class _Planner:
-    def __init__(self, analysis: Analysis, ranked: Dict[int, np.ndarray], min_keep: float, round_to: int):
+    def __init__(self, analysis: Analysis, ranked: Dict[int, np.ndarray], min_keep: float, round_to: int,
+                 essential: Optional[Dict[int, int]] = None):
         self.analysis = analysis
         self.model = MacModel(analysis)
         self.ranked = ranked  # group -> players, most important first
         self.size = {g: len(p) for g, p in ranked.items()}
         self.unit = {g: _unit(n, round_to) for g, n in self.size.items()}
-        self.floor = {g: _round_up(max(1, math.ceil(min_keep * n - 1e-9)), n, self.unit[g])
+        essential = essential or {}
+        self.floor = {g: _round_up(max(1, essential.get(g, 1), math.ceil(min_keep * n - 1e-9)), n, self.unit[g])
                       for g, n in self.size.items()}
 
     def mask(self, kept: Dict[int, int]) -> np.ndarray:
@@ -166,7 +197,8 @@ def allocate(analysis: Analysis, ranked: Dict[int, np.ndarray], flops: float, mi
              mode: str = "uniform", loss: Optional[Dict[int, np.ndarray]] = None) -> Allocation:
     """``ranked``: per prunable group, its players most important first.
     ``loss`` (auto mode): per group, loss[k] = payoff lost when the k best are kept, loss[n] = 0."""
-    plan = _Planner(analysis, ranked, min_keep, round_to)
+    ranked, essential = essentials_first(analysis, ranked)
+    plan = _Planner(analysis, ranked, min_keep, round_to, essential)
     before = plan.model.macs(np.ones(analysis.num_players, dtype=bool))
     target = int(math.floor(before * (1.0 - flops)))
     _check_reachable(plan, before, target, flops)

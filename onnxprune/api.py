@@ -23,7 +23,7 @@ from .prepare import prepare
 from .progress import Progress, silent
 from .report import BlockedRow, GroupRow, Report
 from .rewrite import rewrite
-from .runtime import choose_providers
+from .runtime import blas_single_thread, choose_providers
 from .consumers import find_consumers, flatten_repeat
 from .recover import recover, refit_sequential
 from .score import NEEDS_STATS, score_players
@@ -61,6 +61,11 @@ def _analysis_of(prepared: onnx.ModelProto, cal: CalibrationSet, opts: PruneOpti
 
 def prune(model: ModelSource, calib: CalibSource, options: Optional[PruneOptions] = None, *,
           evaluate: Optional[Labelled] = None, progress: Progress = silent, log=lambda line: None) -> PruneResult:
+    with blas_single_thread():
+        return _prune(model, calib, options, evaluate, progress, log)
+
+
+def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
     """Prune ``model`` so that it loses ``options.flops`` of its FLOPs.
 
     ``calib`` is a folder of images, a .npy/.npz path, or an array of
@@ -97,7 +102,8 @@ def prune(model: ModelSource, calib: CalibSource, options: Optional[PruneOptions
     recovery = None
     if opts.recover:
         t = time.perf_counter()
-        recovery = recover(analysis, alloc.keep_player, stats)
+        # layers the sequential refit below cannot fit (ConvTranspose) get the channel-level fit
+        recovery = recover(analysis, alloc.keep_player, stats, only_ops=("ConvTranspose",))
         seconds["recover"] = time.perf_counter() - t
 
     report = _describe(analysis, alloc, opts)
@@ -117,7 +123,7 @@ def prune(model: ModelSource, calib: CalibSource, options: Optional[PruneOptions
         seconds["refit"] = time.perf_counter() - t
         report.refitted_layers = len(seq.patch) + len(seq.channel)
         if seq.failed:
-            report.notes.append("refit failed (kept the channel-level fit): " + ", ".join(seq.failed))
+            report.notes.append("ill-conditioned refit, left as sliced: " + ", ".join(seq.failed))
 
     t = time.perf_counter()
     check_model(pruned, original, cal, providers)

@@ -67,11 +67,15 @@ def regression(cov: np.ndarray, mean: np.ndarray, kept: np.ndarray, ridge: float
     return a, b
 
 
-def recover(analysis: Analysis, keep_player: np.ndarray, stats: ChannelStats, ridge: float = RIDGE) -> RecoveryLog:
-    """Refit, in place in ``analysis.graph``, every consumer that loses input channels."""
+def recover(analysis: Analysis, keep_player: np.ndarray, stats: ChannelStats, ridge: float = RIDGE,
+            only_ops: Optional[Sequence[str]] = None) -> RecoveryLog:
+    """Refit, in place in ``analysis.graph``, every consumer that loses input channels
+    (of the given op types only, when ``only_ops`` is set)."""
     log = RecoveryLog()
     kept_atom = keep_player[analysis.atom_player]
     for consumer in find_consumers(analysis):
+        if only_ops is not None and consumer.node.op not in only_ops:
+            continue
         atoms = consumer.channel_atoms(analysis)
         kept = kept_atom[atoms]
         if kept.all():

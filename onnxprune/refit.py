@@ -26,7 +26,7 @@ import scipy.linalg
 PATCH_LIMIT = 2304  # widest im2col row (in-channels x kernel taps) fitted exactly
 # Patch rows sampled per unknown of a layer's system, over all calibration images together:
 # enough for a well-determined least-squares fit, far fewer than all pixels of large maps.
-ROWS_PER_UNKNOWN = 16
+ROWS_PER_UNKNOWN = 8
 
 
 def _solve(gram: np.ndarray, rhs: np.ndarray, ridge: float) -> Optional[np.ndarray]:
@@ -78,6 +78,32 @@ def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
     return cols.reshape(n * ho * wo, c * kernel[0] * kernel[1])
 
 
+def sampled_patches(x: np.ndarray, kernel, strides, pads, dilations, per_image: int, rng) -> Tuple[np.ndarray, np.ndarray]:
+    """Patches at ``per_image`` random output positions of each image (all if fewer), like
+    :func:`im2col` rows; also returns the positions, so the same ones can be taken elsewhere."""
+    n, c, h, w = x.shape
+    ho = (h + pads[0] + pads[2] - dilations[0] * (kernel[0] - 1) - 1) // strides[0] + 1
+    wo = (w + pads[1] + pads[3] - dilations[1] * (kernel[1] - 1) - 1) // strides[1] + 1
+    if per_image >= ho * wo:
+        return im2col(x, kernel, strides, pads, dilations), None
+    pos = np.stack([np.sort(rng.choice(ho * wo, per_image, replace=False)) for _ in range(n)])
+    return gather_patches(x, kernel, strides, pads, dilations, pos), pos
+
+
+def gather_patches(x: np.ndarray, kernel, strides, pads, dilations, pos: np.ndarray) -> np.ndarray:
+    n, c, h, w = x.shape
+    wo = (w + pads[1] + pads[3] - dilations[1] * (kernel[1] - 1) - 1) // strides[1] + 1
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    oy, ox = (pos // wo) * strides[0], (pos % wo) * strides[1]  # (n, per_image)
+    ky = np.arange(kernel[0]) * dilations[0]
+    kx = np.arange(kernel[1]) * dilations[1]
+    rows = oy[:, :, None, None] + ky[None, None, :, None]  # (n, p, kh, 1)
+    cols = ox[:, :, None, None] + kx[None, None, None, :]  # (n, p, 1, kw)
+    batch = np.arange(n)[:, None, None, None]
+    patches = xp.transpose(0, 2, 3, 1)[batch, rows, cols]  # (n, p, kh, kw, c)
+    return patches.transpose(0, 1, 4, 2, 3).reshape(n * pos.shape[1], c * kernel[0] * kernel[1])
+
+
 class PatchFit:
     """Exact refit of a dense 2-D Conv: new weights over the pruned input's patches."""
 
@@ -93,27 +119,23 @@ class PatchFit:
         self.rows_per_image = rows_per_image
         self.rng = np.random.default_rng(seed)
         d = int(keep_in.sum()) * int(np.prod(self.kernel)) + 1
+        self.w32, self.b32 = self.w.astype(np.float32), self.b.astype(np.float32)
         self.gram = np.zeros((d, d))
-        self.cross = np.zeros((d, self.w.shape[1]))
+        self.rhs = np.zeros((d, self.w.shape[0]))
 
     def add(self, x_orig: np.ndarray, x_new: np.ndarray) -> None:
         pads = conv_pads(self.attrs, x_orig.shape[2:], self.kernel, self.strides, self.dilations)
-        n = x_orig.shape[0]
-        p_new = im2col(x_new, self.kernel, self.strides, pads, self.dilations)
-        p_orig = im2col(x_orig, self.kernel, self.strides, pads, self.dilations)
-        per_image = p_new.shape[0] // n
-        if per_image > self.rows_per_image:
-            pick = np.concatenate([i * per_image + np.sort(self.rng.choice(per_image, self.rows_per_image, replace=False))
-                                   for i in range(n)])
-            p_new, p_orig = p_new[pick], p_orig[pick]
-        a = _with_ones(p_new.astype(np.float64))
+        geometry = (self.kernel, self.strides, pads, self.dilations)
+        p_new, pos = sampled_patches(x_new, *geometry, self.rows_per_image, self.rng)
+        p_orig = im2col(x_orig, *geometry) if pos is None else gather_patches(x_orig, *geometry, pos)
+        # one batch's products in float32 (BLAS speed), accumulated across batches in float64
+        a = _with_ones(np.ascontiguousarray(p_new, dtype=np.float32))
+        target = p_orig.astype(np.float32) @ self.w32.T + self.b32  # the original layer's output
         self.gram += a.T @ a
-        self.cross += a.T @ p_orig.astype(np.float64)
+        self.rhs += a.T @ target
 
     def solve(self, ridge: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-        # target y = p_orig W^T + b  =>  A^T y = cross W^T + (A^T 1) b^T
-        rhs = self.cross @ self.w.T + np.outer(self.gram[:, -1], self.b)
-        sol = _solve(self.gram, rhs, ridge)
+        sol = _solve(self.gram, self.rhs, ridge)
         if sol is None:
             return None
         k = int(self.keep_in.sum())

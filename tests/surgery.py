@@ -107,3 +107,51 @@ def rel_error(a: List[np.ndarray], b: List[np.ndarray]) -> float:
     num = sum(float(((x.astype(np.float64) - y) ** 2).sum()) for x, y in zip(a, b))
     den = sum(float((x.astype(np.float64) ** 2).sum()) for x in a)
     return float(np.sqrt(num / max(den, 1e-30)))
+
+
+def unuse_players(model: onnx.ModelProto, drop: Dict[int, List[int]]) -> onnx.ModelProto:
+    """A copy of ``model`` in which no layer reads the given players: every consumer's
+    weights on their channels are zero. Whatever the activations, removing the players
+    then cannot change the outputs."""
+    from onnxprune.ops import rule_for
+
+    prepared, analysis = analysis_of(model)
+    dead_atoms = np.zeros(len(analysis.atom_player), dtype=bool)
+    for g, positions in drop.items():
+        players = np.flatnonzero(analysis.player_group == g)[positions]
+        dead_atoms |= np.isin(analysis.atom_player, players)
+    graph = analysis.graph
+    for node in list(graph.nodes):
+        rule = rule_for(node.op, node.domain or "")
+        atoms = analysis.cmap.get(node.inputs[0].name) if node.inputs else None
+        if atoms is None or rule.input_filters(node) is None:
+            continue
+        dead = dead_atoms[atoms]
+        if dead.any():
+            f = np.array(rule.input_filters(node))
+            f[dead] = 0
+            rule.set_input_filters(node, f)
+    out = gs.export_onnx(graph, do_type_check=False)
+    out.ir_version = prepared.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(prepared.opset_import)
+    return out
+
+
+def spare_one_per_layer(analysis: Analysis, drop: Dict[int, List[int]]) -> Dict[int, List[int]]:
+    """Remove from ``drop`` enough players that every producing layer keeps a channel,
+    as the allocation guarantees (a layer of zero filters is not a valid network)."""
+    out = {}
+    for g, positions in drop.items():
+        players = np.flatnonzero(analysis.player_group == g)
+        dropped = set(players[positions].tolist())
+        spaces_left = set(analysis.atom_space[np.isin(analysis.atom_player, [p for p in players if p not in dropped])].tolist())
+        keep_back = set()
+        for i in positions:
+            atoms = np.flatnonzero(analysis.atom_player == players[i])
+            new = set(analysis.atom_space[atoms].tolist()) - spaces_left
+            if new:
+                keep_back.add(i)
+                spaces_left |= new
+        out[g] = [i for i in positions if i not in keep_back]
+    return out

@@ -90,3 +90,15 @@ def test_recovery_cuts_held_out_error_on_real_model(ratio):
     off = onnxprune.prune(model, calib, onnxprune.PruneOptions(flops=ratio, max_images=128, recover=False)).report
     assert on.fidelity_relative_error < 0.5 * off.fidelity_relative_error
     assert on.fidelity_top1_agreement > off.fidelity_top1_agreement
+
+
+def test_sampled_patches_are_im2col_rows():
+    from onnxprune.refit import sampled_patches
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(3, 4, 9, 7)).astype(np.float32)
+    geometry = ([3, 2], [2, 1], [1, 0, 1, 1], [1, 2])
+    full = im2col(x, *geometry)
+    picked, pos = sampled_patches(x, *geometry, 5, np.random.default_rng(0))
+    per_image = full.shape[0] // 3
+    rows = (np.arange(3)[:, None] * per_image + pos).reshape(-1)
+    np.testing.assert_array_equal(picked, full[rows])
