@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from .calibrate import collect_stats
 from .data import CalibrationSet, input_spec, load_calibration
 from .errors import InputError, TargetError
 from .flops import count_macs, count_params
+from . import latency
 from .load import default_opset, load_model
 from .options import PruneOptions
 from .prepare import prepare
@@ -143,6 +145,15 @@ def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
         report.accuracy_after = accuracy(pruned, x, y, providers)
         report.eval_samples = len(y)
     seconds["verify"] = time.perf_counter() - t
+    if opts.latency:
+        t = time.perf_counter()
+        sample = next(cal.batches(cal.fit[:1] if len(cal.fit) else cal.holdout[:1]))[0]
+        batches = [1] if cal.spec.fixed_batch else sorted({1, opts.latency_batch})
+        if cal.spec.fixed_batch:
+            batches = [cal.spec.fixed_batch]
+        report.latency = [dataclasses.asdict(l) for l in latency.measure(original, pruned, spec.name, sample,
+                                                                          batches, providers)]
+        seconds["latency"] = time.perf_counter() - t
 
     report.input_path = loaded.path
     report.provider = provider_text

@@ -72,6 +72,10 @@ class PruneOptions:
         1, "Kept channel counts are multiples of N where a group is large enough.", metavar="N")
     min_keep: float = _opt(
         0.1, "Fraction of each channel group that always stays (at least one channel does).")
+    latency: bool = _opt(
+        True, "Measure onnxruntime latency before and after (batch 1 and a larger batch); "
+        "--no-latency skips it.", flag="--latency/--no-latency")
+    latency_batch: int = _opt(32, "The larger batch size the latency is measured at.")
     device: str = _opt("auto", "onnxruntime provider: CUDA when a GPU is found (auto), or forced.",
                        choices=DEVICES)
 

@@ -53,6 +53,7 @@ class Report:
     accuracy_after: Optional[float] = None
     eval_samples: int = 0
     folded_batchnorms: int = 0
+    latency: List[dict] = field(default_factory=list)  # batch, before_ms, after_ms per batch size
     seconds: Dict[str, float] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
 
@@ -99,10 +100,15 @@ class Report:
         if self.file_size_before and self.file_size_after:
             add(f"{'file size':22}{_bytes(self.file_size_before):>14}{_bytes(self.file_size_after):>14}"
                 f"{1 - self.file_size_after / self.file_size_before:>10.1%}")
+        for lat in self.latency:
+            add(f"{'latency, batch ' + str(lat['batch']):22}{lat['before_ms']:>11.2f} ms{lat['after_ms']:>11.2f} ms"
+                f"{lat['before_ms'] / lat['after_ms']:>8.2f}x  speedup")
         if self.accuracy_before is not None:
             add(f"{'accuracy':22}{self.accuracy_before:>14.2%}{self.accuracy_after:>14.2%}"
                 f"{(self.accuracy_before - self.accuracy_after) * 100:>9.2f}p  ({self.eval_samples} labelled samples)")
         add("")
+        if self.latency:
+            add(f"latency: median over fresh onnxruntime sessions on {self.provider.split(' (')[0]}, interleaved")
         add(f"FLOPs target -{self.flops_target:.0%}, achieved -{self.flops_reduction:.1%}; "
             f"criterion {self.criterion}, allocation {self.allocation}, "
             f"recovery {'on (' + str(self.refitted_layers) + ' layers refitted)' if self.recovery else 'off'}; "

@@ -108,3 +108,16 @@ def test_analyze_shows_why_a_group_is_blocked(tmp_path, capsys):
     assert run([str(tmp_path / "m.onnx"), "--analyze"]) == 0
     out = capsys.readouterr().out
     assert "Softmax" in out and "mixes channels" in out
+
+
+def test_report_carries_measured_latency(tmp_path, capsys):
+    model_path, calib, _ = _paths(MODELS[0])
+    report = tmp_path / "r.json"
+    assert run([model_path, str(tmp_path / "o.onnx"), "--calib", calib, "--flops", "0.5", "--max-images", "32",
+                "--latency-batch", "8", "--report", str(report)]) == 0
+    lat = json.loads(report.read_text())["latency"]
+    assert [l["batch"] for l in lat] == [1, 8] and all(l["before_ms"] > 0 and l["after_ms"] > 0 for l in lat)
+    assert "latency, batch 8" in capsys.readouterr().out
+    assert run([model_path, str(tmp_path / "o.onnx"), "--calib", calib, "--flops", "0.5", "--max-images", "32",
+                "--no-latency", "--report", str(report)]) == 0
+    assert json.loads(report.read_text())["latency"] == []

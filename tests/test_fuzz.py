@@ -35,6 +35,9 @@ def test_pruned_random_net_is_valid(net, ratio, criterion, recover):
                                                                    min_keep=0.0))
     except onnxprune.TargetError:
         return  # nothing prunable or the target is out of reach: refused, which is allowed
+    except onnxprune.InputError as e:
+        assert "no Conv" in str(e)  # a draw of pooling blocks only
+        return
     pruned = result.model
     onnx.checker.check_model(pruned, full_check=True)
     assert [(o.name, o.type) for o in pruned.graph.output] == [(o.name, o.type) for o in model.graph.output]

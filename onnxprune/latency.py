@@ -1,0 +1,58 @@
+"""Measured latency before and after, because fewer FLOPs do not make a model faster by themselves.
+
+For each batch size, several fresh sessions of each model are created in turn
+(interleaved, so that drift in the machine's load hits both models alike),
+each is warmed up and timed over repeated runs, and the median over sessions
+of the per-session medians is reported. onnxruntime's thread spinning is off,
+as for every session this project makes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Dict, List
+
+import numpy as np
+import onnx
+
+from .runtime import make_session
+
+SESSIONS = 3
+MIN_RUNS, MAX_RUNS, MIN_SECONDS = 3, 30, 0.25
+
+
+@dataclass
+class Latency:
+    batch: int
+    before_ms: float
+    after_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return self.before_ms / self.after_ms if self.after_ms > 0 else float("inf")
+
+
+def _time_session(sess, feed: dict) -> float:
+    sess.run(None, feed)  # warm-up: first runs allocate and pick kernels
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < MIN_RUNS or (time.perf_counter() - start < MIN_SECONDS and len(times) < MAX_RUNS):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def measure(before: onnx.ModelProto, after: onnx.ModelProto, input_name: str, sample: np.ndarray,
+            batches: List[int], providers: List[str]) -> List[Latency]:
+    """``sample``: one input (without the batch axis), repeated to each batch size."""
+    out = []
+    for batch in batches:
+        feed = {input_name: np.ascontiguousarray(np.repeat(sample[None], batch, axis=0))}
+        per: Dict[str, List[float]] = {"before": [], "after": []}
+        for _ in range(SESSIONS):
+            for key, model in (("before", before), ("after", after)):
+                per[key].append(_time_session(make_session(model, providers), feed))
+        out.append(Latency(batch, 1000 * float(np.median(per["before"])), 1000 * float(np.median(per["after"]))))
+    return out
