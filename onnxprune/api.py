@@ -29,7 +29,7 @@ from .runtime import blas_single_thread, choose_providers
 from .consumers import find_consumers, flatten_repeat
 from .recover import recover, refit_sequential
 from .score import NEEDS_STATS, score_players
-from .snpfi import group_games
+from .snpfi import group_games, refit_games
 from .shapes import static_shapes
 from .verify import accuracy, check_model, fidelity
 
@@ -177,7 +177,10 @@ def _rank(analysis: Analysis, opts: PruneOptions, stats):
     ranked, loss = {}, {}
     if opts.criterion == "snpfi":
         # without recovery removed channels become zeros, with it their means go into the bias
-        for g, game in group_games(analysis, stats, centred=opts.recover).items():
+        games = group_games(analysis, stats, centred=opts.recover)
+        if opts.payoff == "refit" or (opts.payoff == "auto" and opts.recover):
+            games = refit_games(analysis, stats, games)
+        for g, game in games.items():
             ranked[g] = game.players[game.order]
             loss[g] = game.loss
         return ranked, loss
@@ -197,7 +200,9 @@ def _rank(analysis: Analysis, opts: PruneOptions, stats):
 def _describe(analysis: Analysis, alloc: Optional[Allocation], opts: PruneOptions) -> Report:
     total = analysis.macs() or 1
     per_group = analysis.group_macs()
-    report = Report(criterion=opts.criterion, allocation=opts.allocation, recovery=opts.recover,
+    payoff = "" if opts.criterion != "snpfi" else (
+        opts.payoff if opts.payoff != "auto" else ("refit" if opts.recover else "local"))
+    report = Report(criterion=opts.criterion, payoff=payoff, allocation=opts.allocation, recovery=opts.recover,
                     flops_target=opts.flops or 0.0, macs_before=analysis.macs())
     report.prunable_macs_share = analysis.prunable_share()
     for g in analysis.groups:

@@ -15,6 +15,7 @@ from .errors import UsageError
 
 CRITERIA = ("snpfi", "l1", "l2", "random", "activation")
 ALLOCATIONS = ("auto", "uniform")
+PAYOFFS = ("auto", "local", "refit")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -42,6 +43,10 @@ class PruneOptions:
     criterion: str = _opt(
         "snpfi", "How channels are ranked within a group: snpfi (filter-wise interaction, Shapley values "
         "of the local payoff) or a baseline.", choices=CRITERIA)
+    payoff: str = _opt(
+        "auto", "snpfi's payoff: local (consumer error with removed channels at their mean or zero; "
+        "closed-form Shapley values) or refit (consumer error left after refitting on the kept "
+        "channels). auto: refit with --recover, local without.", choices=PAYOFFS)
     allocation: str = _opt(
         "auto", "How many channels each group keeps: auto (from each group's utilisation curve) or "
         "uniform (the same share everywhere).", choices=ALLOCATIONS)
@@ -87,6 +92,8 @@ class PruneOptions:
             raise UsageError(f"--flops must be in (0, 1), got {self.flops}")
         if self.criterion not in CRITERIA:
             raise UsageError(f"--criterion must be one of {', '.join(CRITERIA)}")
+        if self.payoff not in PAYOFFS:
+            raise UsageError(f"--payoff must be one of {', '.join(PAYOFFS)}")
         if self.allocation not in ALLOCATIONS:
             raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)}")
         if self.device not in DEVICES:

@@ -26,7 +26,7 @@ import scipy.linalg
 PATCH_LIMIT = 2304  # widest im2col row (in-channels x kernel taps) fitted exactly
 # Patch rows sampled per unknown of a layer's system, over all calibration images together:
 # enough for a well-determined least-squares fit, far fewer than all pixels of large maps.
-ROWS_PER_UNKNOWN = 8
+ROWS_PER_UNKNOWN = 16
 
 
 def _solve(gram: np.ndarray, rhs: np.ndarray, ridge: float) -> Optional[np.ndarray]:

@@ -30,6 +30,7 @@ class Report:
     output_path: Optional[str] = None
     provider: str = ""
     criterion: str = ""
+    payoff: str = ""
     allocation: str = "auto"
     recovery: bool = True
     refitted_layers: int = 0
@@ -110,7 +111,7 @@ class Report:
         if self.latency:
             add(f"latency: median over fresh onnxruntime sessions on {self.provider.split(' (')[0]}, interleaved")
         add(f"FLOPs target -{self.flops_target:.0%}, achieved -{self.flops_reduction:.1%}; "
-            f"criterion {self.criterion}, allocation {self.allocation}, "
+            f"criterion {self.criterion}{' (' + self.payoff + ' payoff)' if self.payoff else ''}, allocation {self.allocation}, "
             f"recovery {'on (' + str(self.refitted_layers) + ' layers refitted)' if self.recovery else 'off'}; "
             f"{self.prunable_macs_share:.0%} of FLOPs sit in layers touching prunable groups")
         add("")

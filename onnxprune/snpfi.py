@@ -110,3 +110,76 @@ def _loss_curve(q: np.ndarray, order: np.ndarray) -> np.ndarray:
     blocks = np.cumsum(np.cumsum(rev, axis=0), axis=1)  # blocks[m-1, m-1] = sum of the m least important
     tail = np.concatenate([[0.0], np.diag(blocks)])  # tail[m] for m removed
     return np.maximum(tail[::-1], 0.0)  # loss[k] has n - k removed
+
+
+def refit_games(analysis: Analysis, stats: ChannelStats, games: Dict[int, GroupGame]) -> Dict[int, GroupGame]:
+    """The refit payoff: channels interact through how well the kept ones stand in for the
+    removed ones once the consumers are refitted, as recovery will do.
+
+    v(S) = - sum over consumers of the error left in the consumer's output after a least-
+    squares refit on the channels in S, in units of the output's variance. A channel that
+    the others predict well is worth little here, however large its own contribution.
+    There is no closed form for its Shapley values; channels are ranked by greedy backward
+    elimination instead (repeatedly drop the one whose removal costs least: for a
+    regression with inverse Gram P and coefficients B, dropping j costs |B_j|^2 / P_jj,
+    and P, B follow by a rank-one downdate), and the utilisation curve is the payoff along
+    that path. Each group's ``shapley`` then holds the cost of each channel's removal.
+    """
+    for g, game in games.items():
+        players = game.players
+        local = {int(p): i for i, p in enumerate(players)}
+        fits = []
+        for consumer in find_consumers(analysis):
+            cov = stats[consumer.tensor].covariance()
+            if cov.ndim != 2:
+                continue
+            found = analysis.atom_player[consumer.channel_atoms(analysis)]
+            mine = np.flatnonzero(analysis.player_group[found] == g)
+            if len(mine) == 0 or len(np.unique(found[mine])) != len(mine):
+                continue
+            f = consumer.channel_filters().astype(np.float64)
+            f = f.reshape(f.shape[0], -1) * np.sqrt(consumer.pixels(analysis))
+            energy = float(np.einsum("ij,ik,jk->", cov, f, f))
+            if not np.isfinite(energy) or energy <= 0:
+                continue
+            sigma = cov[np.ix_(mine, mine)]
+            sigma = sigma + 1e-6 * max(float(np.mean(np.diag(sigma))), 1e-30) * np.eye(len(mine))
+            try:
+                p = np.linalg.inv(sigma)
+            except np.linalg.LinAlgError:
+                continue
+            fits.append({"index": np.array([local[int(x)] for x in found[mine]]), "p": p,
+                         "b": p @ (cov[mine] @ f), "energy": energy})
+        if not fits:
+            continue
+        n = len(players)
+        alive = np.ones(n, dtype=bool)
+        removed, costs = [], []
+        for _ in range(n):
+            cost = np.zeros(n)
+            for fit in fits:
+                if len(fit["index"]):
+                    cost[fit["index"]] += (fit["b"] ** 2).sum(axis=1) / np.diag(fit["p"]) / fit["energy"]
+            cost[~alive] = np.inf
+            j = int(np.argmin(cost))
+            removed.append(j)
+            costs.append(max(float(cost[j]), 0.0))
+            alive[j] = False
+            for fit in fits:
+                hit = np.flatnonzero(fit["index"] == j)
+                if not len(hit):
+                    continue
+                r = int(hit[0])
+                p, b = fit["p"], fit["b"]
+                rest = np.arange(len(fit["index"])) != r
+                col = p[rest, r][:, None]
+                fit["b"] = b[rest] - col @ b[r][None] / p[r, r]
+                fit["p"] = p[np.ix_(rest, rest)] - col @ col.T / p[r, r]
+                fit["index"] = fit["index"][rest]
+        cumulative = np.concatenate([[0.0], np.cumsum(costs)])  # after m removals
+        game.order = np.array(removed[::-1])
+        game.loss = cumulative[::-1].copy()  # loss[k]: all but the k best removed
+        importance = np.zeros(n)
+        importance[np.array(removed)] = costs
+        game.shapley = importance
+    return games

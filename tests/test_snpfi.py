@@ -75,3 +75,26 @@ def test_loss_curve_removes_least_important_first():
     for k in range(6):
         removed = order[k:]
         assert math.isclose(loss[k], q[np.ix_(removed, removed)].sum(), rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_refit_payoff_drops_channels_the_others_reproduce_first():
+    """Channel 7 copies channel 0 and channel 6 is twice channel 1: once the next layer is
+    refitted, one of each pair can go at no cost, so those go first."""
+    from onnxprune.runtime import expose
+    from onnxprune.snpfi import refit_games
+    from test_recover import _redundant_model
+
+    model = _redundant_model()
+    _, analysis = analysis_of(model)
+    group = next(g for g in analysis.groups if g.prunable and g.size == 8 and g.name.startswith("Conv"))
+    x = np.random.default_rng(0).normal(size=(64, 3, 8, 8)).astype(np.float32)
+    names = {c.tensor for c in __import__("onnxprune.consumers", fromlist=["x"]).find_consumers(analysis)}
+    acts = outputs(expose(model, sorted(names)), x)[1:]
+    stats = ChannelStats({n: TensorStats() for n in sorted(names)})
+    for n, a in zip(sorted(names), acts):
+        stats[n].add(a)
+    games = refit_games(analysis, stats, group_games(analysis, stats))
+    game = games[group.index]
+    first_two = {int(i) for i in game.order[-2:]}
+    assert len(first_two & {0, 7}) == 1 and len(first_two & {1, 6}) == 1
+    assert game.loss[6] < 1e-6 < game.loss[5]
