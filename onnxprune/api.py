@@ -126,6 +126,9 @@ def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
         report.refitted_layers = len(seq.patch) + len(seq.channel)
         if seq.failed:
             report.notes.append("ill-conditioned refit, left as sliced: " + ", ".join(seq.failed))
+        if seq.unsupported:
+            report.notes.append("no refit for these layers (grouped convs), left as sliced: "
+                                + ", ".join(seq.unsupported))
 
     t = time.perf_counter()
     check_model(pruned, original, cal, providers)

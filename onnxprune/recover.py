@@ -33,8 +33,9 @@ from .calibrate import ChannelStats
 from .consumers import find_consumers, from_channel_view, to_channel_view
 from .data import CalibrationSet
 from .ops import rule_for
+from .ops.base import add_to_bias_input
 from .progress import Progress, silent
-from .refit import PATCH_LIMIT, ROWS_PER_UNKNOWN, ChannelFit, PatchFit
+from .refit import PATCH_LIMIT, ROWS_PER_UNKNOWN, ChannelFit, DepthwiseFit, PatchFit
 from .runtime import blas_single_thread, make_session, run_feeds
 from .segments import Frontier, Segmenter
 
@@ -151,6 +152,7 @@ class SequentialLog:
     patch: List[str] = field(default_factory=list)
     channel: List[str] = field(default_factory=list)
     failed: List[str] = field(default_factory=list)
+    unsupported: List[str] = field(default_factory=list)  # no refit for this layer kind (grouped convs)
     seconds: float = 0.0
 
 
@@ -211,11 +213,13 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                     if fit is not None:
                         fit.add(outs_o[node_o.input[0]][:real], outs_p[node_p.input[0]][:real])
                 solved = fit.solve(ridge) if fit is not None else None
-                if solved is None:
+                if fit is None:
+                    log.unsupported.append(name)
+                elif solved is None:
                     log.failed.append(name)
                 else:
                     _apply(pruned, layer_index, solved, fit)
-                    (log.patch if isinstance(fit, PatchFit) else log.channel).append(name)
+                    (log.channel if isinstance(fit, ChannelFit) else log.patch).append(name)
                 for f in (prev_o, prev_p):
                     if f is not None:
                         f.close()
@@ -256,6 +260,13 @@ def _make_fit(node_o: onnx.NodeProto, node_p: onnx.NodeProto, inits, keep, repea
     elif node_o.op_type == "Gemm":
         bias = np.broadcast_to(bias, (len(out_mask),)) * float(attrs.get("beta", 1.0))
     bias = bias[out_mask]
+    group = int(attrs.get("group", 1))
+    if node_o.op_type == "Conv" and w.ndim == 4 and group > 1:
+        if not (group == w.shape[0] and w.shape[1] == 1):
+            return None  # grouped (not depthwise) convs are left as sliced
+        rows = ROWS_PER_UNKNOWN * (int(np.prod(w.shape[2:])) + 1)
+        return DepthwiseFit(w[out_mask], bias, attrs, out_mask, rows_per_image=max(1, -(-rows // max(images, 1))),
+                            seed=seed)
     graph = _mini_graph_from(node_o, w)
     rule = rule_for(node_o.op_type, node_o.domain)
     filters = rule.input_filters(graph.nodes[0])
@@ -296,6 +307,9 @@ def _apply(pruned: onnx.ModelProto, index: int, solved, fit) -> None:
     g_node = graph.nodes[0]
     rule = rule_for(node.op_type, node.domain)
     weights, bias = solved
+    if isinstance(fit, DepthwiseFit):
+        _write_depthwise(pruned, index, weights, bias)
+        return
     if isinstance(fit, PatchFit):  # (out, in, kh, kw) -> input filters (in, out, taps)
         weights = np.moveaxis(weights, 1, 0).reshape(weights.shape[1], weights.shape[0], -1)
     else:
@@ -303,6 +317,17 @@ def _apply(pruned: onnx.ModelProto, index: int, solved, fit) -> None:
     rule.set_input_filters(g_node, weights)
     current = _current_bias(g_node, len(bias))
     rule.add_bias(g_node, bias - current, graph)
+    _write_back(pruned, index, graph)
+
+
+def _write_depthwise(pruned: onnx.ModelProto, index: int, weights: np.ndarray, bias: np.ndarray) -> None:
+    """A depthwise conv's weight is (C, 1, kh, kw) and its bias (C,): written as they are."""
+    graph = _mini_graph(pruned, pruned.graph.node[index])
+    node = graph.nodes[0]
+    w = node.inputs[1]
+    w.values = weights.astype(w.values.dtype)
+    current = _current_bias(node, len(bias))
+    add_to_bias_input(node, 2, bias - current, w.values.dtype)
     _write_back(pruned, index, graph)
 
 

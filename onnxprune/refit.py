@@ -177,3 +177,48 @@ class ChannelFit:
         new_f = np.einsum("kc,cot->kot", theta[:-1], self.f)
         new_b = self.b + np.einsum("c,cot->o", theta[-1], self.f)
         return new_f, new_b
+
+
+class DepthwiseFit:
+    """Refit of a depthwise Conv: each kept channel's filter and bias, on its own channel.
+
+    ``w_orig`` (C, 1, kh, kw) and ``b_orig`` are the original layer's, already restricted to
+    the kept channels (which are its kept inputs too)."""
+
+    def __init__(self, w_orig: np.ndarray, b_orig: np.ndarray, attrs: dict, keep: np.ndarray, rows_per_image: int,
+                 seed: int = 0):
+        self.w = w_orig.reshape(w_orig.shape[0], -1).astype(np.float32)  # (K, taps)
+        self.b = b_orig.astype(np.float32)
+        self.kernel = list(w_orig.shape[2:])
+        self.attrs = attrs
+        self.strides = list(attrs.get("strides", [1, 1]))
+        self.dilations = list(attrs.get("dilations", [1, 1]))
+        self.keep = keep
+        self.rows_per_image = rows_per_image
+        self.rng = np.random.default_rng(seed)
+        k, taps = self.w.shape
+        self.gram = np.zeros((k, taps + 1, taps + 1))
+        self.rhs = np.zeros((k, taps + 1))
+
+    def add(self, x_orig: np.ndarray, x_new: np.ndarray) -> None:
+        pads = conv_pads(self.attrs, x_orig.shape[2:], self.kernel, self.strides, self.dilations)
+        geometry = (self.kernel, self.strides, pads, self.dilations)
+        p_new, pos = sampled_patches(x_new, *geometry, self.rows_per_image, self.rng)
+        p_orig = im2col(x_orig[:, self.keep], *geometry) if pos is None else gather_patches(x_orig[:, self.keep], *geometry, pos)
+        k, taps = self.w.shape
+        a = p_new.astype(np.float32).reshape(-1, k, taps)
+        a = np.concatenate([a, np.ones(a.shape[:2] + (1,), np.float32)], axis=2)  # (rows, K, taps + 1)
+        target = np.einsum("rkt,kt->rk", p_orig.astype(np.float32).reshape(-1, k, taps), self.w) + self.b
+        self.gram += np.einsum("rki,rkj->kij", a, a)
+        self.rhs += np.einsum("rki,rk->ki", a, target)
+
+    def solve(self, ridge: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        k, taps = self.w.shape
+        weights, bias = np.empty((k, taps)), np.empty(k)
+        for c in range(k):
+            sol = _solve(self.gram[c], self.rhs[c][:, None], ridge)
+            if sol is None:  # a dead channel: keep its filter as it was
+                weights[c], bias[c] = self.w[c], self.b[c]
+            else:
+                weights[c], bias[c] = sol[:-1, 0], sol[-1, 0]
+        return weights.reshape((k, 1) + tuple(self.kernel)), bias

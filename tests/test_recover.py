@@ -102,3 +102,13 @@ def test_sampled_patches_are_im2col_rows():
     per_image = full.shape[0] // 3
     rows = (np.arange(3)[:, None] * per_image + pos).reshape(-1)
     np.testing.assert_array_equal(picked, full[rows])
+
+
+def test_depthwise_layers_are_refitted_too():
+    import tiny
+    model = tiny.residual_cnn()
+    x = np.random.default_rng(0).normal(size=(96, 3, 8, 8)).astype(np.float32)
+    on = onnxprune.prune(model, x, onnxprune.PruneOptions(flops=0.4, latency=False))
+    off = onnxprune.prune(model, x, onnxprune.PruneOptions(flops=0.4, latency=False, recover=False))
+    assert not any("no refit" in n or "ill-conditioned" in n for n in on.report.notes)
+    assert on.report.fidelity_relative_error < off.report.fidelity_relative_error
