@@ -98,7 +98,7 @@ def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
         stats = collect_stats(prepared, wanted, cal, cal.fit, providers, progress)
         seconds["calibrate"] = time.perf_counter() - t
     t = time.perf_counter()
-    ranked, loss = _rank(analysis, opts, stats)
+    ranked, loss, importance = _rank(analysis, opts, stats)
     alloc = allocate(analysis, ranked, opts.flops, opts.min_keep, opts.round_to, opts.allocation, loss)
     seconds["score_allocate"] = time.perf_counter() - t
     recovery = None
@@ -109,6 +109,7 @@ def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
         seconds["recover"] = time.perf_counter() - t
 
     report = _describe(analysis, alloc, opts)
+    _add_curves(report, analysis, alloc, loss, importance)
     if recovery is not None:
         report.refitted_layers = len(recovery.refitted)
         if recovery.mean_only:
@@ -177,7 +178,7 @@ def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
 
 def _rank(analysis: Analysis, opts: PruneOptions, stats):
     """Per prunable group: players most important first, and the loss curve for auto allocation."""
-    ranked, loss = {}, {}
+    ranked, loss, importance = {}, {}, {}
     if opts.criterion == "snpfi":
         # without recovery removed channels become zeros, with it their means go into the bias
         games = group_games(analysis, stats, centred=opts.recover)
@@ -186,7 +187,8 @@ def _rank(analysis: Analysis, opts: PruneOptions, stats):
         for g, game in games.items():
             ranked[g] = game.players[game.order]
             loss[g] = game.loss
-        return ranked, loss
+            importance[g] = game.shapley
+        return ranked, loss, importance
     scores = score_players(analysis, opts.criterion, stats, opts.seed)
     for g in analysis.prunable_groups():
         players = np.flatnonzero(analysis.player_group == g.index)
@@ -197,7 +199,24 @@ def _rank(analysis: Analysis, opts: PruneOptions, stats):
         total = s.sum()
         kept_share = np.concatenate([[0.0], np.cumsum(s)]) / total if total > 0 else np.ones(len(s) + 1)
         loss[g.index] = 1.0 - kept_share
-    return ranked, loss
+        importance[g.index] = scores[players]
+    return ranked, loss, importance
+
+
+def _add_curves(report: Report, analysis: Analysis, alloc: Allocation, loss, importance) -> None:
+    """Per pruned group: the payoff its kept channels retain, its utilisation curve at a
+    quarter, half and three quarters of its channels, and how unequal its channels are."""
+    rows = {row.producers[0]: row for row in report.groups}
+    for g in analysis.prunable_groups():
+        row = rows.get(g.producers[0])
+        curve = loss.get(g.index)
+        if row is None or curve is None or curve[0] <= 0:
+            continue
+        row.payoff_kept = float(1.0 - curve[alloc.kept[g.index]] / curve[0])
+        row.curve = [float(1.0 - curve[int(round(q * g.size))] / curve[0]) for q in (0.25, 0.5, 0.75)]
+        imp = np.asarray(importance.get(g.index, []), dtype=np.float64)
+        if len(imp) and abs(imp.mean()) > 0:
+            row.importance_spread = float(imp.std() / abs(imp.mean()))
 
 
 def _describe(analysis: Analysis, alloc: Optional[Allocation], opts: PruneOptions) -> Report:

@@ -14,6 +14,9 @@ class GroupRow:
     channels: int
     kept: int
     macs_share: float  # share of the model's MACs in layers these channels enter or leave
+    payoff_kept: Optional[float] = None  # share of the group's payoff its kept channels retain
+    curve: List[float] = field(default_factory=list)  # payoff retained at 25/50/75% of channels
+    importance_spread: Optional[float] = None  # coefficient of variation of channel importances
 
 
 @dataclass
@@ -115,9 +118,10 @@ class Report:
             f"recovery {'on (' + str(self.refitted_layers) + ' layers refitted)' if self.recovery else 'off'}; "
             f"{self.prunable_macs_share:.0%} of FLOPs sit in layers touching prunable groups")
         add("")
-        add(f"{'pruned channel group':40}{'kept':>12}")
+        add(f"{'pruned channel group':40}{'kept':>12}{'payoff kept':>13}")
         for g in self.groups:
-            add(f"{_cut(g.name, 40):40}{f'{g.kept}/{g.channels}':>12}")
+            kept = f"{g.payoff_kept:.1%}" if g.payoff_kept is not None else ""
+            add(f"{_cut(g.name, 40):40}{f'{g.kept}/{g.channels}':>12}{kept:>13}")
         if self.blocked:
             add("")
             add("left whole:")
