@@ -1,0 +1,57 @@
+"""Measured onnxruntime CPU speed of pruned models against --round-to, to choose its default.
+
+    python bench/speed.py [--models ...] [--ratio 0.5] [--round-to 1,4,8,16]
+
+For every model and rounding: the pruned model's FLOPs reduction, accuracy on the full
+test split and latency before/after at batch 1 and 32 (median over fresh interleaved
+sessions, as the report measures it). Writes bench/results/DATE-speed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+
+import onnxruntime as ort
+
+from run_bench import HERE, MODELS, accuracy
+
+import onnxprune  # noqa: E402  (run_bench put the repository on sys.path)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--round-to", default="1,4,8,16")
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = p.parse_args()
+    lines = ["| model | round-to | FLOPs removed | accuracy (base) | batch 1 ms before -> after | speedup | "
+             "batch 32 ms before -> after | speedup |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in args.models.split(","):
+        model_path, calib, (x, y) = MODELS[name]()
+        base = accuracy(model_path, x, y)
+        for rt in (int(v) for v in args.round_to.split(",")):
+            r = onnxprune.prune(model_path, calib, onnxprune.PruneOptions(flops=args.ratio, round_to=rt))
+            acc = accuracy(r.model, x, y)
+            b1, b32 = r.report.latency
+            row = (f"| {name} | {rt} | {r.report.flops_reduction:.1%} | {acc:.2%} ({base:.2%}) | "
+                   f"{b1['before_ms']:.3f} -> {b1['after_ms']:.3f} | {b1['before_ms'] / b1['after_ms']:.2f}x | "
+                   f"{b32['before_ms']:.2f} -> {b32['after_ms']:.2f} | {b32['before_ms'] / b32['after_ms']:.2f}x |")
+            print(row, flush=True)
+            lines.append(row)
+    stamp = datetime.date.today().isoformat()
+    machine = f"{platform.machine()}, {os.cpu_count()} cores"
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{stamp}-speed.md")
+    with open(path, "w") as f:
+        f.write(f"# Speed against --round-to, {stamp}\n\nMachine: {machine}; onnxruntime {ort.__version__}, CPU "
+                f"provider. Command: `python bench/speed.py --models {args.models} --ratio {args.ratio} "
+                f"--round-to {args.round_to}`\n\n" + "\n".join(lines) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
