@@ -206,10 +206,7 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                     outs_p = dict(zip(live_p, run_feeds(sess_p, feeds_p, live_p)))
                     for frontier, outs in ((new_o, outs_o), (new_p, outs_p)):
                         for t, v in outs.items():
-                            v = v[:real]
-                            if t not in frontier.arrays:
-                                frontier.allocate(t, n, v.shape[1:], v.dtype)
-                            frontier.write(t, b0, v)
+                            frontier.write(t, b0, v[:real], n)
                     if fit is not None:
                         fit.add(outs_o[node_o.input[0]][:real], outs_p[node_p.input[0]][:real])
                 solved = fit.solve(ridge) if fit is not None else None

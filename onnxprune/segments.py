@@ -76,37 +76,53 @@ class Segmenter:
 
 
 class Frontier:
-    """Per-image storage of the tensors at one cut: arrays in memory or a spill file."""
+    """Per-image storage of the tensors at one cut. Batches are kept as onnxruntime
+    returned them (no copy) until their total passes ``SPILL_BYTES``; then every tensor
+    goes to a memory-mapped temporary file."""
 
     def __init__(self, folder: str):
         self.folder = folder
-        self.arrays: Dict[str, np.ndarray] = {}
-        self.count = 0
+        self.batches: Dict[tuple, np.ndarray] = {}
+        self.maps: Dict[str, np.ndarray] = {}
+        self.total = 0
+        self.images = 0
 
-    def allocate(self, name: str, n: int, sample_shape, dtype) -> None:
-        nbytes = int(n * np.prod(sample_shape) * np.dtype(dtype).itemsize)
-        if nbytes > SPILL_BYTES:
-            fd, path = tempfile.mkstemp(dir=self.folder, suffix=".npy")
-            os.close(fd)
-            self.arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n,) + tuple(sample_shape))
-        else:
-            self.arrays[name] = np.empty((n,) + tuple(sample_shape), dtype=dtype)
+    def __contains__(self, name: str) -> bool:
+        return name in self.maps or any(k[0] == name for k in self.batches)
 
-    def write(self, name: str, start: int, values: np.ndarray) -> None:
-        if name not in self.arrays:
-            raise KeyError(name)
-        self.arrays[name][start:start + len(values)] = values
+    def write(self, name: str, start: int, values: np.ndarray, images: int) -> None:
+        """``images``: how many images the whole frontier will hold (sizes the spill file)."""
+        self.images = images
+        if name in self.maps:
+            self.maps[name][start:start + len(values)] = values
+            return
+        self.batches[(name, start)] = values
+        self.total += values.nbytes
+        if self.total > SPILL_BYTES:
+            self._spill()
+
+    def _spill(self) -> None:
+        for (name, start), values in list(self.batches.items()):
+            if name not in self.maps:
+                fd, path = tempfile.mkstemp(dir=self.folder, suffix=".npy")
+                os.close(fd)
+                self.maps[name] = np.lib.format.open_memmap(path, mode="w+", dtype=values.dtype,
+                                                            shape=(self.images,) + values.shape[1:])
+            self.maps[name][start:start + len(values)] = values
+        self.batches = {}
+        self.total = 0
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
-        return np.ascontiguousarray(self.arrays[name][start:stop])
+        if name in self.maps:
+            return np.ascontiguousarray(self.maps[name][start:stop])
+        return self.batches[(name, start)]
 
     def close(self) -> None:
-        for a in self.arrays.values():
-            if isinstance(a, np.memmap):
-                path = a.filename
-                del a
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
-        self.arrays = {}
+        for a in self.maps.values():
+            path = a.filename
+            del a
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self.maps, self.batches = {}, {}

@@ -158,8 +158,9 @@ def refit_games(analysis: Analysis, stats: ChannelStats, games: Dict[int, GroupG
         for _ in range(n):
             cost = np.zeros(n)
             for fit in fits:
-                if len(fit["index"]):
-                    cost[fit["index"]] += (fit["b"] ** 2).sum(axis=1) / np.diag(fit["p"]) / fit["energy"]
+                diag = np.diag(fit["p"])
+                live = diag > 0
+                cost[fit["index"][live]] += (fit["b"][live] ** 2).sum(axis=1) / diag[live] / fit["energy"]
             cost[~alive] = np.inf
             j = int(np.argmin(cost))
             removed.append(j)
@@ -171,11 +172,14 @@ def refit_games(analysis: Analysis, stats: ChannelStats, games: Dict[int, GroupG
                     continue
                 r = int(hit[0])
                 p, b = fit["p"], fit["b"]
-                rest = np.arange(len(fit["index"])) != r
-                col = p[rest, r][:, None]
-                fit["b"] = b[rest] - col @ b[r][None] / p[r, r]
-                fit["p"] = p[np.ix_(rest, rest)] - col @ col.T / p[r, r]
-                fit["index"] = fit["index"][rest]
+                col = p[:, r].copy()
+                # Schur downdate in place: row and column r become zero, the rest is the
+                # inverse Gram and coefficients without channel r
+                b -= np.outer(col, b[r]) / col[r]
+                p -= np.outer(col, col) / col[r]
+                p[r, :] = 0.0
+                p[:, r] = 0.0
+                b[r] = 0.0
         cumulative = np.concatenate([[0.0], np.cumsum(costs)])  # after m removals
         game.order = np.array(removed[::-1])
         game.loss = cumulative[::-1].copy()  # loss[k]: all but the k best removed

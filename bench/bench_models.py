@@ -1,0 +1,167 @@
+"""torch.nn architectures of the benchmark models built by make_bench_models.py.
+
+Shared so that the trained weights (``NAME.pt`` state_dicts in the bench cache)
+can be loaded back later, e.g. for a side-by-side with Torch-Pruning:
+
+    import torch, bench_models
+    model = bench_models.build("resnet20_fmnist")
+    model.load_state_dict(torch.load(path / "resnet20_fmnist.pt"))
+    model.eval()
+
+All models take float32 (N,1,28,28) in [0,1] (pixel / 255) and return (N,10) logits.
+Only torch is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Width multiplier of mobilenetv1_fmnist. Full width (1.0: stem 32, blocks
+# 64..512) is affordable on a 2-core CPU once training runs channels_last
+# (see make_bench_models.py); 0.5 would halve every width.
+MOBILENET_WIDTH = 1.0
+
+
+class AlexNetMNIST(nn.Module):
+    """AlexNet-style CNN for 28x28 MNIST: 5 convs (no BN), 3 max-pools, 3 FC layers."""
+
+    def __init__(self, num_classes: int = 10, dropout: float = 0.5):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),  # 28 -> 14
+            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),  # 14 -> 7
+            nn.Conv2d(64, 96, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(96, 96, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(96, 64, 3, padding=1), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),  # 7 -> 3 (floor)
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(64 * 3 * 3, 256), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(256, 128), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(128, num_classes),
+        )
+        # Without BN, torch's default init (kaiming_uniform with a=sqrt(5))
+        # shrinks the signal layer by layer and the first epoch crawls; He init
+        # for the ReLU layers trains quickly. Only the starting point changes.
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = torch.flatten(self.features(x), 1)  # exports as Flatten (axis=1) -> Gemm
+        return self.classifier(x)
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    # No conv bias: the BN that follows supplies it (and absorbs it when folded).
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class DepthwiseSeparable(nn.Module):
+    """MobileNetV1 block: depthwise 3x3-BN-ReLU, then pointwise 1x1-BN-ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.dw = _conv_bn_relu(cin, cin, 3, stride=stride, groups=cin)
+        self.pw = _conv_bn_relu(cin, cout, 1)
+
+    def forward(self, x):
+        return self.pw(self.dw(x))
+
+
+class MobileNetV1FMNIST(nn.Module):
+    """MobileNetV1-style CNN for 28x28 Fashion-MNIST.
+
+    Stem conv3x3(1->32), then depthwise-separable blocks with output widths
+    64, 128(s2), 128, 256(s2), 256, 512 (all times ``width``), global average
+    pool, FC -> 10. Spatial size 28 -> 14 -> 7.
+    """
+
+    # (output width, stride) of each depthwise-separable block at width 1.0
+    CFG = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 1)]
+
+    def __init__(self, num_classes: int = 10, width: float = MOBILENET_WIDTH):
+        super().__init__()
+        w = lambda c: int(c * width)  # noqa: E731
+        cin = w(32)
+        self.stem = _conv_bn_relu(1, cin, 3)
+        blocks = []
+        for cout, stride in self.CFG:
+            blocks.append(DepthwiseSeparable(cin, w(cout), stride))
+            cin = w(cout)
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)  # exports as GlobalAveragePool
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block; option B shortcut (1x1 conv + BN) where the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.shortcut is None else self.shortcut(x)
+        return F.relu(out + identity)
+
+
+class ResNet20FMNIST(nn.Module):
+    """CIFAR-style ResNet-20: stem conv, 3 stages x 3 basic blocks (16/32/64), GAP, FC."""
+
+    def __init__(self, num_classes: int = 10, widths=(16, 32, 64), blocks_per_stage: int = 3):
+        super().__init__()
+        self.stem_conv = nn.Conv2d(1, widths[0], 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(widths[0])
+        stages = []
+        cin = widths[0]
+        for i, w in enumerate(widths):
+            blocks = []
+            for j in range(blocks_per_stage):
+                stride = 2 if (i > 0 and j == 0) else 1  # 28 -> 14 -> 7
+                blocks.append(BasicBlock(cin, w, stride))
+                cin = w
+            stages.append(nn.Sequential(*blocks))
+        self.stage1, self.stage2, self.stage3 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)  # exports as GlobalAveragePool
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem_bn(self.stem_conv(x)))
+        x = self.stage3(self.stage2(self.stage1(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+ARCHITECTURES = {
+    "alexnet_mnist": AlexNetMNIST,
+    "mobilenetv1_fmnist": MobileNetV1FMNIST,
+    "resnet20_fmnist": ResNet20FMNIST,
+}
+
+
+def build(name: str) -> nn.Module:
+    """A freshly initialised model of the named benchmark architecture."""
+    return ARCHITECTURES[name]()
