@@ -2,6 +2,10 @@
 
 - weights held in Constant nodes (as Paddle exports them) become initializers;
 - Identity and inference-mode Dropout are bypassed;
+- nodes computed from constants alone (an Unsqueeze of a BatchNorm scale after an
+  opset conversion, a shape computation on static axes) are folded into initializers,
+  so that per-channel parameters and reshape targets become constants the op rules
+  can slice;
 - BatchNormalization right after a Conv is folded into the Conv's weights;
 - every node gets a unique name, so later stages can refer to nodes by name.
 """
@@ -16,8 +20,12 @@ import onnx
 from onnx import numpy_helper
 
 
+FOLD_LIMIT_BYTES = 64 * 2 ** 20  # never materialise a folded constant larger than this
+
+
 @dataclass
 class PrepareLog:
+    folded_nodes: int = 0
     constants_to_initializers: int = 0
     bypassed: int = 0
     folded_batchnorms: List[str] = field(default_factory=list)
@@ -52,6 +60,38 @@ def _constants_to_initializers(graph: onnx.GraphProto, log: PrepareLog) -> None:
             keep.append(node)
     del graph.node[:]
     graph.node.extend(keep)
+
+
+def _fold_constants(model: onnx.ModelProto, log: PrepareLog) -> onnx.ModelProto:
+    """Evaluate (with onnxruntime, through onnx-graphsurgeon) the nodes whose inputs are all
+    constant, and replace them by initializers. Graph inputs and outputs are untouched."""
+    import onnx_graphsurgeon as gs
+
+    before = len(model.graph.node)
+    graph = gs.import_onnx(model)
+    try:
+        graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=FOLD_LIMIT_BYTES)
+    except Exception:  # a graph the folder cannot handle stays as it was: folding is an optimisation
+        return model
+    graph.cleanup(remove_unused_graph_inputs=False)
+    folded = gs.export_onnx(graph, do_type_check=False)
+    if len(folded.graph.node) == before:
+        return model
+    copy_model_fields(model, folded)
+    log.folded_nodes = before - len(folded.graph.node)
+    return folded
+
+
+def copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
+    """Model-level fields that a graph rebuilt by onnx-graphsurgeon does not carry."""
+    dst.ir_version = src.ir_version
+    del dst.opset_import[:]
+    dst.opset_import.extend(src.opset_import)
+    for name in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(dst, name, getattr(src, name))
+    del dst.metadata_props[:]
+    dst.metadata_props.extend(src.metadata_props)
+    dst.graph.name = src.graph.name
 
 
 def _rename_input(graph: onnx.GraphProto, old: str, new: str) -> None:
@@ -164,6 +204,8 @@ def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PrepareLog]:
     log = PrepareLog()
     graph = out.graph
     _constants_to_initializers(graph, log)
+    out = _fold_constants(out, log)
+    graph = out.graph
     _bypass_identities(graph, log)
     _fold_batchnorms(graph, log)
     _name_nodes(graph)

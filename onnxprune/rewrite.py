@@ -10,6 +10,7 @@ import onnx_graphsurgeon as gs
 
 from .analyse import Analysis
 from .ops import RewriteContext, rule_for
+from .prepare import copy_model_fields
 
 
 def rewrite(analysis: Analysis, keep_player: Optional[np.ndarray], template: onnx.ModelProto) -> Tuple[onnx.ModelProto, Set[str]]:
@@ -49,19 +50,5 @@ def rewrite(analysis: Analysis, keep_player: Optional[np.ndarray], template: onn
             tensor.shape = None  # stale after pruning; re-inferred below
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)
-    _copy_model_fields(template, model)
+    copy_model_fields(template, model)
     return onnx.shape_inference.infer_shapes(model, strict_mode=False), changed
-
-
-def _copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
-    dst.ir_version = src.ir_version
-    del dst.opset_import[:]
-    dst.opset_import.extend(src.opset_import)
-    dst.producer_name = src.producer_name
-    dst.producer_version = src.producer_version
-    dst.domain = src.domain
-    dst.model_version = src.model_version
-    dst.doc_string = src.doc_string
-    del dst.metadata_props[:]
-    dst.metadata_props.extend(src.metadata_props)
-    dst.graph.name = src.graph.name
