@@ -104,30 +104,42 @@ def gather_patches(x: np.ndarray, kernel, strides, pads, dilations, pos: np.ndar
     return patches.transpose(0, 1, 4, 2, 3).reshape(n * pos.shape[1], c * kernel[0] * kernel[1])
 
 
-class PatchFit:
-    """Exact refit of a dense 2-D Conv: new weights over the pruned input's patches."""
+class _ConvSampler:
+    """A 2-D Conv's geometry, and patches of its input at the same sampled positions in the
+    original and the pruned model."""
 
-    def __init__(self, w_orig: np.ndarray, b_orig: np.ndarray, attrs: dict, keep_in: np.ndarray, rows_per_image: int,
-                 seed: int = 0):
-        self.w = w_orig.reshape(w_orig.shape[0], -1).astype(np.float64)  # (out kept, C * taps)
-        self.b = b_orig.astype(np.float64)
+    def __init__(self, w_orig: np.ndarray, attrs: dict, rows_per_image: int, seed: int):
         self.kernel = list(w_orig.shape[2:])
         self.attrs = attrs
         self.strides = list(attrs.get("strides", [1, 1]))
         self.dilations = list(attrs.get("dilations", [1, 1]))
-        self.keep_in = keep_in
         self.rows_per_image = rows_per_image
         self.rng = np.random.default_rng(seed)
+
+    def patches(self, x_orig: np.ndarray, x_new: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        pads = conv_pads(self.attrs, x_orig.shape[2:], self.kernel, self.strides, self.dilations)
+        geometry = (self.kernel, self.strides, pads, self.dilations)
+        p_new, pos = sampled_patches(x_new, *geometry, self.rows_per_image, self.rng)
+        p_orig = im2col(x_orig, *geometry) if pos is None else gather_patches(x_orig, *geometry, pos)
+        return p_orig, p_new
+
+
+class PatchFit(_ConvSampler):
+    """Exact refit of a dense 2-D Conv: new weights over the pruned input's patches."""
+
+    def __init__(self, w_orig: np.ndarray, b_orig: np.ndarray, attrs: dict, keep_in: np.ndarray, rows_per_image: int,
+                 seed: int = 0):
+        super().__init__(w_orig, attrs, rows_per_image, seed)
+        self.w = w_orig.reshape(w_orig.shape[0], -1).astype(np.float64)  # (out kept, C * taps)
+        self.b = b_orig.astype(np.float64)
+        self.keep_in = keep_in
         d = int(keep_in.sum()) * int(np.prod(self.kernel)) + 1
         self.w32, self.b32 = self.w.astype(np.float32), self.b.astype(np.float32)
         self.gram = np.zeros((d, d))
         self.rhs = np.zeros((d, self.w.shape[0]))
 
     def add(self, x_orig: np.ndarray, x_new: np.ndarray) -> None:
-        pads = conv_pads(self.attrs, x_orig.shape[2:], self.kernel, self.strides, self.dilations)
-        geometry = (self.kernel, self.strides, pads, self.dilations)
-        p_new, pos = sampled_patches(x_new, *geometry, self.rows_per_image, self.rng)
-        p_orig = im2col(x_orig, *geometry) if pos is None else gather_patches(x_orig, *geometry, pos)
+        p_orig, p_new = self.patches(x_orig, x_new)
         # one batch's products in float32 (BLAS speed), accumulated across batches in float64
         a = _with_ones(np.ascontiguousarray(p_new, dtype=np.float32))
         target = p_orig.astype(np.float32) @ self.w32.T + self.b32  # the original layer's output
@@ -179,7 +191,7 @@ class ChannelFit:
         return new_f, new_b
 
 
-class DepthwiseFit:
+class DepthwiseFit(_ConvSampler):
     """Refit of a depthwise Conv: each kept channel's filter and bias, on its own channel.
 
     ``w_orig`` (C, 1, kh, kw) and ``b_orig`` are the original layer's, already restricted to
@@ -187,24 +199,16 @@ class DepthwiseFit:
 
     def __init__(self, w_orig: np.ndarray, b_orig: np.ndarray, attrs: dict, keep: np.ndarray, rows_per_image: int,
                  seed: int = 0):
+        super().__init__(w_orig, attrs, rows_per_image, seed)
         self.w = w_orig.reshape(w_orig.shape[0], -1).astype(np.float32)  # (K, taps)
         self.b = b_orig.astype(np.float32)
-        self.kernel = list(w_orig.shape[2:])
-        self.attrs = attrs
-        self.strides = list(attrs.get("strides", [1, 1]))
-        self.dilations = list(attrs.get("dilations", [1, 1]))
         self.keep = keep
-        self.rows_per_image = rows_per_image
-        self.rng = np.random.default_rng(seed)
         k, taps = self.w.shape
         self.gram = np.zeros((k, taps + 1, taps + 1))
         self.rhs = np.zeros((k, taps + 1))
 
     def add(self, x_orig: np.ndarray, x_new: np.ndarray) -> None:
-        pads = conv_pads(self.attrs, x_orig.shape[2:], self.kernel, self.strides, self.dilations)
-        geometry = (self.kernel, self.strides, pads, self.dilations)
-        p_new, pos = sampled_patches(x_new, *geometry, self.rows_per_image, self.rng)
-        p_orig = im2col(x_orig[:, self.keep], *geometry) if pos is None else gather_patches(x_orig[:, self.keep], *geometry, pos)
+        p_orig, p_new = self.patches(x_orig[:, self.keep], x_new)
         k, taps = self.w.shape
         a = p_new.astype(np.float32).reshape(-1, k, taps)
         a = np.concatenate([a, np.ones(a.shape[:2] + (1,), np.float32)], axis=2)  # (rows, K, taps + 1)

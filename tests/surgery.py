@@ -49,6 +49,15 @@ def prune_players(model: onnx.ModelProto, drop: Dict[int, List[int]]) -> onnx.Mo
     return rewrite(analysis, keep, prepared)[0]
 
 
+def _atoms_of(analysis: Analysis, drop: Dict[int, List[int]]) -> np.ndarray:
+    """Boolean mask of the atoms of the given players (group index -> positions in the group)."""
+    dead = np.zeros(len(analysis.atom_player), dtype=bool)
+    for g, positions in drop.items():
+        players = np.flatnonzero(analysis.player_group == g)[positions]
+        dead |= np.isin(analysis.atom_player, players)
+    return dead
+
+
 def kill_players(model: onnx.ModelProto, drop: Dict[int, List[int]]) -> onnx.ModelProto:
     """A copy of ``model`` in which the given players compute constant zero.
 
@@ -57,10 +66,7 @@ def kill_players(model: onnx.ModelProto, drop: Dict[int, List[int]]) -> onnx.Mod
     produces one of the players' channels, so removing them is exact.
     """
     prepared, analysis = analysis_of(model)
-    dead_atoms = np.zeros(len(analysis.atom_player), dtype=bool)
-    for g, positions in drop.items():
-        players = np.flatnonzero(analysis.player_group == g)[positions]
-        dead_atoms |= np.isin(analysis.atom_player, players)
+    dead_atoms = _atoms_of(analysis, drop)
     graph = analysis.graph
     for node in graph.nodes:
         out = node.outputs[0] if node.outputs else None
@@ -116,10 +122,7 @@ def unuse_players(model: onnx.ModelProto, drop: Dict[int, List[int]]) -> onnx.Mo
     from onnxprune.ops import rule_for
 
     prepared, analysis = analysis_of(model)
-    dead_atoms = np.zeros(len(analysis.atom_player), dtype=bool)
-    for g, positions in drop.items():
-        players = np.flatnonzero(analysis.player_group == g)[positions]
-        dead_atoms |= np.isin(analysis.atom_player, players)
+    dead_atoms = _atoms_of(analysis, drop)
     graph = analysis.graph
     for node in list(graph.nodes):
         rule = rule_for(node.op, node.domain or "")
