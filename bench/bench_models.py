@@ -14,9 +14,15 @@ Only torch is needed.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models"))
+from make_models import SmallResNet  # noqa: E402  (the ResNet blocks are shared with models/)
 
 # Width multiplier of mobilenetv1_fmnist. Full width (1.0: stem 32, blocks
 # 64..512) is affordable on a 2-core CPU once training runs channels_last
@@ -107,52 +113,10 @@ class MobileNetV1FMNIST(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-class BasicBlock(nn.Module):
-    """ResNet basic block; option B shortcut (1x1 conv + BN) where the shape changes."""
-
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = None
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
-            )
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        identity = x if self.shortcut is None else self.shortcut(x)
-        return F.relu(out + identity)
-
-
-class ResNet20FMNIST(nn.Module):
-    """CIFAR-style ResNet-20: stem conv, 3 stages x 3 basic blocks (16/32/64), GAP, FC."""
-
-    def __init__(self, num_classes: int = 10, widths=(16, 32, 64), blocks_per_stage: int = 3):
-        super().__init__()
-        self.stem_conv = nn.Conv2d(1, widths[0], 3, padding=1, bias=False)
-        self.stem_bn = nn.BatchNorm2d(widths[0])
-        stages = []
-        cin = widths[0]
-        for i, w in enumerate(widths):
-            blocks = []
-            for j in range(blocks_per_stage):
-                stride = 2 if (i > 0 and j == 0) else 1  # 28 -> 14 -> 7
-                blocks.append(BasicBlock(cin, w, stride))
-                cin = w
-            stages.append(nn.Sequential(*blocks))
-        self.stage1, self.stage2, self.stage3 = stages
-        self.pool = nn.AdaptiveAvgPool2d(1)  # exports as GlobalAveragePool
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x):
-        x = F.relu(self.stem_bn(self.stem_conv(x)))
-        x = self.stage3(self.stage2(self.stage1(x)))
-        return self.fc(torch.flatten(self.pool(x), 1))
+def ResNet20FMNIST(num_classes: int = 10) -> nn.Module:
+    """CIFAR-style ResNet-20: stem conv, 3 stages x 3 basic blocks (16/32/64), GAP, FC; the
+    same module as models/make_models.py's small ResNet with one more block per stage."""
+    return SmallResNet(num_classes, blocks_per_stage=3)
 
 
 ARCHITECTURES = {
