@@ -189,7 +189,7 @@ def _check_reachable(plan: _Planner, before: int, target: int, flops: float) -> 
         best = 1.0 - plan.macs(floor) / before
         raise TargetError(
             f"--flops {flops:g} cannot be reached: at most {best:.1%} of FLOPs can be removed "
-            f"(with --min-keep, --ignore and the channels that cannot be pruned)"
+            f"(with --min-keep, --round-to, --ignore and the channels that cannot be pruned)"
         )
 
 

@@ -74,7 +74,9 @@ class PruneOptions:
         (), "Leave this layer (node or tensor name) whole; repeatable.", multiple=True,
         metavar="NAME")
     round_to: int = _opt(
-        1, "Kept channel counts are multiples of N where a group is large enough.", metavar="N")
+        8, "Kept channel counts are multiples of N in groups of at least N channels: onnxruntime's "
+        "CPU kernels work in blocks of channels, and odd counts ran slower than the original "
+        "(bench/results/*-speed.md). 1 turns rounding off.", metavar="N")
     min_keep: float = _opt(
         0.1, "Fraction of each channel group that always stays (at least one channel does).")
     latency: bool = _opt(

@@ -108,7 +108,7 @@ def test_depthwise_layers_are_refitted_too():
     import tiny
     model = tiny.residual_cnn()
     x = np.random.default_rng(0).normal(size=(96, 3, 8, 8)).astype(np.float32)
-    on = onnxprune.prune(model, x, onnxprune.PruneOptions(flops=0.4, latency=False))
-    off = onnxprune.prune(model, x, onnxprune.PruneOptions(flops=0.4, latency=False, recover=False))
+    on = onnxprune.prune(model, x, onnxprune.PruneOptions(flops=0.4, latency=False, round_to=1))
+    off = onnxprune.prune(model, x, onnxprune.PruneOptions(flops=0.4, latency=False, recover=False, round_to=1))
     assert not any("no refit" in n or "ill-conditioned" in n for n in on.report.notes)
     assert on.report.fidelity_relative_error < off.report.fidelity_relative_error
