@@ -98,7 +98,9 @@ def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
         stats = collect_stats(prepared, wanted, cal, cal.fit, providers, progress)
         seconds["calibrate"] = time.perf_counter() - t
     t = time.perf_counter()
-    ranked, loss, importance = _rank(analysis, opts, stats)
+    with progress("scoring channels", 1) as update:
+        ranked, loss, importance = _rank(analysis, opts, stats)
+        update(1)
     alloc = allocate(analysis, ranked, opts.flops, opts.min_keep, opts.round_to, opts.allocation, loss)
     seconds["score_allocate"] = time.perf_counter() - t
     recovery = None
@@ -155,8 +157,10 @@ def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
         batches = [1] if cal.spec.fixed_batch else sorted({1, opts.latency_batch})
         if cal.spec.fixed_batch:
             batches = [cal.spec.fixed_batch]
-        report.latency = [dataclasses.asdict(l) for l in latency.measure(original, pruned, spec.name, sample,
-                                                                          batches, providers)]
+        with progress("measuring latency", 1) as update:
+            report.latency = [dataclasses.asdict(l) for l in latency.measure(original, pruned, spec.name, sample,
+                                                                              batches, providers)]
+            update(1)
         seconds["latency"] = time.perf_counter() - t
 
     report.input_path = loaded.path
