@@ -1,7 +1,7 @@
 """Sweep onnxprune over the model-zoo CNNs that ship inside the ``onnx`` wheel.
 
     python bench/corpus.py [--models alexnet,squeezenet,...] [--skip-prune]
-                           [--recover-smallest 4] [--fold] [--out bench/results/corpus.md]
+                           [--recover-smallest 4] [--out bench/results/corpus.md]
 
 The graphs under onnx/backend/test/data/light/ (AlexNet, DenseNet-121,
 Inception v1/v2, ResNet-50, ShuffleNet, SqueezeNet, VGG-19, ZFNet-512) are the
@@ -244,47 +244,6 @@ def expose_logits(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-# Ops that only reshape or convert a tensor: when all their inputs are constants the
-# output is a constant too (DenseNet and Inception v2 Unsqueeze their scale-layer
-# parameters, Inception v1 Reshapes its classifier weight).
-FOLDABLE = ("Unsqueeze", "Squeeze", "Reshape", "Transpose", "Cast", "Flatten", "Identity")
-
-
-def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy in which every FOLDABLE node of constant inputs is replaced by an initializer.
-
-    Not part of the corpus preparation: a diagnostic of what onnxprune's prepare
-    stage would gain if it folded such nodes (--fold runs the sweep on folded models).
-    """
-    from onnx.reference import ReferenceEvaluator
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    g = m.graph
-    values = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    outs = {o.name for o in g.output}
-    keep = []
-    for node in g.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outs:
-            # the opset converter gives Unsqueeze its axes as a Constant node
-            values[node.output[0]] = ReferenceEvaluator(node).run(None, {})[0]
-            g.initializer.append(numpy_helper.from_array(np.asarray(values[node.output[0]]), node.output[0]))
-        elif (node.op_type in FOLDABLE and node.domain in ("", "ai.onnx") and len(node.output) == 1
-                and node.output[0] not in outs and all(i in values for i in node.input if i)):
-            result = ReferenceEvaluator(node).run(None, {i: values[i] for i in node.input if i})[0]
-            values[node.output[0]] = result
-            g.initializer.append(numpy_helper.from_array(np.asarray(result), node.output[0]))
-        else:
-            keep.append(node)
-    del g.node[:]
-    g.node.extend(keep)
-    used = {i for n in g.node for i in n.input} | outs
-    inits = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    return m
-
-
 # -- the measurements -----------------------------------------------------------
 
 @dataclass
@@ -295,7 +254,6 @@ class Row:
     gmacs: Optional[float] = None
     logit_std: Optional[float] = None
     prunable_share: Optional[float] = None
-    folded_share: Optional[float] = None  # diagnostic: share if constant Unsqueeze/Reshape were folded
     n_prunable: Optional[int] = None
     n_blocked: Optional[int] = None
     blocking_ops: Dict[str, float] = field(default_factory=dict)  # op of first reason -> MAC share of its groups
@@ -351,9 +309,6 @@ def measure_analysis(row: Row, model: onnx.ModelProto) -> None:
     row.blocking_ops = dict(sorted(ops.items(), key=lambda kv: -kv[1]))
     row.blocked_top = sorted(((b.macs_share, b.channels, b.name, b.reasons) for b in report.blocked),
                              key=lambda r: -r[0])
-    folded = fold_constants(model)
-    if len(folded.graph.node) != len(model.graph.node):
-        row.folded_share = analyze(folded, onnxprune.PruneOptions()).prunable_macs_share
 
 
 def measure_dead_channels(row: Row, model: onnx.ModelProto, x: np.ndarray, per_group: bool, seed: int) -> None:
@@ -418,8 +373,6 @@ def run_model(name: str, args) -> Row:
     print(f"== {name}", file=sys.stderr, flush=True)
     row.nodes_zoo = len(onnx.load(os.path.join(ZOO, MODELS[name])).graph.node)
     model = _guard(row, "build", lambda: build(name, args.seed))
-    if model is not None and args.fold:
-        model = _guard(row, "fold", lambda: fold_constants(model))
     if model is None:
         return row
     row.nodes = len(model.graph.node)
@@ -434,7 +387,12 @@ def run_model(name: str, args) -> Row:
         calib = input_of(model, args.calib, args.seed + 1)
         cell = _guard(row, "prune no-recover", lambda: measure_prune(row, model, calib, x2, False))
         row.prune["no-recover"] = cell if cell is not None else _error_cell(row, "prune no-recover")
-        if name in args.recover_models:
+        target_error = any(s == "prune no-recover" and c == "TargetError" for s, c, *_ in row.errors)
+        if name in args.recover_models and target_error:
+            # same analysis, same target: recovery cannot make more channels removable, and
+            # onnxprune only finds out after calibrating (12 min on AlexNet)
+            row.prune["recover"] = "skipped: TargetError without recovery"
+        elif name in args.recover_models:
             cell = _guard(row, "prune recover", lambda: measure_prune(row, model, calib, x2, True))
             row.prune["recover"] = cell if cell is not None else _error_cell(row, "prune recover")
     return row
@@ -469,12 +427,13 @@ def markdown(rows: List[Row], args, started: datetime.datetime, elapsed: float) 
         f"- date: {started:%Y-%m-%d %H:%M} (sweep took {elapsed / 60:.1f} min)",
         f"- machine: {platform.node()}, {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"onnx {onnx.__version__}, onnxruntime {ort.__version__}",
-        f"- command: `{' '.join(['python'] + sys.argv)}`",
+        f"- command: `{' '.join(['python'] + sys.argv)}`; onnxprune at {_git_rev()}",
         f"- models: onnx/backend/test/data/light (opset 9 zoo graphs), random He-init weights "
         f"(seed {args.seed}), converted to opset {TARGET_OPSET}, batch axis made dynamic"
-        + (", **constant Unsqueeze/Reshape folded into initializers (--fold)**" if args.fold else ""),
-        "- prunable share (if folded): `report.prunable_macs_share`; in brackets the share after folding "
-        "constant Unsqueeze/Reshape nodes into initializers, where that changes the graph",
+,
+        "- prunable share: `report.prunable_macs_share` of `onnxprune.api.analyze`; blocked on: for each op "
+        "named first in a blocked group's reasons, the summed MAC share of those groups (a layer is counted by "
+        "every group it reads or writes, so these shares overlap and can pass 100%)",
         f"- dead channels: a third of every prunable group's players, made unused (consumers' weights zero) "
         "or killed (producers zero), then pruned; max relative error over the outputs plus the pre-softmax "
         f"logits, at batch 2; one plan per group plus all at once for models up to {args.per_group_gmacs} GMACs, "
@@ -483,7 +442,7 @@ def markdown(rows: List[Row], args, started: datetime.datetime, elapsed: float) 
         f"{args.calib} random-normal inputs; fid. err / top-1 are onnxprune's own fidelity report (softmax "
         "outputs, hold-out), logit err is the relative error of the pre-softmax logits on 2 fresh inputs",
         "",
-        "| model | nodes (zoo → op13) | GMACs | prunable share (if folded) | groups prunable / blocked | "
+        "| model | nodes (zoo → op13) | GMACs | prunable share | groups prunable / blocked | "
         "blocked on (op: MAC share of groups blocked first by it) | no-op err | dead err unused / killed | "
         "prune 0.3, no recover | prune 0.3, recover |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -492,7 +451,7 @@ def markdown(rows: List[Row], args, started: datetime.datetime, elapsed: float) 
         blocking = ", ".join(f"{op} {share:.0%}" for op, share in r.blocking_ops.items()) or "—"
         groups = "—" if r.n_prunable is None else f"{r.n_prunable} / {r.n_blocked}"
         killed = _err(r.killed_err) if r.killed_applicable else "n/a"
-        dead = "—" if r.unused_err is None else f"{_err(r.unused_err)} / {killed}"
+        dead = "—" if r.unused_err is None else f"{_err(r.unused_err)} / {killed} ({r.dropped} players, {r.dead_mode})"
         if r.dead_mode == "no group":
             dead = "no group"
         elif any(s == "dead channels" for s, *_ in r.errors):
@@ -503,7 +462,7 @@ def markdown(rows: List[Row], args, started: datetime.datetime, elapsed: float) 
             continue
         lines.append(
             f"| {r.name} | {r.nodes_zoo} → {r.nodes} | {'—' if r.gmacs is None else f'{r.gmacs:.2f}'} | "
-            f"{_pct(r.prunable_share)}{'' if r.folded_share is None else f' ({_pct(r.folded_share)})'} | {groups} | {_md(blocking)} | {_err(r.noop_err)} | {_md(dead)} | "
+            f"{_pct(r.prunable_share)} | {groups} | {_md(blocking)} | {_err(r.noop_err)} | {_md(dead)} | "
             f"{_md(r.prune.get('no-recover', 'skipped'))} | {_md(r.prune.get('recover', 'not run'))} |")
     lines += ["", "## Blocked groups by MAC share (top 6 per model, first two reasons)", ""]
     for r in rows:
@@ -547,6 +506,19 @@ def _tail(tb: str, n: int) -> List[str]:
     return lines if len(lines) <= n else ["..."] + lines[-n:]
 
 
+def _git_rev() -> str:
+    import subprocess
+
+    try:
+        rev = subprocess.run(["git", "-C", ROOT, "log", "-1", "--format=%h %s"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "onnxprune"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return f"commit {rev}" + (" (onnxprune/ modified)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown commit"
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -569,9 +541,6 @@ def main(argv=None) -> int:
                     help="dead-channel plans per group (as the test-suite does) on models up to this many GMACs")
     # a handful of samples: these are 224x224 ImageNet nets on a 2-core machine
     ap.add_argument("--calib", type=int, default=8, help="random-normal calibration inputs for prune")
-    ap.add_argument("--fold", action="store_true",
-                    help="diagnostic: fold constant Unsqueeze/Reshape/... into initializers before everything "
-                         "(what onnxprune would see if its prepare stage did this)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "corpus.md"))
     args = ap.parse_args(argv)
@@ -600,8 +569,8 @@ def main(argv=None) -> int:
 
 # MACs per 224x224 image as onnxprune counts them (Conv + Gemm), to order models
 # by cost before they are built; refreshed from this script's own GMACs column
-ZOO_GMACS = {"shufflenet": 0.13, "squeezenet": 0.83, "alexnet": 0.72, "zfnet512": 1.2, "inception_v1": 1.6,
-             "inception_v2": 2.0, "densenet121": 2.9, "resnet50": 4.1, "vgg19": 19.6}
+ZOO_GMACS = {"shufflenet": 0.12, "squeezenet": 0.35, "alexnet": 0.65, "inception_v1": 1.43, "zfnet512": 1.48,
+             "inception_v2": 2.02, "densenet121": 2.83, "resnet50": 4.09, "vgg19": 19.63}
 
 if __name__ == "__main__":
     sys.exit(main())
