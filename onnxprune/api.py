@@ -88,8 +88,13 @@ def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
     analysis = _analysis_of(prepared, cal, opts)
     seconds["load_prepare_analyse"] = time.perf_counter() - t
     if not analysis.prunable_groups():
-        reasons = sorted({r for g in analysis.groups for r in g.reasons[:1]})
-        raise TargetError("no channel group of this model can be pruned: " + (reasons[0] if reasons else "none found"))
+        # quote the blocked group that holds the most FLOPs, not the image input's channels
+        share = analysis.group_macs()
+        blocked = [g for g in analysis.groups if g.reasons and not all("(input)" in r for r in g.reasons)]
+        blocked.sort(key=lambda g: -share.get(g.index, 0))
+        reason = next((r for r in blocked[0].reasons if "(input)" not in r), blocked[0].reasons[0]) if blocked else "none found"
+        raise TargetError(f"no channel group of this model can be pruned; the largest is blocked by {reason} "
+                          "(onnxprune IN --analyze lists them all)")
 
     stats = None
     if opts.criterion in NEEDS_STATS or opts.recover:

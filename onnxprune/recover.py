@@ -278,7 +278,8 @@ def _make_fit(node_o: onnx.NodeProto, node_p: onnx.NodeProto, inits, keep, repea
             rows = ROWS_PER_UNKNOWN * (int(in_mask.sum()) * taps + 1)
             return PatchFit(w_kept, bias, attrs, in_mask, rows_per_image=max(1, -(-rows // max(images, 1))), seed=seed)
     r = repeat(node_o.input[0])
-    return ChannelFit(to_channel_view(filters, r), bias, r)
+    keep_channels = None if keep_in is None else keep_in[::r]
+    return ChannelFit(to_channel_view(filters, r), bias, r, keep_channels)
 
 
 def _mini_graph_from(node: onnx.NodeProto, weight: np.ndarray) -> gs.Graph:

@@ -162,12 +162,14 @@ class ChannelFit:
     ``repeat`` > 1 views a flattened (N, C * repeat) input as (N, C, repeat).
     """
 
-    def __init__(self, filters: np.ndarray, bias: np.ndarray, repeat: int = 1):
+    def __init__(self, filters: np.ndarray, bias: np.ndarray, repeat: int = 1, keep_in: Optional[np.ndarray] = None):
         self.f = filters.astype(np.float64)
         self.b = bias.astype(np.float64)
         self.repeat = repeat
+        self.keep_in = keep_in  # which original channels the pruned input's channels are
         self.gram = None
         self.cross = None
+        self.rows = 0
 
     def _pixels(self, x: np.ndarray) -> np.ndarray:
         x = x.reshape(x.shape[0], -1, self.repeat) if self.repeat > 1 else x.reshape(x.shape[0], x.shape[1], -1)
@@ -181,9 +183,27 @@ class ChannelFit:
             self.cross = np.zeros((a.shape[1], t.shape[1]))
         self.gram += a.T @ a
         self.cross += a.T @ t
+        self.rows += a.shape[0]
+
+    def _means_only(self) -> np.ndarray:
+        """Each kept channel stands for itself, shifted to its original mean; each removed one
+        for its mean. Used when there are too few samples for a regression."""
+        k = self.gram.shape[0] - 1
+        mean_new = self.gram[-1, :-1] / self.rows
+        mean_orig = self.cross[-1] / self.rows
+        keep = self.keep_in if self.keep_in is not None else np.arange(self.cross.shape[1]) < k
+        theta = np.zeros((k + 1, self.cross.shape[1]))
+        kept = np.flatnonzero(keep)
+        theta[np.arange(k), kept] = 1.0
+        theta[-1] = mean_orig
+        theta[-1, kept] -= mean_new
+        return theta
 
     def solve(self, ridge: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-        theta = _solve(self.gram, self.cross, ridge)  # x_orig ~ [x_new, 1] theta
+        if self.rows < 2 * self.gram.shape[0]:
+            theta = self._means_only()  # fewer samples than unknowns: a regression would overfit
+        else:
+            theta = _solve(self.gram, self.cross, ridge)  # x_orig ~ [x_new, 1] theta
         if theta is None:
             return None
         new_f = np.einsum("kc,cot->kot", theta[:-1], self.f)

@@ -112,6 +112,9 @@ def _loss_curve(q: np.ndarray, order: np.ndarray) -> np.ndarray:
     return np.maximum(tail[::-1], 0.0)  # loss[k] has n - k removed
 
 
+REFIT_GAME_LIMIT = 1024  # channels per group up to which the refit payoff is computed
+
+
 def refit_games(analysis: Analysis, stats: ChannelStats, games: Dict[int, GroupGame]) -> Dict[int, GroupGame]:
     """The refit payoff: channels interact through how well the kept ones stand in for the
     removed ones once the consumers are refitted, as recovery will do.
@@ -127,12 +130,15 @@ def refit_games(analysis: Analysis, stats: ChannelStats, games: Dict[int, GroupG
     """
     for g, game in games.items():
         players = game.players
+        if len(players) > REFIT_GAME_LIMIT:
+            continue  # the elimination is cubic in the group's size: keep the closed-form game
         local = {int(p): i for i, p in enumerate(players)}
         fits = []
         for consumer in find_consumers(analysis):
-            cov = stats[consumer.tensor].covariance()
-            if cov.ndim != 2:
-                continue
+            s = stats[consumer.tensor]
+            cov = s.covariance()
+            if cov.ndim != 2 or s.count < 2 * cov.shape[0]:
+                continue  # fewer samples than channels: a regression on them would be noise
             found = analysis.atom_player[consumer.channel_atoms(analysis)]
             mine = np.flatnonzero(analysis.player_group[found] == g)
             if len(mine) == 0 or len(np.unique(found[mine])) != len(mine):

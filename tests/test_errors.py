@@ -151,3 +151,13 @@ def test_opset_older_than_supported(work, capsys):
     model = tiny.plain_cnn(opset=9)
     onnx.save(model, work / "old.onnx")
     _expect_error(work, capsys, _prune_args(work, model=work / "old.onnx"), 3, ["opset 9", "oldest supported (11)"])
+
+
+def test_nothing_prunable_names_the_blocking_op(work, capsys):
+    import tiny
+    b = tiny.Builder(channels=1, size=28)
+    x = b.relu(b.conv("input", 1, 8))
+    model = b.model(b.conv(b.node("Softmax", [x], axis=1), 8, 4))
+    onnx.save(model, work / "blocked.onnx")
+    _expect_error(work, capsys, _prune_args(work, model=work / "blocked.onnx"), 4,
+                  ["no channel group of this model can be pruned", "Softmax", "--analyze"])

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -40,10 +39,15 @@ def test_sigterm_during_calibration_leaves_nothing(tmp_path):
     proc = subprocess.Popen(_cli(MODEL, str(out_dir / "o.onnx"), "--calib", str(tmp_path / "x.npy"), "--flops", "0.5",
                                  "--max-images", "3000", "--batch-size", "8"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(5)  # past start-up and into the calibration and refit passes
+    seen = []
+    for line in proc.stderr:  # the progress labels say when calibration has begun
+        seen.append(line)
+        if line.startswith("calibrating"):
+            break
     assert proc.poll() is None, "the run finished before it could be interrupted"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
+    err = "".join(seen) + err
     assert proc.returncode == 143, err
     assert "terminated" in err and "Traceback" not in err
     assert os.listdir(out_dir) == []

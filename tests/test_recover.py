@@ -112,3 +112,17 @@ def test_depthwise_layers_are_refitted_too():
     off = onnxprune.prune(model, x, onnxprune.PruneOptions(flops=0.4, latency=False, recover=False, round_to=1))
     assert not any("no refit" in n or "ill-conditioned" in n for n in on.report.notes)
     assert on.report.fidelity_relative_error < off.report.fidelity_relative_error
+
+
+def test_channel_fit_with_fewer_samples_than_channels_keeps_means_only():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(5, 8)) + 3.0  # five samples, eight channels
+    keep = np.array([1, 1, 1, 1, 1, 0, 0, 0], dtype=bool)
+    filters = rng.normal(size=(8, 2, 1))
+    bias = rng.normal(size=2)
+    fit = ChannelFit(filters, bias, 1, keep)
+    fit.add(x, x[:, keep])
+    f, b2 = fit.solve(ridge=1e-3)
+    # kept channels keep their weights; removed ones contribute their mean through the bias
+    np.testing.assert_allclose(f[:, :, 0], filters[keep, :, 0], atol=1e-9)
+    np.testing.assert_allclose(b2, bias + x[:, ~keep].mean(axis=0) @ filters[~keep, :, 0], atol=1e-9)
