@@ -6,7 +6,7 @@ import numpy as np
 
 from tiny import Builder
 
-BLOCKS = ("conv", "conv_bn", "residual", "depthwise", "concat", "squeeze_excite", "pool")
+BLOCKS = ("conv", "conv_bn", "residual", "depthwise", "concat", "squeeze_excite", "pool", "grouped")
 
 
 def _act(b: Builder, x: str, rng, opset: int) -> str:
@@ -39,6 +39,9 @@ def random_net(seed: int, opset: int, depth: int, blocks=BLOCKS):
             y = _act(b, b.conv(x, c, c), rng, opset)
             y = b.conv(y, c, c)
             x = _act(b, b.node("Add", [y, x]), rng, opset)
+        elif kind == "grouped" and c % 2 == 0:
+            out = 2 * max(1, width // 2)
+            x, c = _act(b, b.conv(x, c, out, group=2), rng, opset), out
         elif kind == "depthwise":
             x = _act(b, b.conv(x, c, c, group=c), rng, opset)
         elif kind == "concat":

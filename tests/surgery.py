@@ -127,6 +127,15 @@ def unuse_players(model: onnx.ModelProto, drop: Dict[int, List[int]]) -> onnx.Mo
     for node in list(graph.nodes):
         rule = rule_for(node.op, node.domain or "")
         atoms = analysis.cmap.get(node.inputs[0].name) if node.inputs else None
+        group = int(node.attrs.get("group", 1)) if node.op == "Conv" else 1
+        if atoms is not None and group > 1 and node.inputs[1].values.shape[1] > 1:
+            # a grouped conv: dead channel i of every group is input index i of every filter
+            dead = dead_atoms[atoms].reshape(group, -1)[0]
+            if dead.any():
+                w = node.inputs[1].values.copy()
+                w[:, dead] = 0
+                node.inputs[1].values = w
+            continue
         if atoms is None or rule.input_filters(node) is None:
             continue
         dead = dead_atoms[atoms]

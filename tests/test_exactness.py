@@ -8,7 +8,7 @@ import tiny
 from surgery import analysis_of, kill_players, outputs, prune_players, rel_error, sample
 
 MODELS = {"plain": tiny.plain_cnn, "residual": tiny.residual_cnn, "concat": tiny.concat_cnn,
-          "paddle_constants": tiny.constant_node_cnn,
+          "paddle_constants": tiny.constant_node_cnn, "grouped": tiny.grouped_cnn,
           "plain_opset11": lambda: tiny.plain_cnn(opset=11), "residual_opset11": lambda: tiny.residual_cnn(opset=11),
           "residual_opset21": lambda: tiny.residual_cnn(opset=21)}
 

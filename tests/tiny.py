@@ -117,3 +117,14 @@ def constant_node_cnn(seed: int = 0) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(nodes)
     return model
+
+
+def grouped_cnn(seed: int = 0) -> onnx.ModelProto:
+    """ResNeXt/AlexNet-style grouped convs: 2 and 4 groups, one feeding a residual Add."""
+    b = Builder(seed=seed)
+    x = b.relu(b.conv("input", 3, 8))
+    y = b.relu(b.conv(x, 8, 8, group=2))
+    x = b.relu(b.node("Add", [b.conv(y, 8, 8, group=4), x]))
+    x = b.relu(b.conv(x, 8, 12, group=2))
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
+    return b.model(b.gemm(x, 12, 5), ["N", 5])

@@ -36,8 +36,17 @@ class ConvRule(Rule):
         elif _is_depthwise(group, cin, cout):
             st.set_channels(y, st.channels(x))
         else:
-            st.block_inputs(node, f"grouped Conv with {group} groups")
-            st.opaque_outputs(node, f"grouped Conv with {group} groups")
+            # grouped: every group must keep the same channels, so channel i of each group is
+            # one player, on the input (tied across groups) and on the filters (made tied)
+            x_atoms = st.channels(x)
+            if x_atoms is None or len(x_atoms) != cin or cout % group:
+                st.block_inputs(node, f"grouped Conv with {group} groups and unknown input channels")
+                st.opaque_outputs(node, f"grouped Conv with {group} groups")
+                return
+            per_group = x_atoms.reshape(group, -1)
+            for k in range(1, group):
+                st.union(per_group[0], per_group[k])
+            st.set_channels(y, np.tile(st.fresh(cout // group, node), group))
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         w = const(node.inputs[1])
@@ -51,6 +60,8 @@ class ConvRule(Rule):
                 ctx.set_constant(node, 2, const(b)[keep_out])
         if group == 1 and keep_in is not None:
             new_w = new_w[:, keep_in]
+        elif group > 1 and keep_in is not None and not _is_depthwise(group, w.shape[1] * group, w.shape[0]):
+            new_w = new_w[:, keep_in.reshape(group, -1)[0]]  # the same input channels in every group
         if _is_depthwise(group, w.shape[1] * group, w.shape[0]) and keep_out is not None:
             node.attrs["group"] = int(keep_out.sum())
         if new_w is not w:
