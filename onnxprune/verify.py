@@ -11,7 +11,7 @@ import onnx
 from .data import CalibrationSet
 from .errors import InternalError
 from .progress import Progress, silent
-from .runtime import make_session, run
+from .runtime import expose, make_session, run
 
 
 def _io_signature(vis) -> List[tuple]:
@@ -55,22 +55,36 @@ class Fidelity:
 
 
 def _is_classifier(out: np.ndarray) -> bool:
-    return out.ndim == 2 and out.shape[1] > 1
+    """(N, K) scores, or (N, K, 1, 1) as fully convolutional classifiers give them."""
+    return out.ndim >= 2 and out.shape[1] > 1 and all(d == 1 for d in out.shape[2:])
+
+
+def _compared_tensors(model: onnx.ModelProto) -> List[str]:
+    """What fidelity compares: each output, or the input of the Softmax that makes it. A
+    saturated softmax hides changes in the scores that a later calibration may expose."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    names = []
+    for out in model.graph.output:
+        node = producer.get(out.name)
+        names.append(node.input[0] if node is not None and node.op_type in ("Softmax", "LogSoftmax") else out.name)
+    return names
 
 
 def fidelity(original: onnx.ModelProto, pruned: onnx.ModelProto, cal: CalibrationSet, providers: List[str],
              progress: Progress = silent) -> Fidelity:
     held_out = len(cal.holdout) > 0
     indices = cal.holdout if held_out else cal.fit
-    s_old, s_new = make_session(original, providers), make_session(pruned, providers)
+    names = _compared_tensors(original)
+    s_old = make_session(expose(original, names), providers)
+    s_new = make_session(expose(pruned, names), providers)
     agree = total = 0
     err = norm = 0.0
     classifier = None
     with progress("measuring fidelity", len(indices)) as update:
         for b, batch in enumerate(cal.batches(indices)):
             real = cal.real_count(b, indices)
-            old = run(s_old, cal.spec.name, batch)
-            new = run(s_new, cal.spec.name, batch)
+            old = run(s_old, cal.spec.name, batch, names)
+            new = run(s_new, cal.spec.name, batch, names)
             for a, c in zip(old, new):
                 a = np.asarray(a[:real], np.float64)
                 c = np.asarray(c[:real], np.float64)

@@ -121,3 +121,22 @@ def test_report_carries_measured_latency(tmp_path, capsys):
     assert run([model_path, str(tmp_path / "o.onnx"), "--calib", calib, "--flops", "0.5", "--max-images", "32",
                 "--no-latency", "--report", str(report)]) == 0
     assert json.loads(report.read_text())["latency"] == []
+
+
+def test_fidelity_is_measured_before_a_final_softmax():
+    import tiny
+    import onnxprune
+
+    def net(softmax):
+        b = tiny.Builder(seed=2)
+        x = b.relu(b.conv("input", 3, 16))
+        x = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
+        y = b.gemm(x, 16, 10)
+        return b.model(b.node("Softmax", [y], axis=1) if softmax else y, ["N", 10])
+
+    x = np.random.default_rng(0).normal(size=(40, 3, 8, 8)).astype(np.float32)
+    opts = onnxprune.PruneOptions(flops=0.4, round_to=1, latency=False)
+    plain = onnxprune.prune(net(False), x, opts).report
+    soft = onnxprune.prune(net(True), x, opts).report
+    assert plain.fidelity_relative_error > 0
+    assert abs(soft.fidelity_relative_error - plain.fidelity_relative_error) < 1e-6
