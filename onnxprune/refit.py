@@ -200,7 +200,7 @@ class ChannelFit:
         return theta
 
     def solve(self, ridge: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-        if self.rows < 2 * self.gram.shape[0]:
+        if self.rows < self.gram.shape[0]:
             theta = self._means_only()  # fewer samples than unknowns: a regression would overfit
         else:
             theta = _solve(self.gram, self.cross, ridge)  # x_orig ~ [x_new, 1] theta
