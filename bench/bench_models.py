@@ -19,7 +19,6 @@ import sys
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models"))
 from make_models import SmallResNet  # noqa: E402  (the ResNet blocks are shared with models/)

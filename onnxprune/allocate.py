@@ -54,7 +54,7 @@ class MacModel:
         for node in analysis.mac_nodes:
             asked: List[str] = []
 
-            def count(name: str) -> int:
+            def count(name: str, asked: List[str] = asked) -> int:
                 asked.append(name)
                 return self._full(name)
 

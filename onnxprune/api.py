@@ -131,7 +131,7 @@ def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
         seq = refit_sequential(prepared, pruned, keep_fn, repeat_fn, changed, cal, cal.fit, providers, progress,
                                seed=opts.seed)
         seconds["refit"] = time.perf_counter() - t
-        report.refitted_layers = len(seq.patch) + len(seq.channel)
+        report.refitted_layers += len(seq.patch) + len(seq.channel)
         if seq.failed:
             report.notes.append("ill-conditioned refit, left as sliced: " + ", ".join(seq.failed))
         if seq.unsupported:

@@ -36,7 +36,7 @@ def _floats(text, count=None):
     try:
         values = tuple(float(v) for v in str(text).split(","))
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}")
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
     if count is not None and len(values) != count:
         raise click.BadParameter(f"expected {count} comma-separated numbers, got {text!r}")
     return values

@@ -41,7 +41,6 @@ class InputSpec:
 
 
 def input_spec(model, opts: PruneOptions) -> InputSpec:
-    import onnx
     from onnx import helper
 
     from .prepare import data_inputs

@@ -139,7 +139,6 @@ def _refit_candidates(pruned: onnx.ModelProto, changed: set) -> List[int]:
     out = []
     for i, node in enumerate(pruned.graph.node):
         dirty_in = any(n in dirty_tensors for n in node.input)
-        rule = rule_for(node.op_type, node.domain)
         if dirty_in and node.op_type in ("Conv", "Gemm", "MatMul"):
             out.append(i)
         if dirty_in or node.name in changed:
@@ -191,7 +190,7 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                 start_p = seg_p.cuts[step - 1] if step else 0
                 sess_o = make_session(seg_o.segment(original, start_o, seg_o.cuts[step], prev_live_o, live_o), providers)
                 sess_p = make_session(seg_p.segment(pruned, start_p, seg_p.cuts[step], prev_live_p, live_p), providers)
-                fit = _make_fit(node_o, node_p, o_inits, keep, repeat, n, seed + step)
+                fit = _make_fit(original, node_o, o_inits, keep, repeat, n, seed + step)
                 new_o, new_p = Frontier(folder), Frontier(folder)
                 for b0 in range(0, n, bs):
                     real = min(bs, n - b0)
@@ -243,7 +242,7 @@ def _in_order_of(model: onnx.ModelProto, reference: onnx.ModelProto) -> onnx.Mod
     return out
 
 
-def _make_fit(node_o: onnx.NodeProto, node_p: onnx.NodeProto, inits, keep, repeat, images: int, seed: int):
+def _make_fit(original: onnx.ModelProto, node_o: onnx.NodeProto, inits, keep, repeat, images: int, seed: int):
     w = inits.get(node_o.input[1])
     if w is None:
         return None
@@ -264,7 +263,7 @@ def _make_fit(node_o: onnx.NodeProto, node_p: onnx.NodeProto, inits, keep, repea
         rows = ROWS_PER_UNKNOWN * (int(np.prod(w.shape[2:])) + 1)
         return DepthwiseFit(w[out_mask], bias, attrs, out_mask, rows_per_image=max(1, -(-rows // max(images, 1))),
                             seed=seed)
-    graph = _mini_graph_from(node_o, w)
+    graph = _mini_graph(original, node_o)
     rule = rule_for(node_o.op_type, node_o.domain)
     filters = rule.input_filters(graph.nodes[0])
     if filters is None:
@@ -280,15 +279,6 @@ def _make_fit(node_o: onnx.NodeProto, node_p: onnx.NodeProto, inits, keep, repea
     r = repeat(node_o.input[0])
     keep_channels = None if keep_in is None else keep_in[::r]
     return ChannelFit(to_channel_view(filters, r), bias, r, keep_channels)
-
-
-def _mini_graph_from(node: onnx.NodeProto, weight: np.ndarray) -> gs.Graph:
-    x = onnx.helper.make_empty_tensor_value_info(node.input[0])
-    w = numpy_helper.from_array(weight, node.input[1])
-    n = onnx.helper.make_node(node.op_type, list(node.input[:2]), list(node.output), name=node.name)
-    n.attribute.extend(node.attribute)
-    g = onnx.helper.make_graph([n], "one", [x], [onnx.helper.make_empty_tensor_value_info(node.output[0])], [w])
-    return gs.import_onnx(onnx.helper.make_model(g))
 
 
 def _out_channels(node: onnx.NodeProto, w: np.ndarray, attrs: dict) -> int:

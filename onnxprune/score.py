@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -18,7 +18,7 @@ def _filter_norms(analysis: Analysis, order: int) -> np.ndarray:
     """Sum over each player's producing filters of their L1 or L2 norm."""
     nodes = {n.name: n for n in analysis.graph.nodes}
     atom_norm = np.zeros(len(analysis.atom_player))
-    for s, space in enumerate(analysis.spaces):
+    for space in analysis.spaces:
         node = nodes.get(space.node)
         if node is None or not space.prunable:
             continue

@@ -32,10 +32,9 @@ group is the payoff retained when its k most important channels are kept.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from .analyse import Analysis
 from .calibrate import ChannelStats
@@ -68,13 +67,12 @@ def group_games(analysis: Analysis, stats: ChannelStats, centred: bool = True) -
     """``centred``: channels outside a coalition take their mean (True) or zero (False)."""
     q_by_group: Dict[int, np.ndarray] = {}
     members: Dict[int, np.ndarray] = {}
-    local: Dict[int, np.ndarray] = {}  # global player -> index within its group
     for g in analysis.prunable_groups():
         players = np.flatnonzero(analysis.player_group == g.index)
         members[g.index] = players
         q_by_group[g.index] = np.zeros((len(players), len(players)))
     lookup = np.full(analysis.num_players, -1, dtype=np.int64)
-    for g, players in members.items():
+    for players in members.values():
         lookup[players] = np.arange(len(players))
     for consumer in find_consumers(analysis):
         qp = _channel_q(analysis, consumer, stats, centred)
@@ -105,7 +103,6 @@ def group_games(analysis: Analysis, stats: ChannelStats, centred: bool = True) -
 
 def _loss_curve(q: np.ndarray, order: np.ndarray) -> np.ndarray:
     """loss[k] = 1_R^T Q 1_R with R the players outside the k best."""
-    n = len(order)
     rev = q[np.ix_(order[::-1], order[::-1])]
     blocks = np.cumsum(np.cumsum(rev, axis=0), axis=1)  # blocks[m-1, m-1] = sum of the m least important
     tail = np.concatenate([[0.0], np.diag(blocks)])  # tail[m] for m removed

@@ -1,7 +1,6 @@
 """Allocation: the FLOPs target is met exactly as counted, with rounding, floors and curves."""
 
 import numpy as np
-import onnx
 import pytest
 
 import tiny

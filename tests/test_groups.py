@@ -1,10 +1,9 @@
 """Channel groups found by the analysis, one topology per test."""
 
-import numpy as np
 
 import tiny
 from onnxprune.flops import count_macs
-from surgery import analysis_of, input_shape, outputs, prune_players, sample
+from surgery import analysis_of, input_shape, prune_players
 from tiny import Builder
 
 

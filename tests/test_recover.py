@@ -5,7 +5,6 @@ import onnx
 import onnxprune
 import pytest
 
-from onnxprune.calibrate import TensorStats
 from onnxprune.refit import ChannelFit, PatchFit, im2col
 from surgery import outputs, rel_error
 from tiny import Builder

@@ -4,7 +4,6 @@ import itertools
 import math
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from onnxprune.calibrate import TensorStats, ChannelStats
 from onnxprune.snpfi import _loss_curve, group_games

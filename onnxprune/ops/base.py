@@ -236,5 +236,17 @@ def prod(values) -> int:
     return out
 
 
+def axes_of(node: gs.Node, input_index: int):
+    """Axes from the attribute (older opsets) or a constant input (newer ones): a list, None
+    when the node has none, or "missing" when they are computed at run time."""
+    if "axes" in node.attrs:
+        return list(node.attrs["axes"])
+    t = opt_input(node, input_index)
+    if t is None:
+        return None
+    value = const(t)
+    return "missing" if value is None else value.reshape(-1).tolist()
+
+
 def normalise_axes(axes, rank: int) -> List[int]:
     return sorted(int(a) % rank for a in axes)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import ChannelState, RewriteContext, Rule, attr, const, normalise_axes, opt_input, prod
+from .base import ChannelState, RewriteContext, Rule, attr, axes_of, const, normalise_axes, opt_input, prod
 
 
 class ConcatRule(Rule):
@@ -77,21 +77,14 @@ class ReshapeRule(Rule):
         ctx.set_constant(node, 1, new)
 
 
-def _squeeze_axes(node: gs.Node, st_opset: int):
-    if "axes" in node.attrs:
-        return list(node.attrs["axes"])
-    value = const(opt_input(node, 1))
-    return None if value is None else value.reshape(-1).tolist()
-
-
 class SqueezeRule(Rule):
     """(Un)squeezing axes after the channel axis keeps channels on axis 1."""
 
     def propagate(self, node: gs.Node, st: ChannelState) -> None:
-        axes = _squeeze_axes(node, st.opset)
+        axes = axes_of(node, 1)
         x_shape, y_shape = st.shape(node.inputs[0]), st.shape(node.outputs[0])
         rank = len(y_shape if node.op == "Unsqueeze" else x_shape) if (x_shape and y_shape) else None
-        if axes is None or rank is None or set(normalise_axes(axes, rank)) & {0, 1}:
+        if axes in (None, "missing") or rank is None or set(normalise_axes(axes, rank)) & {0, 1}:
             super().propagate(node, st)
             return
         st.set_channels(node.outputs[0], st.channels(node.inputs[0]))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import ChannelState, RewriteContext, Rule, attr, channel_axis_of_param, const, normalise_axes, opt_input
+from .base import (ChannelState, RewriteContext, Rule, attr, axes_of, channel_axis_of_param, const, normalise_axes,
+                   opt_input)
 
 # Element-wise activations and math of one tensor (every activation of the ONNX
 # operator set; the quantisation-free, float-valued ones).
@@ -90,23 +90,12 @@ class AxisRule(PassThroughRule):
             super().propagate(node, st)
 
 
-def _axes(node: gs.Node, opset: int, input_index: int, attr_since: Optional[int] = None):
-    """Axes from the attribute or (newer opsets) from a constant input; 'missing' if dynamic."""
-    if "axes" in node.attrs:
-        return list(node.attrs["axes"])
-    t = opt_input(node, input_index)
-    if t is None:
-        return None
-    value = const(t)
-    return "missing" if value is None else value.reshape(-1).tolist()
-
-
 class ReduceRule(PassThroughRule):
     """Reductions over spatial axes keep channels apart; over axis 0 or 1 they block."""
 
     def propagate(self, node: gs.Node, st: ChannelState) -> None:
         shape = st.shape(node.inputs[0])
-        axes = _axes(node, st.opset, 1)
+        axes = axes_of(node, 1)
         if shape is None or axes is None or axes == "missing" or len(axes) == 0 and not attr(node, "noop_with_empty_axes", 0):
             st.block_inputs(node, f"{node.op} over all or unknown axes")
             st.opaque_outputs(node, f"{node.op} over all or unknown axes")
