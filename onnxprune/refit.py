@@ -200,8 +200,8 @@ class ChannelFit:
         return theta
 
     def solve(self, ridge: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-        if self.rows < self.gram.shape[0]:
-            theta = self._means_only()  # fewer samples than unknowns: a regression would overfit
+        if 8 * self.rows < self.gram.shape[0]:
+            theta = self._means_only()  # far fewer samples than unknowns: a regression would be noise
         else:
             theta = _solve(self.gram, self.cross, ridge)  # x_orig ~ [x_new, 1] theta
         if theta is None:

@@ -134,8 +134,8 @@ def refit_games(analysis: Analysis, stats: ChannelStats, games: Dict[int, GroupG
         for consumer in find_consumers(analysis):
             s = stats[consumer.tensor]
             cov = s.covariance()
-            if cov.ndim != 2 or s.count < cov.shape[0]:
-                continue  # fewer samples than channels: a regression on them would be noise
+            if cov.ndim != 2 or 8 * s.count < cov.shape[0]:
+                continue  # far fewer samples than channels: a regression on them would be noise
             found = analysis.atom_player[consumer.channel_atoms(analysis)]
             mine = np.flatnonzero(analysis.player_group[found] == g)
             if len(mine) == 0 or len(np.unique(found[mine])) != len(mine):
