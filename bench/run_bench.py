@@ -1,7 +1,7 @@
-"""Accuracy of every criterion x allocation x recovery at several FLOPs targets, on real data.
+"""Accuracy of every method x criterion x allocation x recovery at several FLOPs targets, on real data.
 
     python bench/run_bench.py [--models mnist_cnn,fmnist_resnet,...] [--ratios 0.3,0.5,0.6,0.7]
-                              [--full] [--out bench/results]
+                              [--full] [--only snpfi/auto,bottleneck] [--name accuracy] [--out bench/results]
 
 Calibration images come from the training split (the shipped PNG folders, or the
 benchmark cache's NAME_calib.npy); accuracy is top-1 on the full 10k test split,
@@ -85,23 +85,32 @@ def plain_pass_seconds(model_path: str, calib) -> float:
     return time.perf_counter() - start
 
 
-def configurations(full: bool):
+def configurations(full: bool, only=None):
+    """(method, criterion, allocation, recover); ``only``: names such as "snpfi/auto" or "bottleneck"."""
+    every = []
     for criterion in CRITERIA:
         for allocation in ("auto", "uniform"):
-            yield criterion, allocation, False
+            every.append(("snpfi", criterion, allocation, False))
+    every.append(("bottleneck", "gates", "threshold", False))
     for criterion, allocation in WITH_RECOVERY if not full else [(c, a) for c in CRITERIA for a in ("auto", "uniform")]:
-        yield criterion, allocation, True
+        every.append(("snpfi", criterion, allocation, True))
+    every.append(("bottleneck", "gates", "threshold", True))
+    for method, criterion, allocation, recover in every:
+        name = "bottleneck" if method == "bottleneck" else f"{criterion}/{allocation}"
+        if only is None or name in only:
+            yield method, criterion, allocation, recover
 
 
-def run_model(name: str, ratios, full: bool, log):
+def run_model(name: str, ratios, full: bool, log, only=None):
     model_path, calib, (x, y) = MODELS[name]()
     base = accuracy(model_path, x, y)
     plain = plain_pass_seconds(model_path, calib)
     log(f"{name}: accuracy {base:.4f}, plain pass {plain:.2f}s")
     rows = []
     for ratio in ratios:
-        for criterion, allocation, recover in configurations(full):
-            opts = onnxprune.PruneOptions(flops=ratio, criterion=criterion, allocation=allocation, recover=recover)
+        for method, criterion, allocation, recover in configurations(full, only):
+            opts = onnxprune.PruneOptions(flops=ratio, method=method, recover=recover, **(
+                dict(criterion=criterion, allocation=allocation) if method == "snpfi" else {}))
             start = time.perf_counter()
             try:
                 result = onnxprune.prune(model_path, calib, opts)
@@ -112,7 +121,7 @@ def run_model(name: str, ratios, full: bool, log):
             # the conversion proper; the latency measurement of the report is timed on its own
             wall = time.perf_counter() - start - r.seconds.get("latency", 0.0)
             acc = accuracy(result.model, x, y)
-            rows.append(dict(model=name, ratio=ratio, criterion=criterion, allocation=allocation, recover=recover,
+            rows.append(dict(model=name, ratio=ratio, method=method, criterion=criterion, allocation=allocation, recover=recover,
                              flops_reduction=r.flops_reduction, accuracy=acc, base_accuracy=base,
                              fidelity_error=r.fidelity_relative_error, fidelity_top1=r.fidelity_top1_agreement,
                              wall_seconds=wall, plain_pass_seconds=plain, seconds=r.seconds))
@@ -128,15 +137,16 @@ def table(results) -> str:
         lines.append(f"### {name} (accuracy {base:.2%}; plain onnxruntime pass over the calibration images {plain:.2f} s)")
         lines.append("")
         ratios = sorted({r["ratio"] for r in rows})
-        lines.append("| criterion | allocation | recovery | " + " | ".join(f"R={q}" for q in ratios) + " |")
-        lines.append("| --- | --- | --- | " + " | ".join("---" for _ in ratios) + " |")
+        lines.append("| method | criterion | allocation | recovery | " + " | ".join(f"R={q}" for q in ratios) + " |")
+        lines.append("| --- | --- | --- | --- | " + " | ".join("---" for _ in ratios) + " |")
         keys = list(dict.fromkeys((r["criterion"], r["allocation"], r["recover"]) for r in rows))
         for c, a, rec in keys:
             cells = []
             for q in ratios:
                 hit = [r for r in rows if (r["criterion"], r["allocation"], r["recover"], r["ratio"]) == (c, a, rec, q)]
                 cells.append(f"{hit[0]['accuracy']:.2%} (-{hit[0]['flops_reduction']:.1%})" if hit else "n/a")
-            lines.append(f"| {c} | {a} | {'on' if rec else 'off'} | " + " | ".join(cells) + " |")
+            method = "bottleneck" if c == "gates" else "snpfi"
+            lines.append(f"| {method} | {c} | {a} | {'on' if rec else 'off'} | " + " | ".join(cells) + " |")
         lines.append("")
         timed = [r for r in rows if r["criterion"] == "snpfi" and r["allocation"] == "auto"]
         if timed:
@@ -159,19 +169,23 @@ def main():
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--ratios", default="0.3,0.5,0.6,0.7")
     p.add_argument("--full", action="store_true", help="recovery rows for every criterion, not only snpfi and l1")
+    p.add_argument("--only", default=None, help="comma-separated configurations, e.g. snpfi/auto,l1/uniform,bottleneck")
+    p.add_argument("--name", default="accuracy", help="results file stem after the date")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     args = p.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
     results = {}
     for name in args.models.split(","):
-        results[name] = run_model(name, ratios, args.full, lambda line: print(line, flush=True))
+        only = set(args.only.split(",")) if args.only else None
+        results[name] = run_model(name, ratios, args.full, lambda line: print(line, flush=True), only)
     stamp = datetime.date.today().isoformat()
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
     os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"{stamp}-accuracy")
+    base = os.path.join(args.out, f"{stamp}-{args.name}")
     header = (f"# onnxprune accuracy benchmark, {stamp}\n\nMachine: {machine}; onnxruntime "
               f"{ort.__version__} (CPU provider). Command: `python bench/run_bench.py --models {args.models} "
-              f"--ratios {args.ratios}{' --full' if args.full else ''}`\n\nCells: top-1 accuracy on the full test "
+              f"--ratios {args.ratios}{' --full' if args.full else ''}{' --only ' + args.only if args.only else ''}"
+              f"{' --name ' + args.name if args.name != 'accuracy' else ''}`\n\nCells: top-1 accuracy on the full test "
               "split (achieved FLOPs reduction). Calibration: 256 training-split images (51 held out).\n\n")
     with open(base + ".md", "w") as f:
         f.write(header + table(results))

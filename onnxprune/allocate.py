@@ -4,7 +4,9 @@ Within a group the highest-ranked players stay. Two allocations:
 
 - uniform: every group keeps the same share (bisection on the share);
 - auto: greedy, removing at each step the next unit of channels whose loss of
-  retained payoff per FLOP saved is smallest, from each group's curve.
+  retained payoff per FLOP saved is smallest, from each group's curve;
+- threshold (the learned bottleneck): every group keeps its players whose gate
+  is above one global threshold, found by bisection.
 
 Both cost every candidate exactly with :class:`MacModel`, an incremental
 form of the analysis's MAC count (so coupled groups, concatenations and
@@ -194,9 +196,12 @@ def _check_reachable(plan: _Planner, before: int, target: int, flops: float) -> 
 
 
 def allocate(analysis: Analysis, ranked: Dict[int, np.ndarray], flops: float, min_keep: float, round_to: int,
-             mode: str = "uniform", loss: Optional[Dict[int, np.ndarray]] = None) -> Allocation:
+             mode: str = "uniform", loss: Optional[Dict[int, np.ndarray]] = None,
+             gates: Optional[Dict[int, np.ndarray]] = None) -> Allocation:
     """``ranked``: per prunable group, its players most important first.
-    ``loss`` (auto mode): per group, loss[k] = payoff lost when the k best are kept, loss[n] = 0."""
+    ``loss`` (auto mode): per group, loss[k] = payoff lost when the k best are kept, loss[n] = 0.
+    ``gates`` (threshold mode): per group, a gate (or any increasing function of it, such as its
+    logit, which does not saturate) per player, in any order."""
     ranked, essential = essentials_first(analysis, ranked)
     plan = _Planner(analysis, ranked, min_keep, round_to, essential)
     before = plan.model.macs(np.ones(analysis.num_players, dtype=bool))
@@ -204,6 +209,8 @@ def allocate(analysis: Analysis, ranked: Dict[int, np.ndarray], flops: float, mi
     _check_reachable(plan, before, target, flops)
     if mode == "uniform":
         kept = _uniform(plan, target)
+    elif mode == "threshold":
+        kept = _threshold(plan, target, gates)
     else:
         kept = _greedy(plan, target, loss)
     kept = _give_back(plan, kept, target, loss)
@@ -220,6 +227,26 @@ def _uniform(plan: _Planner, target: int) -> Dict[int, int]:
         else:
             lo = mid
     return plan.uniform(hi)
+
+
+def _threshold(plan: _Planner, target: int, gates: Dict[int, np.ndarray]) -> Dict[int, int]:
+    """The smallest global gate threshold whose kept counts (rounded up to the unit, never
+    under a group's floor) meet the target. Counts fall as the threshold rises."""
+
+    def kept_at(t: float) -> Dict[int, int]:
+        return {g: max(plan.floor[g], _round_up(int(np.count_nonzero(gates[g] > t)), n, plan.unit[g]))
+                for g, n in plan.size.items()}
+
+    values = np.concatenate([v for v in gates.values()]) if gates else np.zeros(1)
+    # macs(kept_at(lo)) > target >= macs(kept_at(hi)): all kept at lo, only the (reachable) floors at hi
+    lo, hi = float(values.min()) - 1.0, float(values.max()) + 1.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if plan.macs(kept_at(mid)) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return kept_at(hi)
 
 
 def _greedy(plan: _Planner, target: int, loss: Dict[int, np.ndarray]) -> Dict[int, int]:

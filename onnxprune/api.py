@@ -29,7 +29,8 @@ from .runtime import blas_single_thread, choose_providers
 from .consumers import find_consumers, flatten_repeat
 from .recover import recover, refit_sequential
 from .score import NEEDS_STATS, score_players
-from .snpfi import group_games, refit_games
+from .snpfi import loss_curve, group_games, refit_games
+from .bottleneck import GateSettings, learn_gates
 from .shapes import static_shapes
 from .verify import accuracy, check_model, fidelity
 
@@ -97,16 +98,24 @@ def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
                           "(onnxprune IN --analyze lists them all)")
 
     stats = None
-    if opts.criterion in NEEDS_STATS or opts.recover:
+    if opts.criterion in NEEDS_STATS or opts.recover or opts.method == "bottleneck":
         t = time.perf_counter()
         wanted = {c.tensor: c.repeat for c in find_consumers(analysis)}
         stats = collect_stats(prepared, wanted, cal, cal.fit, providers, progress)
         seconds["calibrate"] = time.perf_counter() - t
     t = time.perf_counter()
-    with progress("scoring channels", 1) as update:
-        ranked, loss, importance = _rank(analysis, opts, stats)
-        update(1)
-    alloc = allocate(analysis, ranked, opts.flops, opts.min_keep, opts.round_to, opts.allocation, loss)
+    gated = None
+    if opts.method == "bottleneck":
+        with progress("learning gates", 1) as update:
+            ranked, loss, importance, gated = _gate(analysis, opts, stats)
+            update(1)
+        alloc = allocate(analysis, ranked, opts.flops, opts.min_keep, opts.round_to, "threshold", loss,
+                         gates=gated.logits)
+    else:
+        with progress("scoring channels", 1) as update:
+            ranked, loss, importance = _rank(analysis, opts, stats)
+            update(1)
+        alloc = allocate(analysis, ranked, opts.flops, opts.min_keep, opts.round_to, opts.allocation, loss)
     seconds["score_allocate"] = time.perf_counter() - t
     recovery = None
     if opts.recover:
@@ -117,6 +126,10 @@ def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
 
     report = _describe(analysis, alloc, opts)
     _add_curves(report, analysis, alloc, loss, importance)
+    if gated is not None:
+        report.gates = dict(steps=opts.gate_steps, soft_flops_ratio=gated.soft_flops_ratio,
+                            fidelity_loss=gated.fidelity_loss, binary_share=gated.binary_share,
+                            history=[list(h) for h in gated.history])
     if recovery is not None:
         report.refitted_layers = len(recovery.refitted)
         if recovery.mean_only:
@@ -212,6 +225,23 @@ def _rank(analysis: Analysis, opts: PruneOptions, stats):
     return ranked, loss, importance
 
 
+def _gate(analysis: Analysis, opts: PruneOptions, stats):
+    """The learned bottleneck: gates per player, the groups ranked by them, and the local
+    payoff's loss curve along that order (for give-back and the report)."""
+    games = group_games(analysis, stats, centred=opts.recover)
+    settings = GateSettings(steps=opts.gate_steps, lr=opts.gate_lr, flops_weight=opts.gate_flops_weight,
+                            binary_weight=opts.gate_binary_weight)
+    result = learn_gates(analysis, games, opts.flops, settings)
+    ranked, loss, importance = {}, {}, {}
+    for g, game in games.items():
+        # most open gate first; equal logits fall back on the Shapley value
+        order = np.lexsort((-game.shapley, -result.logits[g]))
+        ranked[g] = game.players[order]
+        loss[g] = loss_curve(game.q, order)
+        importance[g] = result.gates[g]
+    return ranked, loss, importance, result
+
+
 def _add_curves(report: Report, analysis: Analysis, alloc: Allocation, loss, importance) -> None:
     """Per pruned group: the payoff its kept channels retain, its utilisation curve at a
     quarter, half and three quarters of its channels, and how unequal its channels are."""
@@ -233,7 +263,11 @@ def _describe(analysis: Analysis, alloc: Optional[Allocation], opts: PruneOption
     per_group = analysis.group_macs()
     payoff = "" if opts.criterion != "snpfi" else (
         opts.payoff if opts.payoff != "auto" else ("refit" if opts.recover else "local"))
-    report = Report(criterion=opts.criterion, payoff=payoff, allocation=opts.allocation, recovery=opts.recover,
+    if opts.method == "bottleneck":
+        payoff = "local"
+    snpfi = opts.method == "snpfi"
+    report = Report(method=opts.method, criterion=opts.criterion if snpfi else "gates", payoff=payoff,
+                    allocation=opts.allocation if snpfi else "threshold", recovery=opts.recover,
                     flops_target=opts.flops or 0.0, macs_before=analysis.macs())
     report.prunable_macs_share = analysis.prunable_share()
     for g in analysis.groups:

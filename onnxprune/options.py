@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 
 from .errors import UsageError
 
+METHODS = ("snpfi", "bottleneck")
 CRITERIA = ("snpfi", "l1", "l2", "random", "activation")
 ALLOCATIONS = ("auto", "uniform")
 PAYOFFS = ("auto", "local", "refit")
@@ -40,6 +41,10 @@ class PruneOptions:
     flops: Optional[float] = _opt(
         None, "Fraction of the model's FLOPs (multiply-accumulates of Conv, ConvTranspose, "
         "Gemm and MatMul) to remove, in (0, 1).", metavar="R")
+    method: str = _opt(
+        "snpfi", "How channels are chosen: snpfi (rank by --criterion, allocate by --allocation) or "
+        "bottleneck (learn one gate per channel under the FLOPs target, keep the channels above one "
+        "global threshold; --criterion, --payoff and --allocation do not apply).", choices=METHODS)
     criterion: str = _opt(
         "snpfi", "How channels are ranked within a group: snpfi (filter-wise interaction, Shapley values "
         "of the local payoff) or a baseline.", choices=CRITERIA)
@@ -53,6 +58,10 @@ class PruneOptions:
     recover: bool = _opt(
         True, "Refit the layers next to every cut on the calibration data (--no-recover to compare).",
         flag="--recover/--no-recover")
+    gate_steps: int = _opt(1000, "bottleneck: optimisation steps of the gates.")
+    gate_lr: float = _opt(0.5, "bottleneck: Adam learning rate of the gates' logits.")
+    gate_flops_weight: float = _opt(8.0, "bottleneck: weight of the FLOPs-target term.")
+    gate_binary_weight: float = _opt(0.25, "bottleneck: weight of the term that drives gates to 0 or 1.")
     input_size: Optional[Tuple[int, int]] = _opt(
         None, "H,W to resize calibration images to where the model's spatial axes are dynamic.",
         metavar="H,W")
@@ -92,6 +101,10 @@ class PruneOptions:
             raise UsageError("--flops is required")
         if not (0.0 < self.flops < 1.0):
             raise UsageError(f"--flops must be in (0, 1), got {self.flops}")
+        if self.method not in METHODS:
+            raise UsageError(f"--method must be one of {', '.join(METHODS)}")
+        if self.gate_steps < 1 or self.gate_lr <= 0 or self.gate_flops_weight < 0 or self.gate_binary_weight < 0:
+            raise UsageError("--gate-steps must be at least 1, --gate-lr positive and the gate weights non-negative")
         if self.criterion not in CRITERIA:
             raise UsageError(f"--criterion must be one of {', '.join(CRITERIA)}")
         if self.payoff not in PAYOFFS:

@@ -32,6 +32,7 @@ class Report:
     input_path: Optional[str] = None
     output_path: Optional[str] = None
     provider: str = ""
+    method: str = "snpfi"
     criterion: str = ""
     payoff: str = ""
     allocation: str = "auto"
@@ -57,6 +58,7 @@ class Report:
     accuracy_after: Optional[float] = None
     eval_samples: int = 0
     folded_batchnorms: int = 0
+    gates: Optional[dict] = None  # bottleneck: steps, soft FLOPs ratio, fidelity loss, binarised share
     latency: List[dict] = field(default_factory=list)  # batch, before_ms, after_ms per batch size
     seconds: Dict[str, float] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
@@ -113,8 +115,11 @@ class Report:
         add("")
         if self.latency:
             add(f"latency: median over fresh onnxruntime sessions on {self.provider.split(' (')[0]}, interleaved")
+        if self.gates:
+            add(f"learned bottleneck: {self.gates['steps']} steps, soft FLOPs {self.gates['soft_flops_ratio']:.1%} "
+                f"of the original, {self.gates['binary_share']:.0%} of gates below 0.1 or above 0.9")
         add(f"FLOPs target -{self.flops_target:.0%}, achieved -{self.flops_reduction:.1%}; "
-            f"criterion {self.criterion}{' (' + self.payoff + ' payoff)' if self.payoff else ''}, allocation {self.allocation}, "
+            f"{'method bottleneck, ' if self.method == 'bottleneck' else ''}criterion {self.criterion}{' (' + self.payoff + ' payoff)' if self.payoff else ''}, allocation {self.allocation}, "
             f"recovery {'on (' + str(self.refitted_layers) + ' layers refitted)' if self.recovery else 'off'}; "
             f"{self.prunable_macs_share:.0%} of FLOPs sit in layers touching prunable groups")
         add("")

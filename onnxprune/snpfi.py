@@ -97,11 +97,11 @@ def group_games(analysis: Analysis, stats: ChannelStats, centred: bool = True) -
         q = (q + q.T) / 2
         phi = q.sum(axis=1)
         order = np.lexsort((np.arange(len(phi)), -phi))
-        games[g] = GroupGame(members[g], q, phi, order, _loss_curve(q, order))
+        games[g] = GroupGame(members[g], q, phi, order, loss_curve(q, order))
     return games
 
 
-def _loss_curve(q: np.ndarray, order: np.ndarray) -> np.ndarray:
+def loss_curve(q: np.ndarray, order: np.ndarray) -> np.ndarray:
     """loss[k] = 1_R^T Q 1_R with R the players outside the k best."""
     rev = q[np.ix_(order[::-1], order[::-1])]
     blocks = np.cumsum(np.cumsum(rev, axis=0), axis=1)  # blocks[m-1, m-1] = sum of the m least important

@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 from onnxprune.calibrate import TensorStats, ChannelStats
-from onnxprune.snpfi import _loss_curve, group_games
+from onnxprune.snpfi import loss_curve, group_games
 from surgery import analysis_of, outputs
 from tiny import Builder
 
@@ -69,7 +69,7 @@ def test_loss_curve_removes_least_important_first():
     m = rng.normal(size=(5, 5))
     q = m @ m.T
     order = np.argsort(-q.sum(axis=1))
-    loss = _loss_curve(q, order)
+    loss = loss_curve(q, order)
     assert loss[5] == 0 and math.isclose(loss[0], q.sum())
     for k in range(6):
         removed = order[k:]
