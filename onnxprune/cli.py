@@ -109,12 +109,17 @@ def _on_sigterm(signum, frame):
               help="Folder of images (png, jpg, bmp, webp; searched recursively, sorted) "
                    "or a .npy/.npz file of preprocessed input tensors.")
 @_with_options
+@click.option("--sweep", "sweep_targets", metavar="R1,R2,...", default=None,
+              help="Prune at each of these FLOPs targets instead of one --flops; OUT is then a folder "
+                   "(default: IN's name + '-sweep') that gets one model per target, sweep.md, sweep.json "
+                   "and, with matplotlib installed, sweep.png (accuracy or fidelity, latency and FLOPs "
+                   "against the target).")
 @click.option("--eval", "eval_path", metavar="NPZ", default=None,
               help="Labelled .npz (arrays x, y) to report top-1 accuracy before and after.")
 @click.option("--report", "report_path", metavar="FILE.json", default=None, help="Write the full report as JSON.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks (for bug reports).")
 @click.version_option(__version__, "--version")
-def main(model_in, model_out, analyze, calib, eval_path, report_path, verbose, **option_values):
+def main(model_in, model_out, analyze, calib, sweep_targets, eval_path, report_path, verbose, **option_values):
     """Prune a CNN in ONNX format so that it loses a share of its FLOPs.
 
     Reads IN, writes the smaller model to OUT. Example:
@@ -132,6 +137,8 @@ def main(model_in, model_out, analyze, calib, eval_path, report_path, verbose, *
             with open(report_path, "w") as f:
                 json.dump(report.to_dict(), f, indent=2)
         return
+    if sweep_targets is not None:
+        return _sweep(model_in, model_out, calib, sweep_targets, eval_path, option_values)
     if model_out is None:
         raise UsageError("missing argument OUT (or give --analyze)")
     if calib is None:
@@ -148,6 +155,36 @@ def main(model_in, model_out, analyze, calib, eval_path, report_path, verbose, *
         with open(report_path, "w") as f:
             json.dump(result.report.to_dict(), f, indent=2)
     click.echo(f"wrote {model_out}", err=True)
+
+
+def _sweep(model_in, out_dir, calib, targets_text, eval_path, option_values):
+    from .api import load_labelled
+    from .sweep import format_table, run_sweep
+
+    if option_values.get("flops") is not None:
+        raise UsageError("give either --flops or --sweep, not both")
+    try:
+        targets = [float(t) for t in targets_text.split(",") if t.strip()]
+    except ValueError:
+        raise UsageError(f"--sweep takes comma-separated FLOPs targets in (0, 1), got {targets_text!r}") from None
+    if not targets or any(not 0 < t < 1 for t in targets):
+        raise UsageError(f"--sweep takes comma-separated FLOPs targets in (0, 1), got {targets_text!r}")
+    if calib is None:
+        raise UsageError("missing option --calib PATH (a folder of images or a .npy/.npz file)")
+    option_values = dict(option_values, flops=targets[0])
+    opts = PruneOptions(**option_values).validate()
+    if out_dir is None:
+        out_dir = os.path.splitext(os.path.basename(model_in))[0] + "-sweep"
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"with --sweep, OUT is a folder; {out_dir!r} is a file")
+    labelled = load_labelled(eval_path) if eval_path else None
+    sweep = run_sweep(model_in, calib, sorted(targets), out_dir, opts, evaluate=labelled, progress=_bar,
+                      log=lambda line: click.echo(line, err=True))
+    click.echo(format_table(sweep))
+    for note in sweep.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"wrote {len([r for r in sweep.rows if r.reached])} models, {sweep.table_path}, {sweep.json_path}"
+               + (f" and {sweep.plot_path}" if sweep.plot_path else ""), err=True)
 
 
 def run(argv=None) -> int:
