@@ -148,9 +148,9 @@ def essentials_first(analysis: Analysis, ranked: Dict[int, np.ndarray]):
 
 class _Planner:
     def __init__(self, analysis: Analysis, ranked: Dict[int, np.ndarray], min_keep: float, round_to: int,
-                 essential: Optional[Dict[int, int]] = None):
+                 essential: Optional[Dict[int, int]] = None, cost_model=None):
         self.analysis = analysis
-        self.model = MacModel(analysis)
+        self.model = cost_model if cost_model is not None else MacModel(analysis)
         self.ranked = ranked  # group -> players, most important first
         self.size = {g: len(p) for g, p in ranked.items()}
         self.unit = {g: _unit(n, round_to) for g, n in self.size.items()}
@@ -185,28 +185,32 @@ class _Planner:
         return out
 
 
-def _check_reachable(plan: _Planner, before: int, target: int, flops: float) -> None:
+def _check_reachable(plan: _Planner, before: int, target: int, flops: float, what: str = "FLOPs") -> None:
     floor = dict(plan.floor)
     if plan.macs(floor) > target:
         best = 1.0 - plan.macs(floor) / before
+        flag = "--flops" if what == "FLOPs" else "--latency"
         raise TargetError(
-            f"--flops {flops:g} cannot be reached: at most {best:.1%} of FLOPs can be removed "
+            f"{flag} {flops:g} cannot be reached: at most {best:.1%} of {what} can be removed "
             f"(with --min-keep, --round-to, --ignore and the channels that cannot be pruned)"
         )
 
 
 def allocate(analysis: Analysis, ranked: Dict[int, np.ndarray], flops: float, min_keep: float, round_to: int,
              mode: str = "uniform", loss: Optional[Dict[int, np.ndarray]] = None,
-             gates: Optional[Dict[int, np.ndarray]] = None) -> Allocation:
+             gates: Optional[Dict[int, np.ndarray]] = None, cost_model=None) -> Allocation:
     """``ranked``: per prunable group, its players most important first.
     ``loss`` (auto mode): per group, loss[k] = payoff lost when the k best are kept, loss[n] = 0.
     ``gates`` (threshold mode): per group, a gate (or any increasing function of it, such as its
-    logit, which does not saturate) per player, in any order."""
+    logit, which does not saturate) per player, in any order.
+    ``cost_model``: what ``flops`` is a share of; MACs by default, or a
+    :class:`onnxprune.latency_model.LatencyModel` for a latency target. The Allocation's
+    ``macs_*`` fields are then in that model's units."""
     ranked, essential = essentials_first(analysis, ranked)
-    plan = _Planner(analysis, ranked, min_keep, round_to, essential)
+    plan = _Planner(analysis, ranked, min_keep, round_to, essential, cost_model)
     before = plan.model.macs(np.ones(analysis.num_players, dtype=bool))
     target = int(math.floor(before * (1.0 - flops)))
-    _check_reachable(plan, before, target, flops)
+    _check_reachable(plan, before, target, flops, "FLOPs" if cost_model is None else "modelled latency")
     if mode == "uniform":
         kept = _uniform(plan, target)
     elif mode == "threshold":
@@ -271,7 +275,9 @@ def _greedy(plan: _Planner, target: int, loss: Dict[int, np.ndarray]) -> Dict[in
         trial = counts[:, None] - np.stack(deltas, axis=1)
         saved = current - model.macs_of_counts(trial)
         cost = np.asarray(dloss) / np.maximum(saved, 1e-12)
-        cost[saved <= 0] = np.inf
+        # a step that saves nothing (measured latency is flat between some widths) is taken only
+        # when no step saves anything, and then the one that loses least, so the search goes on
+        cost[saved <= 0] = 1e300 * (1.0 + np.asarray(dloss)[saved <= 0] / (1.0 + max(dloss)))
         best = int(np.argmin(cost))
         if not np.isfinite(cost[best]):
             break

@@ -115,7 +115,13 @@ def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
         with progress("scoring channels", 1) as update:
             ranked, loss, importance = _rank(analysis, opts, stats)
             update(1)
-        alloc = allocate(analysis, ranked, opts.flops, opts.min_keep, opts.round_to, opts.allocation, loss)
+        cost_model, share = None, opts.flops
+        if opts.latency_target is not None:
+            t_lat = time.perf_counter()
+            cost_model, share = _latency_model(analysis, prepared, cal, opts, providers, progress), opts.latency_target
+            seconds["latency_model"] = time.perf_counter() - t_lat
+        alloc = allocate(analysis, ranked, share, opts.min_keep, opts.round_to, opts.allocation, loss,
+                         cost_model=cost_model)
     seconds["score_allocate"] = time.perf_counter() - t
     recovery = None
     if opts.recover:
@@ -126,6 +132,12 @@ def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
 
     report = _describe(analysis, alloc, opts)
     _add_curves(report, analysis, alloc, loss, importance)
+    if opts.latency_target is not None:
+        report.latency_model = dict(
+            batch=cost_model.batch, before_ms=alloc.macs_before / 1e6, after_ms=alloc.macs_after / 1e6,
+            reduction=alloc.reduction, rest_ms=cost_model.rest_seconds * 1e3,
+            layers_timed=len(cost_model.layers) - len(cost_model.fallback_layers),
+            layers_costed_by_macs=list(cost_model.fallback_layers))
     if gated is not None:
         report.gates = dict(steps=opts.gate_steps, soft_flops_ratio=gated.soft_flops_ratio,
                             fidelity_loss=gated.fidelity_loss, binary_share=gated.binary_share,
@@ -191,7 +203,7 @@ def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
     report.seconds = seconds
     if cal.skipped:
         report.notes.append(f"{cal.skipped} non-image files in the calibration folder were skipped")
-    if abs(report.flops_reduction - opts.flops) > 0.01:
+    if opts.flops is not None and abs(report.flops_reduction - opts.flops) > 0.01:
         report.notes.append(
             f"achieved reduction {report.flops_reduction:.1%} is more than 1 point from the target: "
             "the smallest pruning step of some group is large; try --round-to 1")
@@ -223,6 +235,17 @@ def _rank(analysis: Analysis, opts: PruneOptions, stats):
         loss[g.index] = 1.0 - kept_share
         importance[g.index] = scores[players]
     return ranked, loss, importance
+
+
+def _latency_model(analysis: Analysis, prepared: onnx.ModelProto, cal: CalibrationSet, opts: PruneOptions,
+                   providers, progress):
+    from .latency_model import LatencyModel
+
+    sample = next(cal.batches(cal.fit[:1] if len(cal.fit) else cal.holdout[:1]))[0]
+    batch = cal.spec.fixed_batch or opts.latency_batch
+    with progress("timing layers", len(analysis.mac_nodes)) as update:
+        return LatencyModel(analysis, prepared, cal.spec.name, sample, batch, providers, opts.round_to,
+                            opts.min_keep, default_opset(prepared), progress=lambda n: update)
 
 
 def _gate(analysis: Analysis, opts: PruneOptions, stats):
@@ -268,7 +291,8 @@ def _describe(analysis: Analysis, alloc: Optional[Allocation], opts: PruneOption
     snpfi = opts.method == "snpfi"
     report = Report(method=opts.method, criterion=opts.criterion if snpfi else "gates", payoff=payoff,
                     allocation=opts.allocation if snpfi else "threshold", recovery=opts.recover,
-                    flops_target=opts.flops or 0.0, macs_before=analysis.macs())
+                    flops_target=opts.flops or 0.0, latency_target=opts.latency_target,
+                    macs_before=analysis.macs())
     report.prunable_macs_share = analysis.prunable_share()
     for g in analysis.groups:
         share = per_group.get(g.index, 0) / total

@@ -53,7 +53,8 @@ def _option_decorators():
             kwargs["metavar"] = meta["metavar"]
         hint = str(hints[f.name])
         if meta["flag"]:
-            flag = meta["flag"]  # an on/off pair such as --recover/--no-recover
+            flag = meta["flag"]  # a flag name other than the field's, or an on/off pair such as --recover/--no-recover
+        if meta["flag"] and isinstance(f.default, bool):
             kwargs.update(default=f.default)
         elif meta["is_flag"]:
             kwargs.update(is_flag=True, default=False)

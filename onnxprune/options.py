@@ -41,6 +41,10 @@ class PruneOptions:
     flops: Optional[float] = _opt(
         None, "Fraction of the model's FLOPs (multiply-accumulates of Conv, ConvTranspose, "
         "Gemm and MatMul) to remove, in (0, 1).", metavar="R")
+    latency_target: Optional[float] = _opt(
+        None, "Instead of --flops: fraction of the model's measured latency (at --latency-batch, on the "
+        "chosen provider) to remove, in (0, 1). Each prunable layer is timed alone at candidate widths "
+        "and the allocation meets the target on that model of the latency.", flag="--latency", metavar="R")
     method: str = _opt(
         "snpfi", "How channels are chosen: snpfi (rank by --criterion, allocate by --allocation) or "
         "bottleneck (learn one gate per channel under the FLOPs target, keep the channels above one "
@@ -90,17 +94,24 @@ class PruneOptions:
         0.1, "Fraction of each channel group that always stays (at least one channel does).")
     latency: bool = _opt(
         True, "Measure onnxruntime latency before and after (batch 1 and a larger batch); "
-        "--no-latency skips it.", flag="--latency/--no-latency")
-    latency_batch: int = _opt(32, "The larger batch size the latency is measured at.")
+        "--no-latency skips it.", flag="--measure-latency/--no-latency")
+    latency_batch: int = _opt(32, "The larger batch size the latency is measured at, and the batch "
+                              "size --latency R targets.")
     device: str = _opt("auto", "onnxruntime provider: CUDA when a GPU is found (auto), or forced.",
                        choices=DEVICES)
 
     def validate(self) -> "PruneOptions":
         """Raise UsageError on any value a user could get wrong; return self."""
-        if self.flops is None:
-            raise UsageError("--flops is required")
-        if not (0.0 < self.flops < 1.0):
+        if self.flops is None and self.latency_target is None:
+            raise UsageError("--flops R (or --latency R) is required")
+        if self.flops is not None and self.latency_target is not None:
+            raise UsageError("give either --flops or --latency, not both")
+        if self.flops is not None and not (0.0 < self.flops < 1.0):
             raise UsageError(f"--flops must be in (0, 1), got {self.flops}")
+        if self.latency_target is not None and not (0.0 < self.latency_target < 1.0):
+            raise UsageError(f"--latency must be in (0, 1), got {self.latency_target}")
+        if self.latency_target is not None and self.method == "bottleneck":
+            raise UsageError("--latency works with --method snpfi; the bottleneck's soft cost is FLOPs")
         if self.method not in METHODS:
             raise UsageError(f"--method must be one of {', '.join(METHODS)}")
         if self.gate_steps < 1 or self.gate_lr <= 0 or self.gate_flops_weight < 0 or self.gate_binary_weight < 0:

@@ -39,6 +39,8 @@ class Report:
     recovery: bool = True
     refitted_layers: int = 0
     flops_target: float = 0.0
+    latency_target: Optional[float] = None
+    latency_model: Optional[dict] = None  # --latency: the modelled latency before/after at its batch
     macs_before: int = 0
     macs_after: int = 0
     params_before: int = 0
@@ -118,7 +120,13 @@ class Report:
         if self.gates:
             add(f"learned bottleneck: {self.gates['steps']} steps, soft FLOPs {self.gates['soft_flops_ratio']:.1%} "
                 f"of the original, {self.gates['binary_share']:.0%} of gates below 0.1 or above 0.9")
-        add(f"FLOPs target -{self.flops_target:.0%}, achieved -{self.flops_reduction:.1%}; "
+        if self.latency_model:
+            lm = self.latency_model
+            add(f"latency target -{self.latency_target:.0%} at batch {lm['batch']}: modelled "
+                f"{lm['before_ms']:.2f} -> {lm['after_ms']:.2f} ms (-{lm['reduction']:.1%}) from "
+                f"{lm['layers_timed']} layers timed at candidate widths; measured above")
+        target = f"FLOPs target -{self.flops_target:.0%}, achieved" if not self.latency_target else "FLOPs"
+        add(f"{target} -{self.flops_reduction:.1%}; "
             f"{'method bottleneck, ' if self.method == 'bottleneck' else ''}criterion {self.criterion}{' (' + self.payoff + ' payoff)' if self.payoff else ''}, allocation {self.allocation}, "
             f"recovery {'on (' + str(self.refitted_layers) + ' layers refitted)' if self.recovery else 'off'}; "
             f"{self.prunable_macs_share:.0%} of FLOPs sit in layers touching prunable groups")

@@ -1,0 +1,63 @@
+"""--latency R: the allocation meets a share of modelled latency built from per-layer timings."""
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxprune.analyse import analyse
+from onnxprune.cli import run
+from onnxprune.latency_model import LatencyModel
+from onnxprune.load import default_opset
+from onnxprune.runtime import choose_providers
+from surgery import analysis_of
+from tiny import residual_cnn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = os.path.join(ROOT, "models", "mnist_cnn")
+
+
+def test_latency_model_times_every_layer_and_adds_up_to_the_whole_model():
+    prepared, analysis = analysis_of(residual_cnn())
+    providers, _ = choose_providers("cpu")
+    sample = np.zeros(tuple(d.dim_value for d in prepared.graph.input[0].type.tensor_type.shape.dim[1:]), np.float32)
+    model = LatencyModel(analysis, prepared, prepared.graph.input[0].name, sample, 4, providers, 8, 0.1,
+                         default_opset(prepared))
+    assert model.fallback_layers == []
+    assert len(model.layers) == len(analysis.mac_nodes)
+    everything = np.ones(analysis.num_players, dtype=bool)
+    layer_sum = sum(seconds for _, _, seconds, _, _ in model.layers)
+    assert model.macs(everything) == round(1e9 * max(model.whole_seconds, layer_sum))
+    # fewer channels are never modelled slower
+    fewer = everything.copy()
+    fewer[np.flatnonzero(analysis.player_group == analysis.prunable_groups()[0].index)[1:]] = False
+    assert model.macs(fewer) <= model.macs(everything)
+
+
+def test_cli_latency_target_is_met_on_the_modelled_latency(tmp_path, capsys):
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    code = run([BASE + ".onnx", str(out), "--calib", BASE + "_calib", "--latency", "0.4", "--max-images", "64",
+                "--latency-batch", "8", "--report", str(report)])
+    assert code == 0
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    data = json.loads(report.read_text())
+    lm = data["latency_model"]
+    assert lm["batch"] == 8 and lm["layers_timed"] == 6 and lm["layers_costed_by_macs"] == []
+    assert lm["after_ms"] <= 0.6 * lm["before_ms"] + 1e-9
+    assert data["latency_target"] == 0.4 and data["flops_reduction"] > 0
+    assert [row["batch"] for row in data["latency"]] == [1, 8]  # measured too, beside the model
+    assert "latency target -40% at batch 8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--latency", "0.4", "--flops", "0.4"], "either --flops or --latency"),
+    (["--latency", "1.5"], "--latency must be in (0, 1)"),
+    (["--latency", "0.4", "--method", "bottleneck"], "--latency works with --method snpfi"),
+])
+def test_latency_target_usage_errors(args, message, tmp_path, capsys):
+    code = run([BASE + ".onnx", str(tmp_path / "o.onnx"), "--calib", BASE + "_calib"] + args)
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
