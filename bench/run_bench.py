@@ -33,7 +33,7 @@ import onnxprune  # noqa: E402
 
 BENCH_CACHE = os.path.expanduser(os.environ.get("ONNXPRUNE_BENCH", "~/.cache/onnxprune-bench"))
 
-CRITERIA = ("snpfi", "l1", "l2", "random", "activation")
+CRITERIA = ("snpfi", "l1", "l2", "random", "activation", "bn-scale")
 WITH_RECOVERY = (("snpfi", "auto"), ("snpfi", "uniform"), ("l1", "uniform"), ("l1", "auto"))
 
 

@@ -16,7 +16,7 @@ from .allocate import Allocation, allocate
 from .analyse import Analysis, analyse
 from .calibrate import collect_stats
 from .data import CalibrationSet, input_spec, load_calibration
-from .errors import InputError, TargetError
+from .errors import InputError, TargetError, UsageError
 from .flops import count_macs, count_params
 from . import latency
 from .load import default_opset, load_model
@@ -86,6 +86,9 @@ def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
     providers, provider_text = choose_providers(opts.device)
     log(f"onnxruntime provider: {provider_text}")
     prepared, prep_log = prepare(original)
+    if opts.criterion == "bn-scale" and opts.method == "snpfi" and not prep_log.bn_scale:
+        raise UsageError("--criterion bn-scale needs BatchNormalization after the convolutions; "
+                         "this model has none (or they were folded before export)")
     analysis = _analysis_of(prepared, cal, opts)
     seconds["load_prepare_analyse"] = time.perf_counter() - t
     if not analysis.prunable_groups():
@@ -113,7 +116,7 @@ def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
                          gates=gated.logits)
     else:
         with progress("scoring channels", 1) as update:
-            ranked, loss, importance = _rank(analysis, opts, stats)
+            ranked, loss, importance = _rank(analysis, opts, stats, prep_log.bn_scale)
             update(1)
         cost_model, share = None, opts.flops
         if opts.latency_target is not None:
@@ -210,7 +213,7 @@ def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
     return PruneResult(pruned, report)
 
 
-def _rank(analysis: Analysis, opts: PruneOptions, stats):
+def _rank(analysis: Analysis, opts: PruneOptions, stats, bn_scale=None):
     """Per prunable group: players most important first, and the loss curve for auto allocation."""
     ranked, loss, importance = {}, {}, {}
     if opts.criterion == "snpfi":
@@ -223,7 +226,7 @@ def _rank(analysis: Analysis, opts: PruneOptions, stats):
             loss[g] = game.loss
             importance[g] = game.shapley
         return ranked, loss, importance
-    scores = score_players(analysis, opts.criterion, stats, opts.seed)
+    scores = score_players(analysis, opts.criterion, stats, opts.seed, bn_scale)
     for g in analysis.prunable_groups():
         players = np.flatnonzero(analysis.player_group == g.index)
         order = np.lexsort((players, -scores[players]))

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 from .errors import UsageError
 
 METHODS = ("snpfi", "bottleneck")
-CRITERIA = ("snpfi", "l1", "l2", "random", "activation")
+CRITERIA = ("snpfi", "l1", "l2", "random", "activation", "bn-scale")
 ALLOCATIONS = ("auto", "uniform")
 PAYOFFS = ("auto", "local", "refit")
 DEVICES = ("auto", "cpu", "cuda")
@@ -51,7 +51,8 @@ class PruneOptions:
         "global threshold; --criterion, --payoff and --allocation do not apply).", choices=METHODS)
     criterion: str = _opt(
         "snpfi", "How channels are ranked within a group: snpfi (filter-wise interaction, Shapley values "
-        "of the local payoff) or a baseline.", choices=CRITERIA)
+        "of the local payoff) or a baseline (bn-scale: |gamma| of the BatchNormalization after each conv; "
+        "groups without one fall back on l1).", choices=CRITERIA)
     payoff: str = _opt(
         "auto", "snpfi's payoff: local (consumer error with removed channels at their mean or zero; "
         "closed-form Shapley values) or refit (consumer error left after refitting on the kept "

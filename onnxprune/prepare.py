@@ -29,6 +29,9 @@ class PrepareLog:
     constants_to_initializers: int = 0
     bypassed: int = 0
     folded_batchnorms: List[str] = field(default_factory=list)
+    # |gamma| of each folded BatchNormalization, by the output tensor of the Conv it went into
+    # (the bn-scale criterion ranks channels by it)
+    bn_scale: Dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def data_inputs(graph: onnx.GraphProto) -> List[onnx.ValueInfoProto]:
@@ -163,6 +166,7 @@ def _fold_batchnorms(graph: onnx.GraphProto, log: PrepareLog) -> None:
             if len(conv.input) == 2:
                 conv.input.append(bias_name)
         conv.output[0] = bn.output[0]
+        log.bn_scale[bn.output[0]] = np.abs(gamma)
         removed.add(id(bn))
         log.folded_batchnorms.append(bn.name or bn.output[0])
     keep = [n for n in graph.node if id(n) not in removed]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -12,6 +12,27 @@ from .consumers import find_consumers
 from .ops import rule_for
 
 NEEDS_STATS = ("activation", "snpfi")
+
+
+def _bn_scales(analysis: Analysis, bn_scale: Dict[str, np.ndarray]):
+    """Sum over each player's producing convs of the |gamma| of the BatchNormalization folded
+    into them, and which players had any."""
+    nodes = {n.name: n for n in analysis.graph.nodes}
+    atom_scale = np.zeros(len(analysis.atom_player))
+    covered = np.zeros(len(analysis.atom_player))
+    for i, space in enumerate(analysis.spaces):
+        node = nodes.get(space.node)
+        if node is None or not space.prunable or not node.outputs:
+            continue
+        gamma = bn_scale.get(node.outputs[0].name)
+        atoms = np.flatnonzero(analysis.atom_space == i)
+        if gamma is None or len(gamma) != len(atoms):
+            continue
+        atom_scale[atoms] = gamma
+        covered[atoms] = 1.0
+    n = analysis.num_players
+    return (np.bincount(analysis.atom_player, weights=atom_scale, minlength=n),
+            np.bincount(analysis.atom_player, weights=covered, minlength=n) > 0)
 
 
 def _filter_norms(analysis: Analysis, order: int) -> np.ndarray:
@@ -31,7 +52,18 @@ def _filter_norms(analysis: Analysis, order: int) -> np.ndarray:
     return np.bincount(analysis.atom_player, weights=atom_norm, minlength=analysis.num_players)
 
 
-def score_players(analysis: Analysis, criterion: str, stats: Optional[ChannelStats] = None, seed: int = 0) -> np.ndarray:
+def score_players(analysis: Analysis, criterion: str, stats: Optional[ChannelStats] = None, seed: int = 0,
+                  bn_scale: Optional[Dict[str, np.ndarray]] = None) -> np.ndarray:
+    if criterion == "bn-scale":
+        # groups without any folded BatchNormalization are ranked by their filters' L1 norms,
+        # each group on its own scale (the allocation reads shares within a group)
+        scales, covered = _bn_scales(analysis, bn_scale or {})
+        l1 = _filter_norms(analysis, 1)
+        for g in analysis.prunable_groups():
+            players = np.flatnonzero(analysis.player_group == g.index)
+            if not covered[players].any():
+                scales[players] = l1[players]
+        return scales
     if criterion == "l1":
         return _filter_norms(analysis, 1)
     if criterion == "l2":
