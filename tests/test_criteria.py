@@ -11,7 +11,7 @@ import onnxprune
 from onnxprune.prepare import prepare
 from onnxprune.score import score_players
 from surgery import analysis_of
-from tiny import plain_cnn
+from tiny import residual_cnn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST = os.path.join(ROOT, "models", "mnist_cnn.onnx")  # exported with BatchNormalization unfolded
@@ -41,4 +41,4 @@ def test_bn_scale_prunes_a_real_model_to_the_target():
 def test_bn_scale_refuses_a_model_without_batchnorm(tmp_path):
     x = np.random.default_rng(0).normal(size=(8, 3, 8, 8)).astype(np.float32)
     with pytest.raises(onnxprune.UsageError, match="bn-scale needs BatchNormalization"):
-        onnxprune.prune(plain_cnn(), x, onnxprune.PruneOptions(flops=0.3, criterion="bn-scale", latency=False))
+        onnxprune.prune(residual_cnn(), x, onnxprune.PruneOptions(flops=0.3, criterion="bn-scale", latency=False))
