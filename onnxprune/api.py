@@ -31,6 +31,7 @@ from .recover import recover, refit_sequential
 from .score import NEEDS_STATS, score_players
 from .snpfi import loss_curve, group_games, refit_games
 from .bottleneck import GateSettings, learn_gates
+from .output_payoff import output_games
 from .shapes import static_shapes
 from .verify import accuracy, check_model, fidelity
 
@@ -115,9 +116,15 @@ def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
         alloc = allocate(analysis, ranked, opts.flops, opts.min_keep, opts.round_to, "threshold", loss,
                          gates=gated.logits)
     else:
-        with progress("scoring channels", 1) as update:
-            ranked, loss, importance = _rank(analysis, opts, stats, prep_log.bn_scale)
-            update(1)
+        payoff_cost = {}
+        if opts.criterion == "snpfi" and opts.payoff == "output":
+            with progress("sampling the output payoff", len(analysis.prunable_groups())) as update:
+                ranked, loss, importance = _rank(analysis, opts, stats, prep_log.bn_scale, prepared, cal,
+                                                 providers, payoff_cost, lambda n: update)
+        else:
+            with progress("scoring channels", 1) as update:
+                ranked, loss, importance = _rank(analysis, opts, stats, prep_log.bn_scale)
+                update(1)
         cost_model, share = None, opts.flops
         if opts.latency_target is not None:
             t_lat = time.perf_counter()
@@ -135,6 +142,8 @@ def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
 
     report = _describe(analysis, alloc, opts)
     _add_curves(report, analysis, alloc, loss, importance)
+    if opts.method == "snpfi" and opts.criterion == "snpfi" and opts.payoff == "output":
+        report.payoff_cost = payoff_cost
     if opts.latency_target is not None:
         report.latency_model = dict(
             batch=cost_model.batch, before_ms=alloc.macs_before / 1e6, after_ms=alloc.macs_after / 1e6,
@@ -213,9 +222,20 @@ def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
     return PruneResult(pruned, report)
 
 
-def _rank(analysis: Analysis, opts: PruneOptions, stats, bn_scale=None):
+def _rank(analysis: Analysis, opts: PruneOptions, stats, bn_scale=None, prepared=None, cal=None, providers=None,
+          cost=None, progress=silent):
     """Per prunable group: players most important first, and the loss curve for auto allocation."""
     ranked, loss, importance = {}, {}, {}
+    cost = {} if cost is None else cost
+    if opts.criterion == "snpfi" and opts.payoff == "output":
+        found = output_games(prepared, analysis, cal, providers, centred=opts.recover, budget=opts.budget,
+                             seed=opts.seed, progress=progress)
+        cost.update(evaluations=found.evaluations, seconds=found.seconds, classifier=found.classifier)
+        for g, game in found.games.items():
+            ranked[g] = game.players[game.order]
+            loss[g] = game.loss
+            importance[g] = game.shapley
+        return ranked, loss, importance
     if opts.criterion == "snpfi":
         # without recovery removed channels become zeros, with it their means go into the bias
         games = group_games(analysis, stats, centred=opts.recover)

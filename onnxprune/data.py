@@ -84,6 +84,7 @@ class CalibrationSet:
     fit: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     holdout: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     converted: Optional[str] = None  # e.g. "colour images converted to grey"
+    labels: Optional[np.ndarray] = None  # class id per item, with --labels
 
     def __len__(self) -> int:
         return len(self.files) if self.files is not None else len(self.array)
@@ -196,12 +197,35 @@ def load_calibration(source: Union[str, os.PathLike, np.ndarray], spec: InputSpe
             files = files[: opts.max_images]
             _check_headers(files)
             cal = CalibrationSet(spec, opts, files=files, skipped=skipped)
+            if opts.labels:
+                cal.labels = _folder_labels(path, files)
         elif path.lower().endswith((".npy", ".npz")):
             cal = _from_array(_load_array(path), spec, opts, repr(path))
+            if opts.labels:
+                cal.labels = _array_labels(path, len(cal))
         else:
             raise InputError(f"calibration path {path!r} is neither a folder of images nor a .npy/.npz file")
     _split(cal, opts)
     return cal
+
+
+def _folder_labels(folder: str, files: List[str]) -> np.ndarray:
+    """Class subfolders, numbered in sorted order (as torchvision's ImageFolder does)."""
+    tops = [os.path.relpath(f, folder).split(os.sep) for f in files]
+    if any(len(t) < 2 for t in tops):
+        raise InputError(f"--labels: {folder!r} must hold one subfolder per class, with the images inside")
+    classes = sorted({t[0] for t in tops})
+    return np.array([classes.index(t[0]) for t in tops], dtype=np.int64)
+
+
+def _array_labels(path: str, count: int) -> np.ndarray:
+    data = np.load(path, allow_pickle=False) if path.lower().endswith(".npz") else None
+    if data is None or "y" not in data:
+        raise InputError(f"--labels: {path!r} must be an .npz with an array 'y' of class ids beside 'x'")
+    y = np.asarray(data["y"])
+    if y.ndim != 1 or len(y) < count or not np.issubdtype(y.dtype, np.integer):
+        raise InputError(f"--labels: 'y' in {path!r} must be one integer class id per sample")
+    return y[:count].astype(np.int64)
 
 
 def _from_array(array: np.ndarray, spec: InputSpec, opts: PruneOptions, what: str) -> CalibrationSet:

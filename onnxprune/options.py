@@ -16,7 +16,7 @@ from .errors import UsageError
 METHODS = ("snpfi", "bottleneck")
 CRITERIA = ("snpfi", "l1", "l2", "random", "activation", "bn-scale")
 ALLOCATIONS = ("auto", "uniform")
-PAYOFFS = ("auto", "local", "refit")
+PAYOFFS = ("auto", "local", "refit", "output")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -56,7 +56,15 @@ class PruneOptions:
     payoff: str = _opt(
         "auto", "snpfi's payoff: local (consumer error with removed channels at their mean or zero; "
         "closed-form Shapley values) or refit (consumer error left after refitting on the kept "
-        "channels). auto: refit with --recover, local without.", choices=PAYOFFS)
+        "channels) or output (log-probability of the model's own top-1 class, or of the label with "
+        "--labels; distance to the original outputs for non-classifiers; sampled under --budget). "
+        "auto: refit with --recover, local without.", choices=PAYOFFS)
+    budget: int = _opt(
+        2000, "--payoff output: coalitions evaluated (each a run of the rest of the network over the same "
+        "32 calibration images), shared among the groups.")
+    labels: bool = _opt(
+        False, "--payoff output: score against the true labels: the class subfolders of the --calib folder "
+        "(sorted, as ImageFolder numbers them) or the 'y' array of a --calib .npz.", is_flag=True)
     allocation: str = _opt(
         "auto", "How many channels each group keeps: auto (from each group's utilisation curve) or "
         "uniform (the same share everywhere).", choices=ALLOCATIONS)
@@ -121,6 +129,8 @@ class PruneOptions:
             raise UsageError(f"--criterion must be one of {', '.join(CRITERIA)}")
         if self.payoff not in PAYOFFS:
             raise UsageError(f"--payoff must be one of {', '.join(PAYOFFS)}")
+        if self.budget < 1:
+            raise UsageError("--budget must be at least 1")
         if self.allocation not in ALLOCATIONS:
             raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)}")
         if self.device not in DEVICES:

@@ -60,6 +60,7 @@ class Report:
     accuracy_after: Optional[float] = None
     eval_samples: int = 0
     folded_batchnorms: int = 0
+    payoff_cost: Optional[dict] = None  # --payoff output: coalitions evaluated, seconds
     gates: Optional[dict] = None  # bottleneck: steps, soft FLOPs ratio, fidelity loss, binarised share
     latency: List[dict] = field(default_factory=list)  # batch, before_ms, after_ms per batch size
     seconds: Dict[str, float] = field(default_factory=dict)
@@ -120,6 +121,9 @@ class Report:
         if self.gates:
             add(f"learned bottleneck: {self.gates['steps']} steps, soft FLOPs {self.gates['soft_flops_ratio']:.1%} "
                 f"of the original, {self.gates['binary_share']:.0%} of gates below 0.1 or above 0.9")
+        if self.payoff_cost:
+            pc = self.payoff_cost
+            add(f"output payoff: {pc['evaluations']} coalitions evaluated in {pc['seconds']:.1f} s")
         if self.latency_model:
             lm = self.latency_model
             add(f"latency target -{self.latency_target:.0%} at batch {lm['batch']}: modelled "

@@ -1,0 +1,204 @@
+"""SNPFI's output payoff: what removing channels does to the model's own output, by sampling.
+
+The local payoff (:mod:`onnxprune.snpfi`) looks one layer ahead. The output
+payoff measures the whole network: v(S) is the mean log-probability the model
+gives its own original top-1 class when only the channels in S are kept (for
+outputs that are not class scores: minus the squared distance to the original
+outputs, relative to their energy). It has no closed form, so:
+
+- The prepared model gets a gate after every layer that produces prunable
+  channels, ``y = x * gate + offset``, with the gate and offset fed per sample;
+  a removed channel takes its calibration mean (``offset``, with recovery) or
+  zero (without), as the pipeline will. One onnxruntime run then evaluates
+  many coalitions at once: the evaluation images are repeated once per
+  coalition along the batch axis.
+- Shapley values are estimated per group by permutation sampling (each
+  permutation paired with its reverse, which halves the variance for the
+  near-additive games pruning gives), the other groups' channels all kept.
+- The utilisation curve of each group (the payoff kept by its k best channels)
+  is measured along the estimated order at up to CURVE_POINTS widths and
+  interpolated; all groups share the same unit (log-probability), so the
+  allocation compares them directly.
+
+``--budget`` bounds the number of coalitions evaluated, each over the same
+evaluation images; the report gives the coalitions used and the seconds spent.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Dict, List
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .analyse import Analysis
+from .data import CalibrationSet
+from .runtime import make_session
+from .snpfi import GroupGame
+
+EVAL_IMAGES = 32  # images every coalition is evaluated on
+ROWS_PER_RUN = 512  # images x coalitions per onnxruntime run
+CURVE_POINTS = 24
+
+
+@dataclass
+class OutputGames:
+    games: Dict[int, GroupGame]
+    evaluations: int
+    seconds: float
+    classifier: bool
+
+
+def _gated_model(model: onnx.ModelProto, analysis: Analysis):
+    """The model with a per-sample gate and offset after every producer of prunable channels.
+    Returns it and, per gate, (gate input name, offset input name, atoms, rank of the tensor)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    producers = {n.name: n for n in g.node}
+    prunable_group = np.zeros(analysis.num_players, dtype=bool)
+    for grp in analysis.prunable_groups():
+        prunable_group[analysis.player_group == grp.index] = True
+    gates = []
+    added: Dict[str, List[onnx.NodeProto]] = {}
+    for i, space in enumerate(analysis.spaces):
+        node = producers.get(space.node)
+        atoms = np.flatnonzero(analysis.atom_space == i)
+        if node is None or not len(atoms) or not prunable_group[analysis.atom_player[atoms]].any():
+            continue
+        name = node.output[0]
+        shape = analysis.shapes.get(name)
+        if shape is None or len(shape) < 2 or shape[1] != len(atoms):
+            continue
+        ungated = name + "__ungated"
+        node.output[0] = ungated
+        gate, offset = f"__gate_{i}", f"__offset_{i}"
+        dims = ["n", len(atoms)] + [1] * (len(shape) - 2)
+        g.input.extend([helper.make_tensor_value_info(gate, TensorProto.FLOAT, dims),
+                        helper.make_tensor_value_info(offset, TensorProto.FLOAT, dims)])
+        added[node.name] = [helper.make_node("Mul", [ungated, gate], [name + "__scaled"], name=f"__gate_mul_{i}"),
+                            helper.make_node("Add", [name + "__scaled", offset], [name], name=f"__gate_add_{i}")]
+        gates.append((gate, offset, atoms, len(shape), ungated))
+    nodes = []
+    for n in g.node:
+        nodes.append(n)
+        nodes.extend(added.get(n.name, []))
+    del g.node[:]
+    g.node.extend(nodes)
+    return out, gates
+
+
+def _scores_name(model: onnx.ModelProto) -> str:
+    producer = {o: n for n in model.graph.node for o in n.output}
+    first = model.graph.output[0].name
+    node = producer.get(first)
+    return node.input[0] if node is not None and node.op_type in ("Softmax", "LogSoftmax") else first
+
+
+def output_games(model: onnx.ModelProto, analysis: Analysis, cal: CalibrationSet, providers, centred: bool,
+                 budget: int, seed: int = 0, progress=None) -> OutputGames:
+    start = time.perf_counter()
+    gated, gates = _gated_model(model, analysis)
+    scores = _scores_name(gated)
+    if scores not in {o.name for o in gated.graph.output}:
+        gated.graph.output.extend([helper.make_tensor_value_info(scores, TensorProto.FLOAT, None)])
+    for _, _, _, _, ungated in gates:
+        gated.graph.output.extend([helper.make_tensor_value_info(ungated, TensorProto.FLOAT, None)])
+    sess = make_session(gated, providers)
+    input_name = cal.spec.name
+    indices = cal.fit[:EVAL_IMAGES] if len(cal.fit) else cal.holdout[:EVAL_IMAGES]
+    x = np.concatenate(list(cal.batches(indices)))[: len(indices)]
+    m = len(x)
+    fixed = cal.spec.fixed_batch
+
+    # the original outputs and the producers' channel means, with every gate open
+    feed = {input_name: x}
+    for gate, offset, atoms, rank, _ in gates:
+        shape = (m, len(atoms)) + (1,) * (rank - 2)
+        feed[gate], feed[offset] = np.ones(shape, np.float32), np.zeros(shape, np.float32)
+    outs = sess.run([scores] + [u for *_, u in gates], feed)
+    reference = outs[0].astype(np.float64)
+    means = [o.mean(axis=(0,) + tuple(range(2, o.ndim))) if centred else np.zeros(o.shape[1]) for o in outs[1:]]
+    classifier = reference.ndim >= 2 and reference.shape[1] > 1 and all(d == 1 for d in reference.shape[2:])
+    if classifier:
+        reference = reference.reshape(m, -1)
+        # the class whose log-probability is the payoff: the label where given, else the model's own
+        top1 = reference.argmax(axis=1) if cal.labels is None else cal.labels[indices][:m]
+        if top1.max() >= reference.shape[1] or top1.min() < 0:
+            from .errors import InputError
+            raise InputError(f"--labels: class ids reach {int(top1.max())}; the model has {reference.shape[1]} classes")
+    energy = float((reference ** 2).sum()) or 1.0
+    evaluations = 0
+
+    def payoff(masks: np.ndarray) -> np.ndarray:
+        """masks: (K, players) in {0, 1}; mean payoff of each coalition over the images."""
+        nonlocal evaluations
+        out = np.zeros(len(masks))
+        per_run = max(1, ROWS_PER_RUN // m) if not fixed else 1
+        for s in range(0, len(masks), per_run):
+            chunk = masks[s:s + per_run]
+            k = len(chunk)
+            f = {input_name: np.tile(x, (k,) + (1,) * (x.ndim - 1))}
+            for (gate, offset, atoms, rank, _), mu in zip(gates, means):
+                keep = chunk[:, analysis.atom_player[atoms]].astype(np.float32)  # (k, C)
+                gv = np.repeat(keep, m, axis=0).reshape((k * m, len(atoms)) + (1,) * (rank - 2))
+                f[gate] = gv
+                f[offset] = ((1.0 - gv) * mu.reshape((1, -1) + (1,) * (rank - 2))).astype(np.float32)
+            y = sess.run([scores], f)[0].astype(np.float64).reshape((k, m) + reference.shape[1:])
+            for j in range(k):
+                if classifier:
+                    z = y[j].reshape(m, -1)
+                    z = z - z.max(axis=1, keepdims=True)
+                    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+                    out[s + j] = float(logp[np.arange(m), top1].mean())
+                else:
+                    out[s + j] = -float(((y[j] - reference) ** 2).sum()) / energy
+        evaluations += len(masks)
+        return out
+
+    groups = {grp.index: np.flatnonzero(analysis.player_group == grp.index) for grp in analysis.prunable_groups()}
+    total_players = sum(len(p) for p in groups.values()) or 1
+    curve_cost = sum(len(np.unique(np.linspace(0, len(p), min(len(p), CURVE_POINTS - 1) + 1).round()))
+                     for p in groups.values())
+    least = curve_cost + sum(2 * (len(p) + 1) for p in groups.values())
+    if budget < least:
+        from .errors import UsageError
+        raise UsageError(f"--budget {budget} is too small for this model: one pair of permutations per "
+                         f"group and the utilisation curves need {least} coalitions")
+    rng = np.random.default_rng(seed)
+    full_mask = np.ones(analysis.num_players, dtype=np.float32)
+    games: Dict[int, GroupGame] = {}
+    update = progress(len(groups)) if progress else (lambda n: None)
+    for g, players in groups.items():
+        n = len(players)
+        share = (budget - curve_cost) * n / total_players
+        pairs = max(1, int(share // (2 * (n + 1))))
+        phi = np.zeros(n)
+        for _ in range(pairs):
+            perm = rng.permutation(n)
+            for order in (perm, perm[::-1]):
+                # coalitions along the permutation: the first j players of `order` removed
+                masks = np.repeat(full_mask[None], n + 1, axis=0)
+                for j in range(1, n + 1):
+                    masks[j:, players[order[j - 1]]] = 0.0
+                v = payoff(masks)
+                # removing order[j-1] from the coalition costs v[j-1] - v[j]: its marginal value
+                phi[order] += v[:-1] - v[1:]
+        phi /= 2 * pairs
+        order = np.lexsort((np.arange(n), -phi))
+        # payoff lost when only the k best stay, measured at a grid of k and interpolated
+        ks = np.unique(np.linspace(0, n, min(n, CURVE_POINTS - 1) + 1).round().astype(int))
+        masks = np.repeat(full_mask[None], len(ks), axis=0)
+        for row, k in enumerate(ks):
+            masks[row, players[order[k:]]] = 0.0
+        v = payoff(masks)
+        lost = np.maximum(v[-1] - v, 0.0)  # v[-1]: everything kept
+        loss = np.interp(np.arange(n + 1), ks, lost)
+        loss = np.maximum.accumulate(loss[::-1])[::-1]  # keeping more never loses more
+        loss[n] = 0.0
+        games[g] = GroupGame(players, np.zeros((0, 0)), phi, order, loss)
+        update(1)
+    return OutputGames(games, evaluations, time.perf_counter() - start, classifier)
