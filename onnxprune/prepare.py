@@ -46,7 +46,7 @@ def _consumers(graph: onnx.GraphProto) -> Dict[str, List[onnx.NodeProto]]:
     return out
 
 
-def _constants_to_initializers(graph: onnx.GraphProto, log: PrepareLog) -> None:
+def constant_nodes_to_initializers(graph: onnx.GraphProto, log: PrepareLog) -> None:
     keep = []
     for node in graph.node:
         attr = {a.name: a for a in node.attribute}
@@ -203,7 +203,7 @@ def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PrepareLog]:
     out.CopyFrom(model)
     log = PrepareLog()
     graph = out.graph
-    _constants_to_initializers(graph, log)
+    constant_nodes_to_initializers(graph, log)
     out = _fold_constants(out, log)
     graph = out.graph
     _bypass_identities(graph, log)
