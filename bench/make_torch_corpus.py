@@ -652,7 +652,8 @@ SPECS: List[Spec] = [
     Spec("vgg", "VGG", VGG, (32, 32), 18, False, False, seed=8,
          note="conv-BN-ReLU 16, 16, M, 32, 32, M, 48, M, adaptive avg pool 2x2, Flatten, 3 Linear"),
     Spec("alexnet", "AlexNet", AlexNet, (32, 32), 19, True, False, seed=9,
-         note="5 convs, nn.LocalResponseNorm after the first two (torch writes it as a 5-D view, Pad and AveragePool, not an LRN node), Flatten, 3 Linear, no BN"),
+         note="5 convs, nn.LocalResponseNorm after the first two (torch writes it as a 5-D view, Pad and "
+              "AveragePool, not an LRN node), Flatten, 3 Linear, no BN"),
     Spec("shufflenetv2", "ShuffleNetV2", ShuffleNetV2, (32, 32), 20, True, False, seed=10,
          note="units with chunk (Split) and view/transpose/view channel shuffle"),
     Spec("regnet", "RegNet", RegNet, (32, 32), 21, True, True, seed=11,
