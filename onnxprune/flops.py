@@ -35,9 +35,14 @@ def count_macs(model: onnx.ModelProto, inputs: Dict[str, Tuple[int, ...]]) -> in
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Elements of all initializers (the weights a deployment has to carry)."""
+    """Elements of all initializers and Constant-node tensors (the weights a deployment has
+    to carry; Paddle-style files hold them in Constant nodes)."""
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            tensors.extend(a.t for a in node.attribute if a.name == "value")
     total = 0
-    for t in model.graph.initializer:
+    for t in tensors:
         n = 1
         for d in t.dims:
             n *= d

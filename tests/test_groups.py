@@ -6,7 +6,7 @@ from onnx import TensorProto, numpy_helper
 
 import onnxprune
 import tiny
-from onnxprune.flops import count_macs
+from onnxprune.flops import count_macs, count_params
 from surgery import analysis_of, input_shape, prune_players
 from tiny import Builder
 
@@ -116,6 +116,8 @@ def test_macs_are_counted_on_weights_in_constant_nodes():
     model = tiny.constant_node_cnn()
     shape = {"input": (1, 3, 8, 8)}
     assert count_macs(model, shape) == count_macs(tiny.plain_cnn(), shape) > 0
+    # and their parameters: the report said "parameters 0 -> 15k" for the corpus DenseNet
+    assert count_params(model) == count_params(tiny.plain_cnn()) > 0
     result = onnxprune.prune(model, np.random.default_rng(0).normal(size=(8, 3, 8, 8)).astype(np.float32),
                              onnxprune.PruneOptions(flops=0.3, latency=False, round_to=1))
     assert 0.29 <= result.report.flops_reduction < 0.4
