@@ -62,24 +62,39 @@ def constant_nodes_to_initializers(graph: onnx.GraphProto, log: PrepareLog) -> N
     graph.node.extend(keep)
 
 
-def _fold_constants(model: onnx.ModelProto, log: PrepareLog) -> onnx.ModelProto:
+def _fold_constants(model: onnx.ModelProto, log: PrepareLog, rounds: int = 8) -> onnx.ModelProto:
     """Evaluate (with onnxruntime, through onnx-graphsurgeon) the nodes whose inputs are all
-    constant, and replace them by initializers. Graph inputs and outputs are untouched."""
+    constant or static dimensions, and replace them by initializers. Graph inputs and outputs
+    are untouched.
+
+    onnx-graphsurgeon folds Shape -> Gather of a static axis only where it knows the tensor's
+    shape, so shapes are inferred first (exporters such as torch's write no intermediate
+    shapes), and again after each round: folding a Slice's computed bounds makes its output
+    shape, and so the next Shape, static."""
     import onnx_graphsurgeon as gs
 
     before = len(model.graph.node)
-    graph = gs.import_onnx(model)
-    try:
-        graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=FOLD_LIMIT_BYTES)
-    except Exception:  # a graph the folder cannot handle stays as it was: folding is an optimisation
+    current = model
+    for _ in range(rounds):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(current, strict_mode=False, data_prop=True)
+        except Exception:
+            inferred = current
+        graph = gs.import_onnx(inferred)
+        count = len(graph.nodes)
+        try:
+            graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=FOLD_LIMIT_BYTES)
+        except Exception:  # a graph the folder cannot handle stays as it was: folding is an optimisation
+            break
+        graph.cleanup(remove_unused_graph_inputs=False)
+        if len(graph.nodes) == count:
+            break
+        current = gs.export_onnx(graph, do_type_check=False)
+        copy_model_fields(model, current)
+    if current is model:
         return model
-    graph.cleanup(remove_unused_graph_inputs=False)
-    folded = gs.export_onnx(graph, do_type_check=False)
-    if len(folded.graph.node) == before:
-        return model
-    copy_model_fields(model, folded)
-    log.folded_nodes = before - len(folded.graph.node)
-    return folded
+    log.folded_nodes = before - len(current.graph.node)
+    return current
 
 
 def copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
