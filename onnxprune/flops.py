@@ -9,12 +9,19 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .ops import MAC_OPS, CountContext, rule_for
+from .prepare import PrepareLog, constant_nodes_to_initializers
 from .shapes import static_shapes
 
 
 def count_macs(model: onnx.ModelProto, inputs: Dict[str, Tuple[int, ...]]) -> int:
     """MACs for one sample of the given input shape(s) (batch axis set to 1)."""
     inputs = {k: (1,) + tuple(v[1:]) for k, v in inputs.items()}
+    if any(n.op_type == "Constant" for n in model.graph.node):
+        # weights held in Constant nodes (Paddle) are only readable as initializers
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        constant_nodes_to_initializers(copy.graph, PrepareLog())
+        model = copy
     shapes = static_shapes(model, inputs)
     graph = gs.import_onnx(model)
 
@@ -28,9 +35,14 @@ def count_macs(model: onnx.ModelProto, inputs: Dict[str, Tuple[int, ...]]) -> in
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Elements of all initializers (the weights a deployment has to carry)."""
+    """Elements of all initializers and Constant-node tensors (the weights a deployment has
+    to carry; Paddle-style files hold them in Constant nodes)."""
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            tensors.extend(a.t for a in node.attribute if a.name == "value")
     total = 0
-    for t in model.graph.initializer:
+    for t in tensors:
         n = 1
         for d in t.dims:
             n *= d

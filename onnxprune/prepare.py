@@ -5,7 +5,8 @@
 - nodes computed from constants alone (an Unsqueeze of a BatchNorm scale after an
   opset conversion, a shape computation on static axes) are folded into initializers,
   so that per-channel parameters and reshape targets become constants the op rules
-  can slice;
+  can slice; a reshape target entry that copies the batch axis (torch's
+  ``x.view(x.size(0), -1)``) becomes 0, "copy", so that the target folds too;
 - BatchNormalization right after a Conv is folded into the Conv's weights;
 - every node gets a unique name, so later stages can refer to nodes by name.
 """
@@ -28,6 +29,7 @@ class PrepareLog:
     folded_nodes: int = 0
     constants_to_initializers: int = 0
     bypassed: int = 0
+    copied_dims: int = 0  # reshape target entries turned into 0 ("copy this dimension")
     folded_batchnorms: List[str] = field(default_factory=list)
     # |gamma| of each folded BatchNormalization, by the output tensor of the Conv it went into
     # (the bn-scale criterion ranks channels by it)
@@ -49,7 +51,7 @@ def _consumers(graph: onnx.GraphProto) -> Dict[str, List[onnx.NodeProto]]:
     return out
 
 
-def _constants_to_initializers(graph: onnx.GraphProto, log: PrepareLog) -> None:
+def constant_nodes_to_initializers(graph: onnx.GraphProto, log: PrepareLog) -> None:
     keep = []
     for node in graph.node:
         attr = {a.name: a for a in node.attribute}
@@ -65,24 +67,157 @@ def _constants_to_initializers(graph: onnx.GraphProto, log: PrepareLog) -> None:
     graph.node.extend(keep)
 
 
-def _fold_constants(model: onnx.ModelProto, log: PrepareLog) -> onnx.ModelProto:
+def _inferred(model: onnx.ModelProto, keep_value_info: bool) -> onnx.ModelProto:
+    """``model`` with shapes inferred (data propagation on). Shapes stored by an earlier
+    pass of ours are left out: stale unknowns there would hide what inference now finds."""
+    saved = [] if keep_value_info else list(model.graph.value_info)
+    del model.graph.value_info[: len(saved)]
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:
+        return model
+    finally:
+        if saved:
+            del model.graph.value_info[:]
+            model.graph.value_info.extend(saved)
+
+
+def _fold_constants(model: onnx.ModelProto, log: PrepareLog, ours: bool = False, rounds: int = 8) -> onnx.ModelProto:
     """Evaluate (with onnxruntime, through onnx-graphsurgeon) the nodes whose inputs are all
-    constant, and replace them by initializers. Graph inputs and outputs are untouched."""
+    constant or static dimensions, and replace them by initializers. Graph inputs and outputs
+    are untouched. ``ours``: the model's stored shapes come from an earlier pass of prepare.
+
+    onnx-graphsurgeon folds Shape -> Gather of a static axis only where it knows the tensor's
+    shape, so shapes are inferred first (exporters such as torch's write no intermediate
+    shapes), and again after each round: folding a Slice's computed bounds makes its output
+    shape, and so the next Shape, static."""
     import onnx_graphsurgeon as gs
 
     before = len(model.graph.node)
-    graph = gs.import_onnx(model)
-    try:
-        graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=FOLD_LIMIT_BYTES)
-    except Exception:  # a graph the folder cannot handle stays as it was: folding is an optimisation
+    current = model
+    for _ in range(rounds):
+        graph = gs.import_onnx(_inferred(current, keep_value_info=current is model and not ours))
+        count = len(graph.nodes)
+        try:
+            graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=FOLD_LIMIT_BYTES)
+        except Exception:  # a graph the folder cannot handle stays as it was: folding is an optimisation
+            break
+        graph.cleanup(remove_unused_graph_inputs=False)
+        if len(graph.nodes) == count:
+            break
+        current = gs.export_onnx(graph, do_type_check=False)
+        copy_model_fields(model, current)
+    if current is model:
         return model
-    graph.cleanup(remove_unused_graph_inputs=False)
-    folded = gs.export_onnx(graph, do_type_check=False)
-    if len(folded.graph.node) == before:
-        return model
-    copy_model_fields(model, folded)
-    log.folded_nodes = before - len(folded.graph.node)
-    return folded
+    log.folded_nodes += before - len(current.graph.node)
+    return current
+
+
+def _scalar_int(inits: Dict[str, onnx.TensorProto], name: str):
+    t = inits.get(name)
+    if t is None:
+        return None
+    v = numpy_helper.to_array(t)
+    return int(v.reshape(-1)[0]) if v.size == 1 and v.dtype.kind in "iu" else None
+
+
+def _dims_by_name(model: onnx.ModelProto) -> Dict[str, list]:
+    inferred = _inferred(model, keep_value_info=False)
+    out = {}
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            out[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+    return out
+
+
+def _copied_dims_to_zero(model: onnx.ModelProto, log: PrepareLog) -> bool:
+    """In a Reshape target assembled by a Concat of dimensions read with Shape -> Gather
+    (torch writes ``x.view(x.size(0), -1)`` and ``x.view(b, g, c // g, h, w)`` so), an
+    entry that copies the dimension the data input has at the same position becomes 0,
+    Reshape's "copy this dimension" (allowzero 0). It is the same dimension where the
+    data input is the tensor read, at the same axis, or where one run of shape inference
+    gives both the same symbol (the batch axis through a channel shuffle): inference
+    hands a symbol on only between dimensions that are equal whenever the model runs,
+    and makes a fresh one (unk__N) for every unknown it cannot relate. The target can
+    then fold into a constant that the Reshape rule reads. Returns True if any entry
+    changed."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers = _consumers(graph)
+    dims = None
+    zero = None
+    changed = False
+    for node in graph.node:
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        if any(a.name == "allowzero" and a.i for a in node.attribute):
+            continue
+        concat = producer.get(node.input[1])
+        if concat is None or concat.op_type != "Concat" or len(consumers.get(node.input[1], [])) != 1:
+            continue
+        position = 0
+        for i, piece in enumerate(list(concat.input)):
+            if piece in inits:
+                position += int(np.prod(inits[piece].dims)) if len(inits[piece].dims) else 1
+                continue
+            source = _copied_dim(piece, producer, inits)
+            if source is None:
+                break  # a piece of unknown length: later positions are unknown
+            tensor, axis = source
+            if dims is None:
+                dims = _dims_by_name(model)
+            data, read = dims.get(node.input[0]), dims.get(tensor)
+            same = (tensor == node.input[0] and axis == position) or (
+                data is not None and read is not None and position < len(data) and 0 <= axis < len(read)
+                and isinstance(data[position], str) and data[position] == read[axis])
+            if same:
+                if zero is None:
+                    zero, k = "onnxprune_copy_dim", 0
+                    while zero in inits and not _is_copy_zero(inits[zero]):
+                        k += 1
+                        zero = f"onnxprune_copy_dim_{k}"
+                    if zero not in inits:
+                        graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.int64), zero))
+                        inits[zero] = graph.initializer[-1]
+                concat.input[i] = zero
+                changed = True
+                log.copied_dims += 1
+            position += 1
+    return changed
+
+
+def _is_copy_zero(t: onnx.TensorProto) -> bool:
+    v = numpy_helper.to_array(t)
+    return v.dtype == np.int64 and v.shape == (1,) and int(v[0]) == 0
+
+
+def _copied_dim(name: str, producer, inits):
+    """(tensor, axis) when ``name`` is one dimension of a tensor read as Unsqueeze(Gather(Shape(T), i))
+    or Gather(Shape(T), [i]); else None."""
+    node = producer.get(name)
+    if node is not None and node.op_type == "Unsqueeze":
+        axes = [a.ints for a in node.attribute if a.name == "axes"]
+        axes = list(axes[0]) if axes else (
+            [_scalar_int(inits, node.input[1])] if len(node.input) > 1 and node.input[1] in inits else None)
+        gather = producer.get(node.input[0])
+        if axes != [0] or gather is None or gather.op_type != "Gather" or gather.input[1] not in inits:
+            return None
+        if len(inits[gather.input[1]].dims) != 0:
+            return None  # the Gather must give a scalar for the Unsqueeze to give one element
+    elif node is not None and node.op_type == "Gather":
+        gather = node
+        if gather.input[1] not in inits or list(inits[gather.input[1]].dims) != [1]:
+            return None
+    else:
+        return None
+    shape = producer.get(gather.input[0])
+    if (shape is None or shape.op_type != "Shape" or any(a.name == "axis" and a.i for a in gather.attribute)
+            or any(a.name in ("start", "end") for a in shape.attribute)):
+        return None
+    axis = _scalar_int(inits, gather.input[1])
+    return None if axis is None or axis < 0 else (shape.input[0], axis)
 
 
 def copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
@@ -207,8 +342,12 @@ def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PrepareLog]:
     out.CopyFrom(model)
     log = PrepareLog()
     graph = out.graph
-    _constants_to_initializers(graph, log)
+    constant_nodes_to_initializers(graph, log)
     out = _fold_constants(out, log)
+    for _ in range(8):  # a target folded to a constant lets inference give the next one's shapes
+        if not _copied_dims_to_zero(out, log):
+            break
+        out = _fold_constants(out, log, ours=True)
     graph = out.graph
     _bypass_identities(graph, log)
     _fold_batchnorms(graph, log)

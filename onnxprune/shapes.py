@@ -10,6 +10,10 @@ from .prepare import data_inputs
 
 Shape = Tuple[Optional[int], ...]
 
+# rounds of shape-arithmetic folding; each round resolves one more link of a chain
+# Shape -> ... -> Reshape/Slice -> Shape -> ... (ShuffleNet's shuffles, torch's chunk)
+FOLD_ROUNDS = 8
+
 
 def _dims(value_info: onnx.ValueInfoProto) -> Optional[Shape]:
     t = value_info.type
@@ -25,10 +29,57 @@ def input_shape(model: onnx.ModelProto, name: str) -> Optional[Shape]:
     return None
 
 
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+
+
+def _collect(model: onnx.ModelProto, shapes: Dict[str, Shape]) -> int:
+    """Add every tensor's inferred shape to ``shapes`` (a better-known one replaces a
+    worse one); return how many tensors still lack a full shape."""
+    unknown = 0
+    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        dims = _dims(vi)
+        if dims is None or None in dims:
+            unknown += 1
+        if dims is None:
+            continue
+        old = shapes.get(vi.name)
+        if old is None or sum(d is None for d in dims) < sum(d is None for d in old):
+            shapes[vi.name] = dims
+    return unknown
+
+
+def _fold_shape_arithmetic(model: onnx.ModelProto) -> Optional[onnx.ModelProto]:
+    """The model with every subgraph of constants and known shapes evaluated (onnx-graphsurgeon),
+    or None when nothing folds. Exporters spell out a reshape target as Shape -> Gather -> Div
+    -> Concat, which onnx's data propagation cannot follow past the Div."""
+    import onnx_graphsurgeon as gs
+
+    try:
+        graph = gs.import_onnx(model)
+        before = len(graph.nodes)
+        graph.fold_constants(fold_shapes=True, error_ok=True)
+        graph.cleanup(remove_unused_graph_inputs=False)
+        if len(graph.nodes) == before:
+            return None
+        folded = gs.export_onnx(graph, do_type_check=False)
+    except Exception:  # folding only sharpens shapes; a graph it cannot handle keeps what inference found
+        return None
+    folded.ir_version = model.ir_version
+    del folded.opset_import[:]
+    folded.opset_import.extend(model.opset_import)
+    del folded.graph.value_info[:]
+    return folded
+
+
 def static_shapes(model: onnx.ModelProto, inputs: Dict[str, Tuple[int, ...]]) -> Dict[str, Shape]:
     """Infer every tensor's shape with the graph inputs fixed to ``inputs``.
 
     Works on a copy: the model's own (possibly dynamic) input shapes stay as they are.
+    Where inference leaves shapes unknown (reshape targets computed from Shape ops, as
+    torch exports them), the shape arithmetic is folded on the copy, whose input sizes
+    are now fixed, and inference runs again, until every shape is known or nothing
+    more folds.
     """
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -39,12 +90,17 @@ def static_shapes(model: onnx.ModelProto, inputs: Dict[str, Tuple[int, ...]]) ->
             for d in inputs[vi.name]:
                 dims.add().dim_value = int(d)
     del m.graph.value_info[:]
-    m = onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False, data_prop=True)
+    m = _infer(m)
     shapes: Dict[str, Shape] = {}
-    for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
-        dims = _dims(vi)
-        if dims is not None:
-            shapes[vi.name] = dims
-    for t in m.graph.initializer:
+    unknown = _collect(m, shapes)
+    for _ in range(FOLD_ROUNDS):
+        if not unknown:
+            break
+        folded = _fold_shape_arithmetic(m)
+        if folded is None:
+            break
+        m = _infer(folded)
+        unknown = _collect(m, shapes)
+    for t in model.graph.initializer:
         shapes[t.name] = tuple(t.dims)
     return shapes
