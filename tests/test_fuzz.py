@@ -1,6 +1,7 @@
-"""Random networks (with channel shuffles, Split and Slice) pruned at random ratios always give a valid, smaller, equivalent-shaped model,
-and pruning channels that no layer reads never changes the outputs (activations such as
-Sigmoid do not map zero to zero, so "unused" rather than "dead" is the exact test here).
+"""Random networks (with channel shuffles, Split and Slice) pruned at random ratios always
+give a valid, smaller, equivalent-shaped model, and pruning channels that no layer reads
+never changes the outputs (activations such as Sigmoid do not map zero to zero, so "unused"
+rather than "dead" is the exact test here).
 
 CI runs a few dozen cases; ONNXPRUNE_FUZZ_EXAMPLES=500 (bench/fuzz.sh) runs hundreds. Failures found
 there are pinned below with @example."""
