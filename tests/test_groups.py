@@ -230,12 +230,21 @@ def test_split_on_another_axis_and_resize_pass_channels_through():
 
 
 def test_equal_split_into_chunks_of_opset_18():
+    from surgery import kill_players, outputs, rel_error, sample
     b = Builder(opset=18)
-    x = b.relu(b.conv("input", 3, 7))
-    a, c = b.split(x, [4, 3], equal=True)
-    x = b.node("Concat", [b.conv(a, 4, 2), b.conv(c, 3, 2)], axis=1)
-    groups, analysis = _groups(b.model(b.node("GlobalAveragePool", [x])))
-    assert groups["Conv4"].prunable and len(analysis.regions) == 2
+    x = b.relu(b.conv("input", 3, 10))
+    parts = b.split(x, [0] * 4, equal=True)  # chunks of ceil(10 / 4): 3, 3, 3 and 1
+    x = b.node("Concat", [b.conv(p, n, 2) for p, n in zip(parts, [3, 3, 3, 1])], axis=1)
+    model = b.model(b.node("GlobalAveragePool", [x]))
+    groups, analysis = _groups(model)
+    assert groups["Conv4"].prunable and len(analysis.regions) == 4
+    drop = {groups["Conv4"].index: [0, 2, 4, 6, 8]}
+    killed = kill_players(model, drop)
+    pruned = prune_players(killed, drop)
+    split = next(n for n in pruned.graph.node if n.op_type == "Split")
+    assert _ints(pruned, split.input[1]) == [1, 2, 1, 1]  # channels 1 | 3 5 | 7 | 9 kept
+    x = sample(model)
+    assert rel_error(outputs(killed, x), outputs(pruned, x)) < 1e-6
 
 
 def test_slice_carries_its_range_and_recomputes_bounds():
