@@ -68,6 +68,10 @@ def _fold_constants(model: onnx.ModelProto, log: PrepareLog) -> onnx.ModelProto:
     import onnx_graphsurgeon as gs
 
     before = len(model.graph.node)
+    try:  # the folder sees which axes are static only through inferred shapes (fold_shapes)
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:
+        pass
     graph = gs.import_onnx(model)
     try:
         graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=FOLD_LIMIT_BYTES)

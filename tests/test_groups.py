@@ -279,3 +279,20 @@ def test_allocation_never_empties_a_split_or_slice():
     alloc = allocate(analysis, ranked, 0.5, 0.0, 1, "uniform")
     kept_atom = alloc.keep_player[analysis.atom_player]
     assert all(kept_atom[r].any() for r in analysis.regions)
+
+
+def test_chunk_as_pytorch_exports_it_folds_and_is_followed():
+    """torch.onnx exports x.chunk(2, 1) as Slices whose bounds come from Shape(x)[1]
+    ((C + 1) / 2 and twice that); the channel axis is static, so prepare folds them into
+    constants, also with a dynamic batch, and the Slices are followed."""
+    b = Builder(channels=3, size=8, batch="N")
+    x = b.relu(b.conv("input", 3, 8))
+    c = b.node("Gather", [b.node("Shape", [x]), b.ints([1])], axis=0)
+    half = b.node("Mul", [b.node("Div", [b.node("Add", [c, b.ints([1])]), b.ints([2])]), b.ints([1])])
+    left = b.node("Slice", [x, b.ints([0]), half, b.ints([1])])
+    right = b.node("Slice", [x, half, b.node("Mul", [half, b.ints([2])]), b.ints([1])])
+    y = b.node("Concat", [left, b.relu(b.conv(right, 4, 4))], axis=1)
+    model = b.model(b.node("GlobalAveragePool", [b.conv(y, 8, 4)]))
+    prepared, analysis = analysis_of(model)
+    assert not any(n.op_type == "Shape" for n in prepared.graph.node)
+    assert {g.name: g.prunable for g in analysis.groups}["Conv4"]
