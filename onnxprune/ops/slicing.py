@@ -11,11 +11,12 @@ import onnx_graphsurgeon as gs
 from ..errors import InternalError
 from .base import ChannelState, RewriteContext, Rule, attr, const, opt_input
 
+
 def _axis(node: gs.Node, rank: int) -> int:
     return int(attr(node, "axis", 0)) % rank
 
 
-def split_sizes(node: gs.Node, dim: int, opset: int) -> Union[List[int], str]:
+def split_sizes(node: gs.Node, dim: int) -> Union[List[int], str]:
     """The sizes of a Split along an axis of ``dim`` positions, or why they are unknown."""
     n = len(node.outputs)
     if "split" in node.attrs:  # opset < 13
@@ -53,7 +54,7 @@ class SplitRule(Rule):
             for out in node.outputs:
                 st.set_channels(out, atoms)
             return
-        sizes = split_sizes(node, shape[1], st.opset) if shape[1] is not None else "Split of unknown channels"
+        sizes = split_sizes(node, shape[1]) if shape[1] is not None else "Split of unknown channels"
         if isinstance(sizes, str) or atoms is None:
             st.block_inputs(node, sizes if isinstance(sizes, str) else "Split of unknown channels")
             st.opaque_outputs(node, "channels of a Split the analysis does not follow")
@@ -72,7 +73,7 @@ class SplitRule(Rule):
         keeps = [ctx.keep(out) for out in node.outputs]
         if all(k is None for k in keeps):
             return
-        sizes = split_sizes(node, int(shape[1]), ctx.opset)
+        sizes = split_sizes(node, int(shape[1]))
         if isinstance(sizes, str):
             raise InternalError(f"Split {node.name} lost channels but its sizes are unknown: {sizes}")
         sizes = [int(k.sum()) if k is not None else n for k, n in zip(keeps, sizes)]
