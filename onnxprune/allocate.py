@@ -132,7 +132,7 @@ def essentials_first(analysis: Analysis, ranked: Dict[int, np.ndarray]):
     leave any of those layers with zero filters, whatever the ranking says. Returns the new
     rankings and, per group, how many leading players are essential. (Loss curves stay those
     of the criterion's order: the essential players are few and rank high anyway.)"""
-    out, counts = {}, {}
+    chosen: Dict[int, List[int]] = {}
     for g, players in ranked.items():
         spaces = _spaces_of_players(analysis, players)
         covered, essential = set(), []
@@ -140,10 +140,34 @@ def essentials_first(analysis: Analysis, ranked: Dict[int, np.ndarray]):
             if not set(sp.tolist()) <= covered:
                 essential.append(i)
                 covered |= set(sp.tolist())
+        chosen[g] = essential
+    _cover_regions(analysis, ranked, chosen)
+    out, counts = {}, {}
+    for g, players in ranked.items():
+        essential = chosen[g]
         rest = [i for i in range(len(players)) if i not in set(essential)]
         out[g] = players[essential + rest]
         counts[g] = len(essential)
     return out, counts
+
+
+def _cover_regions(analysis: Analysis, ranked: Dict[int, np.ndarray], chosen: Dict[int, List[int]]) -> None:
+    """Make essential, for every region (a Split output, a channel Slice) that could lose all
+    its channels, its best-ranked player: a tensor of zero channels is not a network."""
+    if not analysis.regions:
+        return
+    rank_of = {}  # player -> (group, position in the group's ranking)
+    for g, players in ranked.items():
+        for i, p in enumerate(players.tolist()):
+            rank_of[p] = (g, i)
+    for region in analysis.regions:
+        players = np.unique(analysis.atom_player[region]).tolist()
+        if any(p not in rank_of for p in players):
+            continue  # holds a player that is never pruned
+        if any(rank_of[p][1] in chosen[rank_of[p][0]] for p in players):
+            continue
+        g, i = min((rank_of[p] for p in players), key=lambda gi: gi[1])
+        chosen[g].append(i)
 
 
 class _Planner:

@@ -47,6 +47,7 @@ class Analysis:
     mac_nodes: List[gs.Node]
     spaces: list  # ops.base.Space per block of atoms
     atom_space: np.ndarray  # atom -> index into spaces
+    regions: List[np.ndarray] = field(default_factory=list)  # atom sets that must each keep a channel
 
     @property
     def num_players(self) -> int:
@@ -119,7 +120,7 @@ class Analysis:
 
 
 def analyse(graph: gs.Graph, shapes: Dict[str, Shape], opset: int, ignore: Sequence[str] = ()) -> Analysis:
-    st = ChannelState(shapes, opset)
+    st = ChannelState(shapes, opset, [t.name for t in graph.outputs])
     graph.toposort()
     nodes = list(graph.nodes)
     for t in graph.inputs:
@@ -189,6 +190,8 @@ def _build(graph: gs.Graph, shapes, st: ChannelState, nodes) -> Analysis:
     producers: List[List[str]] = [[] for _ in range(n_groups)]
     reasons: List[List[str]] = [[] for _ in range(n_groups)]
     for s, space in enumerate(st.spaces):
+        if sfind(s) not in group_of_space_root:
+            continue  # a tensor of no channels (an empty Slice, say) has no atoms, so no group
         g = group_of_space_root[sfind(s)]
         if space.node not in producers[g]:
             producers[g].append(space.node)
@@ -207,4 +210,4 @@ def _build(graph: gs.Graph, shapes, st: ChannelState, nodes) -> Analysis:
     mac_nodes = [n for n in nodes if n.op in MAC_OPS and (n.domain or "") in ("", "ai.onnx")]
     return Analysis(graph=graph, shapes=shapes, cmap=dict(st.cmap), atom_player=atom_player,
                     player_group=player_group, groups=groups, mac_nodes=mac_nodes,
-                    spaces=list(st.spaces), atom_space=atom_space)
+                    spaces=list(st.spaces), atom_space=atom_space, regions=list(st.regions))

@@ -178,7 +178,10 @@ def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
     t = time.perf_counter()
     check_model(pruned, original, cal, providers)
     input_shapes = {spec.name: (1,) + cal.sample_shape}
-    report.macs_before = count_macs(original, input_shapes)
+    # counted on the prepared model, the same network with its shape arithmetic folded: shape
+    # inference can lose the shapes behind a run-time Slice or Reshape of the original, and
+    # layers of unknown shape count no MACs
+    report.macs_before = count_macs(prepared, input_shapes)
     report.macs_after = count_macs(pruned, input_shapes)
     report.params_before, report.params_after = count_params(original), count_params(pruned)
     if report.macs_after > report.macs_before:

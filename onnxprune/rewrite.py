@@ -9,6 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .analyse import Analysis
+from .load import default_opset
 from .ops import RewriteContext, rule_for
 from .prepare import copy_model_fields
 
@@ -25,22 +26,38 @@ def rewrite(analysis: Analysis, keep_player: Optional[np.ndarray], template: onn
     fresh_names = set(graph.tensors().keys())
     changed: Set[str] = set()
 
-    def set_constant(node: gs.Node, index: int, values: np.ndarray) -> None:
-        changed.add(node.name)
-        tensor = node.inputs[index]
-        values = np.ascontiguousarray(values)
-        if len(tensor.outputs) <= 1:
-            tensor.values = values
-            return
-        # shared with another node that may need other channels: give this node its own copy
-        k, name = 0, f"{tensor.name}_{node.name}"
+    def fresh(base: str) -> str:
+        k, name = 0, base
         while name in fresh_names:
             k += 1
-            name = f"{tensor.name}_{node.name}_{k}"
+            name = f"{base}_{k}"
         fresh_names.add(name)
+        return name
+
+    def set_constant(node: gs.Node, index: int, values: np.ndarray) -> None:
+        changed.add(node.name)
+        values = np.ascontiguousarray(values)
+        if index < len(node.inputs) and node.inputs[index].name:
+            tensor = node.inputs[index]
+            if isinstance(tensor, gs.Constant) and len(tensor.outputs) <= 1:
+                tensor.values = values
+                return
+            # shared with another node that may need other channels: give this node its own copy
+            name = fresh(f"{tensor.name}_{node.name}")
+        else:  # an optional input the node did not have (Split's sizes)
+            name = fresh(f"{node.name}_input{index}")
+        while len(node.inputs) <= index:
+            node.inputs.append(gs.Variable.empty())
         node.inputs[index] = gs.Constant(name, values)
 
-    ctx = RewriteContext(analysis.shapes, keep, set_constant)
+    def set_attr(node: gs.Node, name: str, value) -> None:
+        changed.add(node.name)
+        if value is None:
+            node.attrs.pop(name, None)
+        else:
+            node.attrs[name] = value
+
+    ctx = RewriteContext(analysis.shapes, keep, set_constant, default_opset(template), set_attr)
     if keep_player is not None and not keep_player.all():
         for node in list(graph.nodes):
             rule_for(node.op, node.domain or "").rewrite(node, ctx)

@@ -151,8 +151,9 @@ def unuse_players(model: onnx.ModelProto, drop: Dict[int, List[int]]) -> onnx.Mo
 
 
 def spare_one_per_layer(analysis: Analysis, drop: Dict[int, List[int]]) -> Dict[int, List[int]]:
-    """Remove from ``drop`` enough players that every producing layer keeps a channel,
-    as the allocation guarantees (a layer of zero filters is not a valid network)."""
+    """Remove from ``drop`` enough players that every producing layer and every region (a
+    Split output, a channel Slice) keeps a channel, as the allocation guarantees (a layer of
+    zero filters or a tensor of zero channels is not a valid network)."""
     out = {}
     for g, positions in drop.items():
         players = np.flatnonzero(analysis.player_group == g)
@@ -166,4 +167,14 @@ def spare_one_per_layer(analysis: Analysis, drop: Dict[int, List[int]]) -> Dict[
                 keep_back.add(i)
                 spaces_left |= new
         out[g] = [i for i in positions if i not in keep_back]
+    # and every region (a Split output, a channel Slice) keeps a channel
+    where = {}
+    for g, positions in out.items():
+        players = np.flatnonzero(analysis.player_group == g)
+        where.update({int(players[i]): (g, i) for i in positions})
+    for region in analysis.regions:
+        players = np.unique(analysis.atom_player[region]).tolist()
+        if all(p in where for p in players):
+            g, i = where.pop(players[0])
+            out[g].remove(i)
     return out

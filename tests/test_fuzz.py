@@ -1,6 +1,7 @@
-"""Random networks pruned at random ratios always give a valid, smaller, equivalent-shaped model,
-and pruning channels that no layer reads never changes the outputs (activations such as
-Sigmoid do not map zero to zero, so "unused" rather than "dead" is the exact test here).
+"""Random networks (with channel shuffles, Split and Slice) pruned at random ratios always
+give a valid, smaller, equivalent-shaped model, and pruning channels that no layer reads
+never changes the outputs (activations such as Sigmoid do not map zero to zero, so "unused"
+rather than "dead" is the exact test here).
 
 CI runs a few dozen cases; ONNXPRUNE_FUZZ_EXAMPLES=500 (bench/fuzz.sh) runs hundreds. Failures found
 there are pinned below with @example."""
@@ -14,7 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import onnxprune
-from fuzz_nets import random_net
+from fuzz_nets import BLOCKS, random_net
 from onnxprune.flops import count_macs
 from surgery import (analysis_of, input_shape, outputs, prune_players, rel_error, sample, spare_one_per_layer,
                      unuse_players)
@@ -49,8 +50,8 @@ def test_pruned_random_net_is_valid(net, ratio, criterion, recover):
 
 @CASES
 @given(nets, st.integers(0, 1000))
-@example((9066, 11, 2), 0)  # Sigmoid(0) != 0: channels must be unused, not zeroed, to prune exactly
-@example((1171, 11, 4), 230)  # a Concat tied to an SE gate left one branch with zero filters
+@example((9066, 11, 2, BLOCKS), 0)  # Sigmoid(0) != 0: channels must be unused, not zeroed, to prune exactly
+@example((1171, 11, 4, BLOCKS), 230)  # a Concat tied to an SE gate left one branch with zero filters
 def test_unused_channels_of_random_net_prune_exactly(net, pick):
     model = random_net(*net)
     _, analysis = analysis_of(model)

@@ -7,7 +7,6 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune.analyse import analyse
 from onnxprune.cli import run
 from onnxprune.latency_model import LatencyModel
 from onnxprune.load import default_opset

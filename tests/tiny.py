@@ -29,6 +29,12 @@ class Builder:
         self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
         return name
 
+    def ints(self, values, prefix: str = "i", dtype=np.int64) -> str:
+        """An integer initializer (shapes, split sizes, slice bounds)."""
+        name = self._name(prefix)
+        self.inits.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
+        return name
+
     def node(self, op: str, inputs: Sequence[str], n_out: int = 1, **attrs) -> str:
         outs = [self._name(op.lower()) for _ in range(n_out)]
         self.nodes.append(helper.make_node(op, list(inputs), outs, name=self._name(op), **attrs))
@@ -43,6 +49,34 @@ class Builder:
         r = self.rng
         return self.node("BatchNormalization", [x, self.init(r.uniform(0.5, 1.5, c)), self.init(r.normal(0, 0.1, c)),
                                                 self.init(r.normal(0, 0.1, c)), self.init(r.uniform(0.5, 1.5, c))])
+
+    def shuffle(self, x: str, c: int, groups: int, size: int, batch: int = 0, flat: bool = False) -> str:
+        """ShuffleNet's channel shuffle: Reshape (N, g, C/g, H, W) (or (N, g, C/g, H*W) when
+        ``flat``), Transpose perm (0, 2, 1, ...), Reshape back; ``batch`` is the first entry of
+        both targets (0: copy N, -1: infer it)."""
+        spatial = [size * size] if flat else [size, size]
+        x = self.node("Reshape", [x, self.ints([batch, groups, c // groups] + spatial, "shape")])
+        x = self.node("Transpose", [x], perm=[0, 2, 1] + list(range(3, 3 + len(spatial))))
+        return self.node("Reshape", [x, self.ints([batch, c, size, size], "shape")])
+
+    def split(self, x: str, sizes: Sequence[int], axis: int = 1, equal: bool = False) -> List[str]:
+        """Split with the sizes as the opset wants them: attribute (< 13), input (>= 13), or
+        num_outputs (>= 18) where ``equal`` asks for chunks rather than explicit sizes."""
+        if equal:
+            if self.opset >= 18:
+                return self.node("Split", [x], n_out=len(sizes), axis=axis, num_outputs=len(sizes))
+            return self.node("Split", [x], n_out=len(sizes), axis=axis)
+        if self.opset < 13:
+            return self.node("Split", [x], n_out=len(sizes), axis=axis, split=list(sizes))
+        return self.node("Split", [x, self.ints(sizes, "split")], n_out=len(sizes), axis=axis)
+
+    def slice(self, x: str, starts, ends, axes=None, steps=None, dtype=np.int64) -> str:
+        inputs = [x, self.ints(starts, "starts", dtype), self.ints(ends, "ends", dtype)]
+        if axes is not None:
+            inputs.append(self.ints(axes, "axes", dtype))
+        if steps is not None:
+            inputs.append(self.ints(steps, "steps", dtype))
+        return self.node("Slice", inputs)
 
     def relu(self, x: str) -> str:
         return self.node("Relu", [x])
@@ -128,3 +162,86 @@ def grouped_cnn(seed: int = 0) -> onnx.ModelProto:
     x = b.relu(b.conv(x, 8, 12, group=2))
     x = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
     return b.model(b.gemm(x, 12, 5), ["N", 5])
+
+
+INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+def _shufflenet_v2_unit(b: Builder, x: str, c: int, size: int, halves, **shuffle) -> str:
+    """A ShuffleNet v2 unit at stride 1: the first half passes, the second goes through
+    1x1 - depthwise 3x3 - 1x1, then Concat and a channel shuffle of two parts."""
+    left, right = halves(x)
+    h = c // 2
+    y = b.relu(b.bn(b.conv(right, h, 6, k=1), 6))
+    y = b.bn(b.conv(y, 6, 6, group=6), 6)
+    y = b.relu(b.bn(b.conv(y, 6, h, k=1), h))
+    return b.shuffle(b.node("Concat", [left, y], axis=1), c, 2, size, **shuffle)
+
+
+def shufflenet_v2(seed: int = 0, opset: int = 13) -> onnx.ModelProto:
+    """Stem, two stride-1 ShuffleNet v2 units (halves by Split, then by two Slices), a
+    stride-2 unit (both branches convolve, Concat, shuffle), 1x1 conv, GAP, Gemm."""
+    b = Builder(seed=seed, opset=opset)
+    x = b.relu(b.conv("input", 3, 8))
+    x = _shufflenet_v2_unit(b, x, 8, 8, lambda t: b.split(t, [4, 4], equal=True), batch=0)
+    x = _shufflenet_v2_unit(b, x, 8, 8, lambda t: (b.slice(t, [0], [4], [1]), b.slice(t, [-4], [INT64_MAX], [1])),
+                            batch=-1, flat=True)
+    left = b.relu(b.conv(b.conv(x, 8, 8, group=8, stride=2), 8, 8, k=1))
+    right = b.relu(b.conv(x, 8, 6, k=1))
+    right = b.relu(b.conv(b.conv(right, 6, 6, group=6, stride=2), 6, 8, k=1))
+    x = b.shuffle(b.node("Concat", [left, right], axis=1), 16, 2, 4)
+    x = b.relu(b.conv(x, 16, 12, k=1))
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
+    return b.model(b.gemm(x, 12, 5), ["N", 5])
+
+
+def shufflenet_v1(seed: int = 0) -> onnx.ModelProto:
+    """ShuffleNet v1 units: grouped 1x1 conv, shuffle of its groups, depthwise 3x3, grouped
+    1x1 conv, residual Add; the second unit shuffles four groups."""
+    b = Builder(seed=seed)
+    x = b.relu(b.conv("input", 3, 16))
+    for g in (2, 4):
+        y = b.relu(b.bn(b.conv(x, 16, 16, k=1, group=g), 16))
+        y = b.shuffle(y, 16, g, 8)
+        y = b.bn(b.conv(y, 16, 16, group=16), 16)
+        y = b.bn(b.conv(y, 16, 16, k=1, group=g), 16)
+        x = b.relu(b.node("Add", [y, x]))
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
+    return b.model(b.gemm(x, 16, 5), ["N", 5])
+
+
+def yolo_c2f(seed: int = 0, opset: int = 13) -> onnx.ModelProto:
+    """YOLOv8-style C2f (conv, Split in two, a residual bottleneck on the second half, Concat
+    of all three), a stride-2 branch upsampled by Resize and concatenated back (the neck),
+    a spatial Slice with steps 2 (YOLOv5's Focus) and a Split along the height."""
+    b = Builder(seed=seed, opset=opset)
+    x = b.relu(b.conv("input", 3, 8))
+    y = b.relu(b.conv(x, 8, 8, k=1))
+    y0, y1 = b.split(y, [3, 5], equal=False) if opset < 18 else b.split(y, [4, 4], equal=True)
+    h = 5 if opset < 18 else 4
+    m = b.node("Add", [b.relu(b.conv(b.relu(b.conv(y1, h, h)), h, h)), y1])
+    z = b.relu(b.conv(b.node("Concat", [y0, y1, m], axis=1), 8 + h, 8, k=1))
+    p = b.relu(b.conv(z, 8, 6, stride=2))
+    if opset >= 13:
+        up = b.node("Resize", [p, "", b.init(np.array([1, 1, 2, 2]), "scales")], mode="nearest")
+    else:
+        up = b.node("Resize", [p, b.init(np.zeros(0), "roi"), b.init(np.array([1, 1, 2, 2]), "scales")], mode="nearest")
+    x = b.relu(b.conv(b.node("Concat", [up, z], axis=1), 14, 10, k=1))
+    x = b.slice(x, [0, 0], [INT64_MAX, INT64_MAX], [2, 3], [2, 2])  # 4x4
+    top, bottom = b.split(x, [2, 2], axis=2)
+    x = b.node("Concat", [bottom, top], axis=2)
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
+    return b.model(b.gemm(x, 10, 5), ["N", 5])
+
+
+def slices_cnn(seed: int = 0) -> onnx.ModelProto:
+    """Channel Slices of one conv's 12 channels with bounds from the start, from the end,
+    open-ended and int32, concatenated (channels 0 and 1 are read by nobody) into a conv."""
+    b = Builder(seed=seed)
+    x = b.relu(b.conv("input", 3, 12))
+    a = b.slice(x, [2], [7], [1])  # 2..6
+    c = b.slice(x, [-5], [-1], [-3], dtype=np.int32)  # 7..10 (axis -3 of 4 is the channel axis)
+    d = b.slice(x, [0, -3, 0, 0], [INT64_MAX, 99, INT64_MAX, INT64_MAX])  # 9..11, no axes given
+    y = b.relu(b.conv(b.node("Concat", [a, c, d], axis=1), 12, 6))
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [y])], axis=1)
+    return b.model(b.gemm(x, 6, 5), ["N", 5])

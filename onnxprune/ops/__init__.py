@@ -16,6 +16,8 @@ from .layout import ConcatRule, FlattenRule, ReshapeRule, SqueezeRule
 from .linear import GemmRule, MatMulRule
 from .passthrough import (POOL_OPS, UNARY_OPS, AxisRule, ChannelParamRule, PadRule, PassThroughRule,
                           ReduceRule, ResizeRule)
+from .shuffle import TransposeRule
+from .slicing import SliceRule, SplitRule
 
 REGISTRY: Dict[str, Rule] = {}
 for _op in UNARY_OPS + POOL_OPS:
@@ -42,6 +44,9 @@ REGISTRY.update({
     "Pad": PadRule(),
     "Resize": ResizeRule(),
     "Upsample": ResizeRule(),
+    "Transpose": TransposeRule(),
+    "Split": SplitRule(),
+    "Slice": SliceRule(),
 })
 
 _DEFAULT = Rule()

@@ -4,10 +4,13 @@ Channel tracking: every tensor whose axis 1 carries channels gets a *channel
 map*, an array of atom ids, one per position along axis 1. A producer (a
 Conv's filters) creates fresh atoms; ops that keep channels apart pass the
 map through; ops that tie channels together (a residual Add) union atoms;
-Concat concatenates maps; Flatten repeats each atom once per pixel. Atoms
-that end up in one union-find class are one *player*: pruned together, from
-every tensor and parameter that carries them. Atoms that reach something the
-analysis does not understand are *blocked*, with the op and the reason.
+Concat concatenates maps; Flatten repeats each atom once per pixel; Split
+and Slice along channels take a range of the map; a channel shuffle permutes
+it. Atoms that end up in one union-find class are one *player*: pruned
+together, from every tensor and parameter that carries them. Atoms that reach
+something the analysis does not understand are *blocked*, with the op and the
+reason. A *region* is a set of atoms of which at least one must be kept (a
+Split output or a Slice of zero channels is not a network).
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ class Space:
 class ChannelState:
     """Analysis state that the rules read and write while walking the graph."""
 
-    def __init__(self, shapes: Dict[str, Shape], opset: int):
+    def __init__(self, shapes: Dict[str, Shape], opset: int, outputs: Sequence[str] = ()):
         self.shapes = shapes
         self.opset = opset
+        self.graph_outputs = set(outputs)  # tensor names the graph returns
+        self.regions: List[np.ndarray] = []  # atom sets that must each keep a channel
         self.parent: List[int] = []
         self.atom_space: List[int] = []
         self.spaces: List[Space] = []
@@ -67,6 +72,11 @@ class ChannelState:
             rx, ry = self.find(x), self.find(y)
             if rx != ry:
                 self.parent[max(rx, ry)] = min(rx, ry)
+
+    def nonempty(self, atoms: Optional[np.ndarray]) -> None:
+        """At least one of ``atoms`` must be kept (a tensor that may not lose all its channels)."""
+        if atoms is not None and len(atoms):
+            self.regions.append(np.unique(atoms))
 
     def block(self, atoms: Optional[np.ndarray], node: gs.Node, reason: str) -> None:
         if atoms is not None and len(atoms):
@@ -119,10 +129,13 @@ class RewriteContext:
     """What a rule may ask while it slices a node's parameters."""
 
     def __init__(self, shapes: Dict[str, Shape], keep: Callable[[str], Optional[np.ndarray]],
-                 set_constant: Callable[[gs.Node, int, np.ndarray], None]):
+                 set_constant: Callable[[gs.Node, int, np.ndarray], None], opset: int = 0,
+                 set_attr: Optional[Callable[[gs.Node, str, object], None]] = None):
         self.shapes = shapes
+        self.opset = opset
         self._keep = keep
         self._set_constant = set_constant
+        self._set_attr = set_attr
 
     def shape(self, tensor: gs.Tensor) -> Optional[Shape]:
         """Shape before pruning."""
@@ -135,7 +148,17 @@ class RewriteContext:
         return self._keep(tensor.name)
 
     def set_constant(self, node: gs.Node, index: int, values: np.ndarray) -> None:
+        """Make input ``index`` a constant holding ``values`` (appending the input if absent)."""
         self._set_constant(node, index, values)
+
+    def set_attr(self, node: gs.Node, name: str, value) -> None:
+        """Set an attribute (None deletes it); the node counts as changed."""
+        if self._set_attr is not None:
+            self._set_attr(node, name, value)
+        elif value is None:
+            node.attrs.pop(name, None)
+        else:
+            node.attrs[name] = value
 
 
 class CountContext:

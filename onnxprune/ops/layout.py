@@ -1,12 +1,14 @@
 """Ops that move channels around without mixing them: Concat, Flatten, Reshape,
-Squeeze and Unsqueeze."""
+Squeeze and Unsqueeze. (Channel shuffles: shuffle.py; Split and Slice: slicing.py.)"""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..errors import InternalError
 from .base import ChannelState, RewriteContext, Rule, attr, axes_of, const, normalise_axes, opt_input, prod
+from .shuffle import find_shuffle, follow_shuffle
 
 
 class ConcatRule(Rule):
@@ -49,11 +51,14 @@ class FlattenRule(Rule):
 
 
 class ReshapeRule(Rule):
-    """Follows two reshapes exactly: flattening (N, C, ...) to (N, C*...), and
-    reshapes that keep N and C and only regroup the trailing axes. The constant
-    target shape is updated where it spells out the channel count."""
+    """Follows three reshapes exactly: flattening (N, C, ...) to (N, C*...), reshapes
+    that keep N and C and only regroup the trailing axes, and the two of a channel
+    shuffle (shuffle.py). The constant target shape is updated where it spells out
+    the channel count (the count per part, in a shuffle's first Reshape)."""
 
     def propagate(self, node: gs.Node, st: ChannelState) -> None:
+        if follow_shuffle(node, st):
+            return
         x_shape, y_shape = st.shape(node.inputs[0]), st.shape(node.outputs[0])
         target = const(opt_input(node, 1))
         known = (x_shape is not None and y_shape is not None and target is not None
@@ -65,9 +70,20 @@ class ReshapeRule(Rule):
         elif known and y_shape[1] == x_shape[1] and prod(y_shape[2:]) == prod(x_shape[2:]):
             st.set_channels(node.outputs[0], st.channels(node.inputs[0]))
         else:
-            super().propagate(node, st)
+            if target is None:
+                why = "Reshape whose target shape is computed at run time"
+            elif known:
+                why = f"Reshape of {tuple(x_shape[1:])} to {tuple(y_shape[1:])} moves the channels"
+            else:
+                why = "Reshape with unknown shapes or allowzero"
+            st.block_inputs(node, why)
+            st.opaque_outputs(node, "channels made by Reshape, which the analysis does not follow")
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        sh, _ = find_shuffle(node, ctx.shape)
+        if sh is not None and node is sh.first:
+            self._rewrite_split(node, sh.groups, sh.per_group, ctx)
+            return
         keep = ctx.keep(node.outputs[0])
         target = const(opt_input(node, 1))
         if keep is None or target is None or target.size < 2 or int(target[1]) <= 0:
@@ -75,6 +91,22 @@ class ReshapeRule(Rule):
         new = target.copy()
         new[1] = int(keep.sum())
         ctx.set_constant(node, 1, new)
+
+
+    @staticmethod
+    def _rewrite_split(node: gs.Node, groups: int, per_group: int, ctx: RewriteContext) -> None:
+        """(N, g, C/g, ...): C/g becomes the count every part keeps."""
+        keep = ctx.keep(node.inputs[0])
+        if keep is None:
+            return
+        parts = keep.reshape(groups, per_group)
+        if not (parts == parts[0]).all():
+            raise InternalError(f"the parts of channel shuffle {node.name} lost different channels")
+        target = const(opt_input(node, 1))
+        if int(target[2]) > 0:
+            new = target.copy()
+            new[2] = int(parts[0].sum())
+            ctx.set_constant(node, 1, new)
 
 
 class SqueezeRule(Rule):
