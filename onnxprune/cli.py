@@ -123,7 +123,7 @@ def main(model_in, model_out, analyze, calib, eval_path, report_path, verbose, *
     """
     from .api import analyze as analyze_model
     from .api import load_labelled, prune
-    from .save import check_output_path, save_atomic
+    from .save import check_output_path
 
     if analyze:
         report = analyze_model(model_in, PruneOptions(**option_values))
@@ -142,7 +142,7 @@ def main(model_in, model_out, analyze, calib, eval_path, report_path, verbose, *
     result = prune(model_in, calib, opts, evaluate=labelled, progress=_bar,
                    log=lambda line: click.echo(line, err=True))
     result.report.output_path = model_out
-    result.report.file_size_after = save_atomic(result.model, model_out)
+    result.report.file_size_after = result.save(model_out)
     click.echo(result.report.format_text())
     if report_path:
         with open(report_path, "w") as f:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Dict, Tuple
 
 import onnx
-import onnx_graphsurgeon as gs
 
+from . import weights
 from .ops import MAC_OPS, CountContext, rule_for
 from .shapes import static_shapes
 
@@ -16,7 +16,7 @@ def count_macs(model: onnx.ModelProto, inputs: Dict[str, Tuple[int, ...]]) -> in
     """MACs for one sample of the given input shape(s) (batch axis set to 1)."""
     inputs = {k: (1,) + tuple(v[1:]) for k, v in inputs.items()}
     shapes = static_shapes(model, inputs)
-    graph = gs.import_onnx(model)
+    graph = weights.import_graph(model)
 
     def count(name: str) -> int:
         shape = shapes.get(name)

@@ -17,7 +17,8 @@ from typing import Dict, List
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from . import weights
 
 
 FOLD_LIMIT_BYTES = 64 * 2 ** 20  # never materialise a folded constant larger than this
@@ -68,18 +69,33 @@ def _fold_constants(model: onnx.ModelProto, log: PrepareLog) -> onnx.ModelProto:
     import onnx_graphsurgeon as gs
 
     before = len(model.graph.node)
-    graph = gs.import_onnx(model)
+    graph = weights.import_graph(model)
+    _load_foldable(graph)
     try:
         graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=FOLD_LIMIT_BYTES)
     except Exception:  # a graph the folder cannot handle stays as it was: folding is an optimisation
         return model
     graph.cleanup(remove_unused_graph_inputs=False)
-    folded = gs.export_onnx(graph, do_type_check=False)
+    folded = weights.export_graph(graph)
     if len(folded.graph.node) == before:
         return model
     copy_model_fields(model, folded)
     log.folded_nodes = before - len(folded.graph.node)
     return folded
+
+
+def _load_foldable(graph) -> None:
+    """Give the constants that folding may evaluate their arrays (shared, not copied):
+    onnx-graphsurgeon runs them through onnxruntime from bytes, where a stub cannot be read."""
+    import onnx_graphsurgeon as gs
+
+    constant = {name for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    for node in graph.nodes:  # in topological order, as ONNX stores them
+        if node.inputs and all(t.name in constant or not t.name for t in node.inputs):
+            for t in node.inputs:
+                if isinstance(t, gs.Constant):
+                    t.values  # noqa: B018 (loads)
+            constant.update(o.name for o in node.outputs)
 
 
 def copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
@@ -121,7 +137,7 @@ def _bypass_identities(graph: onnx.GraphProto, log: PrepareLog) -> None:
     graph.node.extend(keep)
 
 
-def _fold_batchnorms(graph: onnx.GraphProto, log: PrepareLog) -> None:
+def _fold_batchnorms(graph: onnx.GraphProto, log: PrepareLog, release: bool = False) -> None:
     inits = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
     consumers = _consumers(graph)
@@ -146,20 +162,25 @@ def _fold_batchnorms(graph: onnx.GraphProto, log: PrepareLog) -> None:
         ):
             continue
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
-        gamma, beta, mean, var = (numpy_helper.to_array(p).astype(np.float64) for p in params)
-        w = numpy_helper.to_array(weight)
+        gamma, beta, mean, var = (weights.array(p).astype(np.float64) for p in params)
+        w = weights.array(weight)
         if w.shape[0] != gamma.shape[0]:
             continue
         factor = gamma / np.sqrt(var + eps)
-        b = numpy_helper.to_array(inits[bias_name]).astype(np.float64) if bias_name else np.zeros_like(mean)
+        b = weights.array(inits[bias_name]).astype(np.float64) if bias_name else np.zeros_like(mean)
         new_w = (w.astype(np.float64) * factor.reshape((-1,) + (1,) * (w.ndim - 1))).astype(w.dtype)
         new_b = ((b - mean) * factor + beta).astype(w.dtype)
-        weight.CopyFrom(numpy_helper.from_array(new_w, weight.name))
+        del w
+        old = weights.keys_of([weight])
+        weight.CopyFrom(weights.make_tensor(new_w, weight.name))
+        if release:  # the input model's copy of this weight is not needed any more
+            for key in old:
+                weights.active().discard(key)
         if bias_name:
-            inits[bias_name].CopyFrom(numpy_helper.from_array(new_b, bias_name))
+            inits[bias_name].CopyFrom(weights.make_tensor(new_b, bias_name))
         else:
             bias_name = conv.output[0] + "_folded_bias"
-            graph.initializer.append(numpy_helper.from_array(new_b, bias_name))
+            graph.initializer.append(weights.make_tensor(new_b, bias_name))
             if len(conv.input) == 2:
                 conv.input.append(bias_name)
         conv.output[0] = bn.output[0]
@@ -197,8 +218,14 @@ def _name_nodes(graph: onnx.GraphProto) -> None:
         seen.add(node.name)
 
 
-def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PrepareLog]:
-    """Return a normalised copy of ``model``; the input is not modified."""
+def prepare(model: onnx.ModelProto, release: bool = False) -> tuple[onnx.ModelProto, PrepareLog]:
+    """Return a normalised copy of ``model``; the input's protobuf is not modified.
+
+    Large weights stay shared with ``model`` (in the weight store) unless changed. With
+    ``release``, the store lets go of each weight of ``model`` that a BatchNorm fold replaces,
+    as soon as it is replaced: ``model``'s weights may not be read afterwards, and a large
+    model never holds its convolutions twice.
+    """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     log = PrepareLog()
@@ -207,7 +234,7 @@ def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PrepareLog]:
     out = _fold_constants(out, log)
     graph = out.graph
     _bypass_identities(graph, log)
-    _fold_batchnorms(graph, log)
+    _fold_batchnorms(graph, log, release=release and weights.active() is not None)
     _name_nodes(graph)
     # stale intermediate shapes would contradict the pruned graph; re-inferred later
     del graph.value_info[:]
