@@ -244,9 +244,10 @@ def _rank(analysis: Analysis, opts: PruneOptions, stats):
     ranked, loss, importance = {}, {}, {}
     if opts.criterion == "snpfi":
         # without recovery removed channels become zeros, with it their means go into the bias
-        games = group_games(analysis, stats, centred=opts.recover)
+        grams = {}  # each consumer's weight Gram, computed once for both games
+        games = group_games(analysis, stats, centred=opts.recover, grams=grams)
         if opts.payoff == "refit" or (opts.payoff == "auto" and opts.recover):
-            games = refit_games(analysis, stats, games)
+            games = refit_games(analysis, stats, games, grams=grams)
         for g, game in games.items():
             ranked[g] = game.players[game.order]
             loss[g] = game.loss
