@@ -220,6 +220,8 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                 else:
                     _apply(pruned, layer_index, solved, fit, shared)
                     (log.channel if isinstance(fit, ChannelFit) else log.patch).append(name)
+                # a fit holds a copy of its layer's weights: let it go before the next is made
+                fit = solved = sess_o = sess_p = None
                 for f in (prev_o, prev_p):
                     if f is not None:
                         f.close()
@@ -272,7 +274,9 @@ def _make_fit(original: onnx.ModelProto, node_o: onnx.NodeProto, inits, keep, re
     filters = rule.input_filters(graph.nodes[0])
     if filters is None:
         return None
-    filters = np.asarray(filters)[:, out_mask]
+    filters = np.asarray(filters)
+    if not out_mask.all():
+        filters = filters[:, out_mask]
     if node_o.op_type == "Conv" and w.ndim == 4:
         in_mask = np.ones(w.shape[1], dtype=bool) if keep_in is None else keep_in
         taps = int(np.prod(w.shape[2:]))
