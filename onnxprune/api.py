@@ -223,6 +223,7 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
     report.seconds = seconds
     if cal.skipped:
         report.notes.append(f"{cal.skipped} non-image files in the calibration folder were skipped")
+    report.notes.extend(cal.notes)
     if abs(report.flops_reduction - opts.flops) > 0.01:
         report.notes.append(
             f"achieved reduction {report.flops_reduction:.1%} is more than 1 point from the target: "
