@@ -177,8 +177,8 @@ def load_model(source: Union[str, os.PathLike, onnx.ModelProto]) -> LoadedModel:
     try:
         onnx.checker.check_model(weights.checkable(model))
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"the model fails the ONNX checker: {first}") from e
+        text = " ".join(str(e).split()) or type(e).__name__  # the checker's message spans lines
+        raise InputError(f"the model fails the ONNX checker: {text[:300]}") from e
     if not any(n.op_type in ("Conv", "ConvTranspose") for n in model.graph.node):
         raise InputError("the model has no Conv layer: nothing to prune")
     return LoadedModel(model=model, path=path, file_size=size, external_data=external, files=files)

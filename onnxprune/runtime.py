@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -80,7 +81,13 @@ def make_session(model: onnx.ModelProto, providers: Sequence[str], threads: int 
                 opts.add_initializer(name, value)
         else:
             opts.add_external_initializers([name for name, _ in arrays], values)
-    sess = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=list(providers))
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=list(providers))
+    except Exception as e:  # the model, not us: an IR version, op or type onnxruntime does not have
+        text = ort_message(e)
+        if "is not a registered function/op" in text:
+            text += " (a custom op: onnxprune does not load custom op libraries)"
+        raise InputError(f"onnxruntime cannot load the model: {text}") from e
     # onnxruntime reads these arrays for as long as the session lives, without holding them
     sess._onnxprune_initializers = values
     if providers[0] == "CUDAExecutionProvider" and sess.get_providers()[0] != "CUDAExecutionProvider":
@@ -101,21 +108,41 @@ def expose(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
     return out
 
 
+def ort_message(e: BaseException, limit: int = 300) -> str:
+    """onnxruntime's error as one readable line: no error-code prefix, C++ source location or
+    function signature."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    m = re.search(r"\S+\.(?:cc|cpp|h):\d+ ", text)
+    if m:
+        rest = text[m.end():]
+        sig = re.match(r"[\w:~<>,*& ]+\(", rest)  # a function signature: skip it, parentheses balanced
+        if sig:
+            depth, i = 0, sig.end() - 1
+            for i in range(sig.end() - 1, len(rest)):
+                depth += {"(": 1, ")": -1}.get(rest[i], 0)
+                if depth == 0:
+                    break
+            rest = re.sub(r"^\s*const\b", "", rest[i + 1:])
+        text = (text[:m.start()] + rest).strip()
+    return text[:limit]
+
+
 def run_feeds(sess: ort.InferenceSession, feeds: dict, outputs: Optional[List[str]] = None) -> List[np.ndarray]:
     try:
         return sess.run(outputs, feeds)
     except Exception as e:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = ort_message(e)
         if "Failed to allocate" in text or "bad_alloc" in text:
             raise InputError("out of memory running a batch: lower --batch-size") from e
-        raise InputError(f"onnxruntime failed to run the model: {text[:300]}") from e
+        raise InputError(f"onnxruntime failed to run the model: {text}") from e
 
 
 def run(sess: ort.InferenceSession, input_name: str, batch: np.ndarray, outputs: Optional[List[str]] = None) -> List[np.ndarray]:
     try:
         return sess.run(outputs, {input_name: batch})
     except Exception as e:  # onnxruntime raises its own exception types per failure
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = ort_message(e)
         if "Failed to allocate" in text or "bad_alloc" in text:
             raise InputError(f"out of memory running a batch of {len(batch)}: lower --batch-size") from e
-        raise InputError(f"onnxruntime failed to run the model: {text[:300]}") from e
+        raise InputError(f"onnxruntime failed to run the model: {text}") from e
