@@ -4,8 +4,8 @@ A model goes to one file, or, when its input kept its weights in external data
 or it would not fit in one protobuf (2 GB), to OUT and OUT.data beside it (one
 data file, named relative to OUT). Either way every file is first written in
 full to a temporary file beside its target and fsynced; then the targets are
-renamed into place, with SIGINT and SIGTERM held back between the two renames
-of an external-data pair. An interruption or error before that removes the
+renamed into place, with SIGINT and SIGTERM held back until both renames of an
+external-data pair are done. An interruption or error before that removes the
 temporary files and leaves any earlier OUT as it was.
 
 Weights held in the weight store are streamed from their arrays to the file:
@@ -18,6 +18,7 @@ import contextlib
 import os
 import signal
 import tempfile
+import threading
 from typing import BinaryIO, Iterable, List, Optional, Sequence
 
 import numpy as np
@@ -114,16 +115,25 @@ def _point_at(tensor: onnx.TensorProto, location: str, offset: int, length: int)
 
 @contextlib.contextmanager
 def _signals_held():
-    """SIGINT and SIGTERM wait (pending in the kernel) until the block ends."""
-    try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    except (AttributeError, ValueError, OSError):  # no POSIX signals here
+    """SIGINT and SIGTERM that arrive inside the block take effect when it ends.
+
+    Python runs signal handlers in the main thread whichever thread the signal reached
+    (onnxruntime's and BLAS's threads do not block it), so the handlers are swapped for
+    one that only records the signal, and the signal is raised again afterwards. Off the
+    main thread, where handlers cannot be set, the block is not protected."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    pending: List[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in held}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)
 
 
 def _commit(files) -> None:
@@ -222,14 +232,20 @@ _INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
 _RAW = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 
 
-def _tensor_parts(t: onnx.TensorProto):
-    """(bytes before raw_data, the array, bytes after) of a stub as an inline tensor."""
+def _plain(t: onnx.TensorProto) -> onnx.TensorProto:
+    """A stub's fields as an inline tensor has them, without the data."""
     plain = onnx.TensorProto()
     plain.name = t.name
     plain.dims.extend(t.dims)
     plain.data_type = t.data_type
     if t.doc_string:
         plain.doc_string = t.doc_string
+    return plain
+
+
+def _tensor_parts(t: onnx.TensorProto):
+    """(bytes before raw_data, the array, bytes after) of a stub as an inline tensor."""
+    plain = _plain(t)
     values = np.ascontiguousarray(weights.array(t))
     return _part(plain, lambda n: n < _RAW), values, _part(plain, lambda n: n > _RAW)
 
@@ -241,9 +257,7 @@ def _framed_size(n: int) -> int:
 def _tensor_size(t: onnx.TensorProto) -> int:
     if not weights.is_stub(t):
         return t.ByteSize()
-    head = len(_tag(_RAW)) + _framed_size(weights.nbytes_of(t))
-    plain = onnx.TensorProto(name=t.name, dims=t.dims, data_type=t.data_type, doc_string=t.doc_string)
-    return plain.ByteSize() + head
+    return _plain(t).ByteSize() + len(_tag(_RAW)) + _framed_size(weights.nbytes_of(t))
 
 
 def _stream_size(model: onnx.ModelProto) -> int:

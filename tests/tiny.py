@@ -128,3 +128,13 @@ def grouped_cnn(seed: int = 0) -> onnx.ModelProto:
     x = b.relu(b.conv(x, 8, 12, group=2))
     x = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
     return b.model(b.gemm(x, 12, 5), ["N", 5])
+
+
+def save_with_external_data(model: onnx.ModelProto, path, location: Optional[str] = None) -> None:
+    """Save ``model`` with every initializer in one external data file beside it (named
+    ``location``, default the model's file name + '.data')."""
+    import os
+
+    location = location or os.path.basename(str(path)) + ".data"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location,
+              size_threshold=0)
