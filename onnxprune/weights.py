@@ -193,7 +193,8 @@ def array(tensor: TensorProto) -> np.ndarray:
     """The values of an initializer: the shared read-only array of a stub, else a fresh array."""
     if is_stub(tensor):
         store = active()
-        return store.get(_key(tensor, store)).reshape(tuple(tensor.dims))
+        key = _key(tensor, store)  # raises when the store of this stub is not the active one
+        return store.get(key).reshape(tuple(tensor.dims))
     return numpy_helper.to_array(tensor)
 
 
