@@ -66,8 +66,6 @@ def _constants_to_initializers(graph: onnx.GraphProto, log: PrepareLog) -> None:
 def _fold_constants(model: onnx.ModelProto, log: PrepareLog) -> onnx.ModelProto:
     """Evaluate (with onnxruntime, through onnx-graphsurgeon) the nodes whose inputs are all
     constant, and replace them by initializers. Graph inputs and outputs are untouched."""
-    import onnx_graphsurgeon as gs
-
     before = len(model.graph.node)
     graph = weights.import_graph(model)
     _load_foldable(graph)
