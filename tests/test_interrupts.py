@@ -129,9 +129,8 @@ def test_external_data_output_is_deterministic_and_beside_the_model(tmp_path):
     outs = []
     for i in range(2):
         out = tmp_path / f"o{i}.onnx"
-        result = subprocess.run(_cli(str(src), str(out), "--calib", CALIB, "--seed", "3", "--flops", "0.5",
-                                     "--max-images", "32", "--no-latency"), capture_output=True, text=True, cwd=ROOT)
-        assert result.returncode == 0, result.stderr
+        assert run([str(src), str(out), "--calib", CALIB, "--seed", "3", "--flops", "0.5", "--max-images", "32",
+                    "--no-latency"]) == 0
         outs.append((out.read_bytes(), (tmp_path / f"o{i}.onnx.data").read_bytes()))
     assert outs[0][1] == outs[1][1]
     # the headers differ only in the data file's name
