@@ -365,3 +365,12 @@ def test_a_batch_that_does_not_fit_says_what_to_do(work, capsys, monkeypatch):
     monkeypatch.setattr(ort.InferenceSession, "run", out_of_memory)
     _expect_error(work, capsys, _prune_args(work) + ["--batch-size", "64"], 3,
                   ["out of memory running a batch of 64", "lower --batch-size"])
+
+
+def test_output_that_is_a_folder(work, capsys):
+    (work / "out" / "d.onnx").mkdir()
+    before = os.listdir(work / "out")
+    assert run(_prune_args(work, out=work / "out" / "d.onnx")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("onnxprune: error: ") and "is a directory" in err[-1]  # click says it first
+    assert os.listdir(work / "out") == before and os.listdir(work / "out" / "d.onnx") == []
