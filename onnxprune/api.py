@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
+from . import weights
 from .allocate import Allocation, allocate
 from .analyse import Analysis, analyse
 from .calibrate import collect_stats
@@ -25,6 +24,7 @@ from .prepare import prepare
 from .progress import Progress, silent
 from .report import BlockedRow, GroupRow, Report
 from .rewrite import rewrite
+from .save import TWO_GB, save_atomic
 from .runtime import blas_single_thread, choose_providers
 from .consumers import find_consumers, flatten_repeat
 from .recover import recover, refit_sequential
@@ -40,10 +40,46 @@ CalibSource = Union[str, os.PathLike, np.ndarray]
 Labelled = Tuple[np.ndarray, np.ndarray]
 
 
-@dataclass
 class PruneResult:
-    model: onnx.ModelProto
-    report: Report
+    """The pruned model and what was done.
+
+    Its large weights stay in the run's weight store: :meth:`save` streams them to disk
+    (with external data where the input had it or the model is over 2 GB), and ``model``
+    is a self-contained ModelProto, built on first use (a copy of every weight; not
+    possible for a model over 2 GB, which must be saved instead).
+    """
+
+    def __init__(self, model: onnx.ModelProto, report: Report, store: Optional[weights.WeightStore] = None,
+                 external_data: bool = False, input_files: Tuple[str, ...] = ()):
+        self.report = report
+        self.external_data = external_data
+        self.input_files = input_files
+        self._header = model
+        self._store = store
+        self._model: Optional[onnx.ModelProto] = None
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        if self._model is None:
+            if self._store is None:
+                self._model = self._header
+            else:
+                if self._header.ByteSize() + weights.stored_bytes(self._header) > TWO_GB:
+                    raise UsageError("the pruned model is over 2 GB and cannot be one ModelProto: "
+                                     "use PruneResult.save(path), which writes its weights to external data")
+                with weights.activate(self._store):
+                    self._model = weights.materialize(self._header)
+        return self._model
+
+    def save(self, path: str, external_data: Optional[bool] = None) -> int:
+        """Write the model atomically to ``path`` (and ``path``.data when its weights go to
+        external data: by default where the input had external data or the model is over
+        2 GB). Never over the input's files. Returns the bytes written."""
+        external = self.external_data if external_data is None else external_data
+        if self._store is None:
+            return save_atomic(self._header, path, external, protect=self.input_files)
+        with weights.activate(self._store):
+            return save_atomic(self._header, path, external, protect=self.input_files)
 
 
 def load_labelled(path: str) -> Labelled:
@@ -60,16 +96,17 @@ def load_labelled(path: str) -> Labelled:
 
 def _analysis_of(prepared: onnx.ModelProto, cal: CalibrationSet, opts: PruneOptions) -> Analysis:
     shapes = static_shapes(prepared, {cal.spec.name: (1,) + cal.sample_shape})
-    return analyse(gs.import_onnx(prepared), shapes, default_opset(prepared), opts.ignore)
+    return analyse(weights.import_graph(prepared), shapes, default_opset(prepared), opts.ignore)
 
 
 def prune(model: ModelSource, calib: CalibSource, options: Optional[PruneOptions] = None, *,
           evaluate: Optional[Labelled] = None, progress: Progress = silent, log=lambda line: None) -> PruneResult:
-    with blas_single_thread():
-        return _prune(model, calib, options, evaluate, progress, log)
+    store = weights.WeightStore()
+    with blas_single_thread(), weights.activate(store):
+        return _prune(model, calib, options, evaluate, progress, log, store)
 
 
-def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
+def _prune(model, calib, options, evaluate, progress, log, store: weights.WeightStore) -> PruneResult:
     """Prune ``model`` so that it loses ``options.flops`` of its FLOPs.
 
     ``calib`` is a folder of images, a .npy/.npz path, or an array of
@@ -86,7 +123,20 @@ def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
     cal = load_calibration(calib, spec, opts)
     providers, provider_text = choose_providers(opts.device)
     log(f"onnxruntime provider: {provider_text}")
-    prepared, prep_log = prepare(original)
+    input_shapes = {spec.name: (1,) + cal.sample_shape}
+    params_before = count_params(original)
+    # A large model keeps one copy of its weights: the prepared model (which computes the
+    # same) replaces the original as the reference, and a weight a BatchNorm fold changes
+    # is released as soon as its folded copy exists.
+    prepared, prep_log = prepare(original, release=store.lean)
+    reference = original
+    if store.lean:
+        store.retain([prepared])
+        reference = prepared
+    # counted on the prepared model, the same network with its shape arithmetic folded: shape
+    # inference can lose the shapes behind a run-time Slice or Reshape of the original, and
+    # layers of unknown shape count no MACs
+    macs_before = count_macs(prepared, input_shapes)
     if opts.criterion == "bn-scale" and opts.method == "snpfi" and not prep_log.bn_scale:
         raise UsageError("--criterion bn-scale needs BatchNormalization after the convolutions; "
                          "this model has none (or they were folded before export)")
@@ -176,23 +226,19 @@ def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
                                 + ", ".join(seq.unsupported))
 
     t = time.perf_counter()
-    check_model(pruned, original, cal, providers)
-    input_shapes = {spec.name: (1,) + cal.sample_shape}
-    # counted on the prepared model, the same network with its shape arithmetic folded: shape
-    # inference can lose the shapes behind a run-time Slice or Reshape of the original, and
-    # layers of unknown shape count no MACs
-    report.macs_before = count_macs(prepared, input_shapes)
+    check_model(pruned, original, cal, providers, reference=reference)
+    report.macs_before = macs_before
     report.macs_after = count_macs(pruned, input_shapes)
-    report.params_before, report.params_after = count_params(original), count_params(pruned)
+    report.params_before, report.params_after = params_before, count_params(pruned)
     if report.macs_after > report.macs_before:
         from .errors import InternalError
         raise InternalError("the pruned model has more FLOPs than the original (nothing written)")
-    fid = fidelity(original, pruned, cal, providers, progress)
+    fid = fidelity(reference, pruned, cal, providers, progress)
     report.fidelity_top1_agreement, report.fidelity_relative_error = fid.top1_agreement, fid.relative_error
     report.fidelity_held_out, report.holdout_images = fid.held_out, fid.images
     if evaluate is not None:
         x, y = evaluate
-        report.accuracy_before = accuracy(original, x, y, providers)
+        report.accuracy_before = accuracy(reference, x, y, providers)
         report.accuracy_after = accuracy(pruned, x, y, providers)
         report.eval_samples = len(y)
     seconds["verify"] = time.perf_counter() - t
@@ -203,7 +249,7 @@ def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
         if cal.spec.fixed_batch:
             batches = [cal.spec.fixed_batch]
         with progress("measuring latency", 1) as update:
-            report.latency = [dataclasses.asdict(l) for l in latency.measure(original, pruned, spec.name, sample,
+            report.latency = [dataclasses.asdict(l) for l in latency.measure(reference, pruned, spec.name, sample,
                                                                               batches, providers)]
             update(1)
         seconds["latency"] = time.perf_counter() - t
@@ -211,18 +257,28 @@ def _prune(model, calib, options, evaluate, progress, log) -> PruneResult:
     report.input_path = loaded.path
     report.provider = provider_text
     report.file_size_before = loaded.file_size
-    report.file_size_after = pruned.ByteSize()
+    report.file_size_after = pruned.ByteSize() + weights.stored_bytes(pruned)
     report.calibration_images = len(cal)
     report.skipped_files = cal.skipped
     report.folded_batchnorms = len(prep_log.folded_batchnorms)
     report.seconds = seconds
     if cal.skipped:
         report.notes.append(f"{cal.skipped} non-image files in the calibration folder were skipped")
+    report.notes.extend(cal.notes)
     if opts.flops is not None and abs(report.flops_reduction - opts.flops) > 0.01:
         report.notes.append(
             f"achieved reduction {report.flops_reduction:.1%} is more than 1 point from the target: "
             "the smallest pruning step of some group is large; try --round-to 1")
-    return PruneResult(pruned, report)
+    if store.lean:
+        report.notes.append(
+            f"large model ({_gb(weights.stored_bytes(original))} of weights): one copy of the weights kept, so the "
+            "reference for fidelity, accuracy and latency is the prepared model (BatchNorm folded, the same function)")
+    store.retain([pruned])  # the original's weights go now; the result keeps the pruned ones
+    return PruneResult(pruned, report, store, external_data=loaded.external_data, input_files=loaded.files)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2 ** 30:.2f} GB"
 
 
 def _rank(analysis: Analysis, opts: PruneOptions, stats, bn_scale=None, prepared=None, cal=None, providers=None,
@@ -241,9 +297,10 @@ def _rank(analysis: Analysis, opts: PruneOptions, stats, bn_scale=None, prepared
         return ranked, loss, importance
     if opts.criterion == "snpfi":
         # without recovery removed channels become zeros, with it their means go into the bias
-        games = group_games(analysis, stats, centred=opts.recover)
+        grams = {}  # each consumer's weight Gram, computed once for both games
+        games = group_games(analysis, stats, centred=opts.recover, grams=grams)
         if opts.payoff == "refit" or (opts.payoff == "auto" and opts.recover):
-            games = refit_games(analysis, stats, games)
+            games = refit_games(analysis, stats, games, grams=grams)
         for g, game in games.items():
             ranked[g] = game.players[game.order]
             loss[g] = game.loss
@@ -335,11 +392,12 @@ def analyze(model: ModelSource, options: Optional[PruneOptions] = None) -> Repor
     """Channel groups of ``model`` without pruning: which are prunable, their FLOPs
     share, and for each blocked group the op and the reason."""
     opts = options or PruneOptions()
-    loaded = load_model(model)
-    spec = input_spec(loaded.model, opts)
-    prepared, _ = prepare(loaded.model)
-    shapes = static_shapes(prepared, {spec.name: (1,) + tuple(int(d) for d in spec.shape[1:])})
-    analysis = analyse(gs.import_onnx(prepared), shapes, default_opset(prepared), opts.ignore)
-    report = _describe(analysis, None, opts)
+    with weights.activate(weights.WeightStore()):
+        loaded = load_model(model)
+        spec = input_spec(loaded.model, opts)
+        prepared, _ = prepare(loaded.model, release=True)
+        shapes = static_shapes(prepared, {spec.name: (1,) + tuple(int(d) for d in spec.shape[1:])})
+        analysis = analyse(weights.import_graph(prepared), shapes, default_opset(prepared), opts.ignore)
+        report = _describe(analysis, None, opts)
     report.input_path = loaded.path
     return report

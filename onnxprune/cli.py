@@ -129,7 +129,7 @@ def main(model_in, model_out, analyze, calib, sweep_targets, eval_path, report_p
     """
     from .api import analyze as analyze_model
     from .api import load_labelled, prune
-    from .save import check_output_path, save_atomic
+    from .save import check_output_path
 
     if analyze:
         report = analyze_model(model_in, PruneOptions(**option_values))
@@ -150,7 +150,7 @@ def main(model_in, model_out, analyze, calib, sweep_targets, eval_path, report_p
     result = prune(model_in, calib, opts, evaluate=labelled, progress=_bar,
                    log=lambda line: click.echo(line, err=True))
     result.report.output_path = model_out
-    result.report.file_size_after = save_atomic(result.model, model_out)
+    result.report.file_size_after = result.save(model_out)
     click.echo(result.report.format_text())
     if report_path:
         with open(report_path, "w") as f:

@@ -7,6 +7,7 @@ number of images.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -16,6 +17,7 @@ from .errors import InputError, UsageError
 from .options import PruneOptions
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # PIL modes with one channel (+ alpha)
 
 
 @dataclass
@@ -83,7 +85,7 @@ class CalibrationSet:
     skipped: int = 0  # non-image files in the folder
     fit: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     holdout: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    converted: Optional[str] = None  # e.g. "colour images converted to grey"
+    notes: List[str] = field(default_factory=list)  # conversions made, one line each, for the report
     labels: Optional[np.ndarray] = None  # class id per item, with --labels
 
     def __len__(self) -> int:
@@ -123,7 +125,8 @@ class CalibrationSet:
         spec, opts = self.spec, self.opts
         h, w = (int(d) for d in spec.spatial)
         try:
-            with Image.open(path) as img:
+            with Image.open(path) as img, warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # PIL's note on palette transparency: the report says it
                 img = img.convert("L" if spec.channels == 1 else "RGB")
                 scale = max(h / img.height, w / img.width)
                 size = (max(w, round(img.width * scale)), max(h, round(img.height * scale)))
@@ -155,16 +158,52 @@ def _list_images(folder: str) -> Tuple[List[str], int]:
     return sorted(found), skipped
 
 
-def _check_headers(files: List[str]) -> None:
-    """Fail before any work on a file that is not an image (reads headers only)."""
+def _check_headers(files: List[str], spec: InputSpec) -> List[str]:
+    """Fail before any work on a file that is not an image (reads headers only), and say
+    which conversions the images will need: one line per kind, with how many."""
     from PIL import Image
 
+    h, w = (int(d) for d in spec.spatial)
+    to_rgb = to_grey = alpha = smaller = 0
     for path in files:
         try:
-            with Image.open(path):
-                pass
+            with Image.open(path) as img:
+                mode, (width, height) = img.mode, img.size
+                transparent = "A" in img.getbands() or "transparency" in img.info
         except Exception as e:
             raise InputError(f"cannot decode image {path!r}: {type(e).__name__}") from e
+        grey = mode in GREY_MODES or (mode == "P" and _grey_palette(path))
+        if spec.channels == 3 and grey:
+            to_rgb += 1
+        elif spec.channels == 1 and not grey:
+            to_grey += 1
+        if transparent:
+            alpha += 1
+        if width < w or height < h:
+            smaller += 1
+    notes = []
+    if to_rgb:
+        notes.append(f"converted {to_rgb} grey calibration image{'s' * (to_rgb != 1)} to RGB "
+                     "(the model takes 3 channels)")
+    if to_grey:
+        notes.append(f"converted {to_grey} colour calibration image{'s' * (to_grey != 1)} to grey "
+                     "(the model takes 1 channel)")
+    if alpha:
+        notes.append(f"dropped the transparency of {alpha} calibration image{'s' * (alpha != 1)}")
+    if smaller:
+        notes.append(f"enlarged {smaller} calibration image{'s' * (smaller != 1)} smaller than the input "
+                     f"{h}x{w} (resized up, then centre-cropped)")
+    return notes
+
+
+def _grey_palette(path: str) -> bool:
+    """Whether a palette image uses only grey colours (decodes the palette, not the pixels)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        palette = img.getpalette() or []
+    rgb = np.asarray(palette[: len(palette) // 3 * 3]).reshape(-1, 3)
+    return bool(len(rgb)) and bool((rgb == rgb[:, :1]).all())
 
 
 def _load_array(path: str) -> np.ndarray:
@@ -195,8 +234,8 @@ def load_calibration(source: Union[str, os.PathLike, np.ndarray], spec: InputSpe
             if spec.channels not in (1, 3):
                 raise InputError(f"input {spec.name!r} has {spec.channels} channels; images give 1 or 3: pass a .npy file")
             files = files[: opts.max_images]
-            _check_headers(files)
-            cal = CalibrationSet(spec, opts, files=files, skipped=skipped)
+            notes = _check_headers(files, spec)
+            cal = CalibrationSet(spec, opts, files=files, skipped=skipped, notes=notes)
             if opts.labels:
                 cal.labels = _folder_labels(path, files)
         elif path.lower().endswith((".npy", ".npz")):

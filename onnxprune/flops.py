@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Dict, Tuple
 
 import onnx
-import onnx_graphsurgeon as gs
 
+from . import weights
 from .ops import MAC_OPS, CountContext, rule_for
 from .prepare import PrepareLog, constant_nodes_to_initializers
 from .shapes import static_shapes
@@ -23,7 +23,7 @@ def count_macs(model: onnx.ModelProto, inputs: Dict[str, Tuple[int, ...]]) -> in
         constant_nodes_to_initializers(copy.graph, PrepareLog())
         model = copy
     shapes = static_shapes(model, inputs)
-    graph = gs.import_onnx(model)
+    graph = weights.import_graph(model)
 
     def count(name: str) -> int:
         shape = shapes.get(name)

@@ -53,6 +53,6 @@ def measure(before: onnx.ModelProto, after: onnx.ModelProto, input_name: str, sa
         per: Dict[str, List[float]] = {"before": [], "after": []}
         for _ in range(SESSIONS):
             for key, model in (("before", before), ("after", after)):
-                per[key].append(_time_session(make_session(model, providers), feed))
+                per[key].append(_time_session(make_session(model, providers, optimize=True), feed))
         out.append(Latency(batch, 1000 * float(np.median(per["before"])), 1000 * float(np.median(per["after"]))))
     return out

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
+import numpy as np
 import onnx
 from onnx import external_data_helper
 
+from . import weights
 from .errors import InputError
 
 MIN_OPSET = 11
@@ -19,6 +21,8 @@ class LoadedModel:
     model: onnx.ModelProto
     path: Optional[str]  # where it came from, None for an in-memory model
     file_size: Optional[int]  # bytes on disk, external data included
+    external_data: bool = False  # the file keeps its weights in external data files
+    files: Tuple[str, ...] = ()  # the model file and its external data files (real paths)
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -28,19 +32,22 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
-def _check_external_locations(model: onnx.ModelProto, folder: str) -> int:
+def _external_info(tensor: onnx.TensorProto) -> dict:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def _check_external_locations(model: onnx.ModelProto, folder: str) -> Tuple[int, Tuple[str, ...]]:
     """Refuse external data that would make us read outside the model's folder.
 
-    Runs before any external file is opened. Returns the bytes of external data.
+    Runs before any external file is opened. Returns the bytes of external data and the files.
     """
     real_folder = os.path.realpath(folder)
     total = 0
-    seen = set()
+    seen = []
     for tensor in external_data_helper._get_all_tensors(model):
         if not external_data_helper.uses_external_data(tensor):
             continue
-        info = {e.key: e.value for e in tensor.external_data}
-        location = info.get("location", "")
+        location = _external_info(tensor).get("location", "")
         if not location or os.path.isabs(location) or ".." in location.replace("\\", "/").split("/"):
             raise InputError(
                 f"external data location {location!r} of tensor {tensor.name!r} is outside the model's folder"
@@ -53,15 +60,77 @@ def _check_external_locations(model: onnx.ModelProto, folder: str) -> int:
         if not os.path.isfile(target):
             raise InputError(f"external data file {location!r} of tensor {tensor.name!r} is missing")
         if target not in seen:
-            seen.add(target)
+            seen.append(target)
             total += os.path.getsize(target)
-    return total
+    return total, tuple(seen)
+
+
+def _read_into(f, out: np.ndarray) -> int:
+    view = memoryview(out).cast("B")
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            break
+        done += n
+    return done
+
+
+def _load_external(model: onnx.ModelProto, folder: str, store: Optional[weights.WeightStore]) -> None:
+    """Read the external data of ``model`` (ours to change): initializers of a plain numeric
+    type go straight from the file into the store's arrays (one copy of each weight, never a
+    protobuf); anything else is read into the tensor as ONNX does."""
+    initializers = {id(t) for t in model.graph.initializer}
+    handles = {}
+    try:
+        for tensor in external_data_helper._get_all_tensors(model):
+            if not external_data_helper.uses_external_data(tensor):
+                continue
+            info = _external_info(tensor)
+            path = os.path.join(folder, info["location"])
+            offset = int(info.get("offset") or 0)
+            size = os.path.getsize(path)
+            need = weights.nbytes_of(tensor)
+            if store is None or id(tensor) not in initializers or need < weights.STUB_BYTES:
+                length = int(info["length"]) if info.get("length") else size - offset
+                if offset < 0 or length < 0 or offset + length > size:
+                    raise InputError(f"external data of tensor {tensor.name!r} lies beyond the end of {info['location']!r}")
+                external_data_helper.load_external_data_for_tensor(tensor, folder)
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                del tensor.external_data[:]
+                continue
+            length = int(info["length"]) if info.get("length") else need
+            if length != need:
+                raise InputError(f"external data of tensor {tensor.name!r} has {length} bytes; its shape needs {need}")
+            if offset < 0 or offset + need > size:
+                raise InputError(f"external data of tensor {tensor.name!r} lies beyond the end of {info['location']!r}")
+            if path not in handles:
+                handles[path] = open(path, "rb", buffering=0)
+            f = handles[path]
+            values = np.empty(tuple(tensor.dims), dtype=weights._DTYPES[tensor.data_type])
+            f.seek(offset)
+            if _read_into(f, values) != need:
+                raise InputError(f"external data of tensor {tensor.name!r} is shorter than its shape needs")
+            weights.stub_in_place(tensor, values, store)
+    finally:
+        for f in handles.values():
+            f.close()
 
 
 def load_model(source: Union[str, os.PathLike, onnx.ModelProto]) -> LoadedModel:
-    """Read and check a model. Raises InputError with a one-line reason."""
+    """Read and check a model. Raises InputError with a one-line reason.
+
+    Inside an active weight store (as in :func:`onnxprune.prune`) the returned model's large
+    weights are stubs in the store: the protobuf stays small whatever the model's size.
+    """
+    store = weights.active()
+    external, files = False, ()
     if isinstance(source, onnx.ModelProto):
-        model, path, size = source, None, source.ByteSize()
+        path, size = None, source.ByteSize()
+        try:
+            model = weights.detach(source)
+        except ValueError as e:
+            raise InputError(f"the model's weights are malformed: {e}") from e
     else:
         path = os.fspath(source)
         if not os.path.exists(path):
@@ -74,16 +143,29 @@ def load_model(source: Union[str, os.PathLike, onnx.ModelProto]) -> LoadedModel:
         except OSError as e:
             raise InputError(f"cannot read model {path!r}: {e.strerror}") from e
         try:
-            model = onnx.load_model_from_string(data)
+            parsed = onnx.load_model_from_string(data)
         except Exception as e:  # protobuf raises several types for garbage
             raise InputError(f"{path!r} is not an ONNX model (it does not parse: {type(e).__name__})") from e
-        if not model.HasField("graph") or len(model.graph.node) == 0:
+        if not parsed.HasField("graph") or len(parsed.graph.node) == 0:
             raise InputError(f"{path!r} is not an ONNX model with a graph (no nodes)")
-        size = len(data) + _check_external_locations(model, os.path.dirname(os.path.abspath(path)))
+        folder = os.path.dirname(os.path.abspath(path))
+        ext_size, ext_files = _check_external_locations(parsed, folder)
+        size = len(data) + ext_size
+        del data
+        external, files = bool(ext_files), (os.path.realpath(path),) + ext_files
         try:
-            external_data_helper.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+            _load_external(parsed, folder, store)
+        except InputError:
+            raise
         except Exception as e:
             raise InputError(f"cannot read the external data of {path!r}: {e}") from e
+        try:
+            model = weights.detach(parsed)
+        except ValueError as e:
+            raise InputError(f"{path!r}: {e}") from e
+        del parsed  # its own copy of the inline weights goes now
+    if store is not None:
+        store.lean = weights.stored_bytes(model) > weights.LEAN_BYTES
     if len(model.graph.node) == 0:
         raise InputError("the model's graph is empty")
     opset = default_opset(model)
@@ -93,10 +175,10 @@ def load_model(source: Union[str, os.PathLike, onnx.ModelProto]) -> LoadedModel:
             "convert it first with onnx.version_converter"
         )
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(weights.checkable(model))
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"the model fails the ONNX checker: {first}") from e
+        text = " ".join(str(e).split()) or type(e).__name__  # the checker's message spans lines
+        raise InputError(f"the model fails the ONNX checker: {text[:300]}") from e
     if not any(n.op_type in ("Conv", "ConvTranspose") for n in model.graph.node):
         raise InputError("the model has no Conv layer: nothing to prune")
-    return LoadedModel(model=model, path=path, file_size=size)
+    return LoadedModel(model=model, path=path, file_size=size, external_data=external, files=files)

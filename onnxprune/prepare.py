@@ -18,7 +18,8 @@ from typing import Dict, List
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from . import weights
 
 
 FOLD_LIMIT_BYTES = 64 * 2 ** 20  # never materialise a folded constant larger than this
@@ -91,12 +92,11 @@ def _fold_constants(model: onnx.ModelProto, log: PrepareLog, ours: bool = False,
     shape, so shapes are inferred first (exporters such as torch's write no intermediate
     shapes), and again after each round: folding a Slice's computed bounds makes its output
     shape, and so the next Shape, static."""
-    import onnx_graphsurgeon as gs
-
     before = len(model.graph.node)
     current = model
     for _ in range(rounds):
-        graph = gs.import_onnx(_inferred(current, keep_value_info=current is model and not ours))
+        graph = weights.import_graph(_inferred(current, keep_value_info=current is model and not ours))
+        _load_foldable(graph)
         count = len(graph.nodes)
         try:
             graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=FOLD_LIMIT_BYTES)
@@ -105,7 +105,7 @@ def _fold_constants(model: onnx.ModelProto, log: PrepareLog, ours: bool = False,
         graph.cleanup(remove_unused_graph_inputs=False)
         if len(graph.nodes) == count:
             break
-        current = gs.export_onnx(graph, do_type_check=False)
+        current = weights.export_graph(graph)
         copy_model_fields(model, current)
     if current is model:
         return model
@@ -117,7 +117,7 @@ def _scalar_int(inits: Dict[str, onnx.TensorProto], name: str):
     t = inits.get(name)
     if t is None:
         return None
-    v = numpy_helper.to_array(t)
+    v = weights.array(t)
     return int(v.reshape(-1)[0]) if v.size == 1 and v.dtype.kind in "iu" else None
 
 
@@ -179,7 +179,7 @@ def _copied_dims_to_zero(model: onnx.ModelProto, log: PrepareLog) -> bool:
                         k += 1
                         zero = f"onnxprune_copy_dim_{k}"
                     if zero not in inits:
-                        graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.int64), zero))
+                        graph.initializer.append(weights.make_tensor(np.zeros(1, np.int64), zero))
                         inits[zero] = graph.initializer[-1]
                 concat.input[i] = zero
                 changed = True
@@ -189,7 +189,7 @@ def _copied_dims_to_zero(model: onnx.ModelProto, log: PrepareLog) -> bool:
 
 
 def _is_copy_zero(t: onnx.TensorProto) -> bool:
-    v = numpy_helper.to_array(t)
+    v = weights.array(t)
     return v.dtype == np.int64 and v.shape == (1,) and int(v[0]) == 0
 
 
@@ -218,6 +218,20 @@ def _copied_dim(name: str, producer, inits):
         return None
     axis = _scalar_int(inits, gather.input[1])
     return None if axis is None or axis < 0 else (shape.input[0], axis)
+
+
+def _load_foldable(graph) -> None:
+    """Give the constants that folding may evaluate their arrays (shared, not copied):
+    onnx-graphsurgeon runs them through onnxruntime from bytes, where a stub cannot be read."""
+    import onnx_graphsurgeon as gs
+
+    constant = {name for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    for node in graph.nodes:  # in topological order, as ONNX stores them
+        if node.inputs and all(t.name in constant or not t.name for t in node.inputs):
+            for t in node.inputs:
+                if isinstance(t, gs.Constant):
+                    t.values  # noqa: B018 (loads)
+            constant.update(o.name for o in node.outputs)
 
 
 def copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
@@ -259,7 +273,7 @@ def _bypass_identities(graph: onnx.GraphProto, log: PrepareLog) -> None:
     graph.node.extend(keep)
 
 
-def _fold_batchnorms(graph: onnx.GraphProto, log: PrepareLog) -> None:
+def _fold_batchnorms(graph: onnx.GraphProto, log: PrepareLog, release: bool = False) -> None:
     inits = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
     consumers = _consumers(graph)
@@ -284,20 +298,25 @@ def _fold_batchnorms(graph: onnx.GraphProto, log: PrepareLog) -> None:
         ):
             continue
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
-        gamma, beta, mean, var = (numpy_helper.to_array(p).astype(np.float64) for p in params)
-        w = numpy_helper.to_array(weight)
+        gamma, beta, mean, var = (weights.array(p).astype(np.float64) for p in params)
+        w = weights.array(weight)
         if w.shape[0] != gamma.shape[0]:
             continue
         factor = gamma / np.sqrt(var + eps)
-        b = numpy_helper.to_array(inits[bias_name]).astype(np.float64) if bias_name else np.zeros_like(mean)
+        b = weights.array(inits[bias_name]).astype(np.float64) if bias_name else np.zeros_like(mean)
         new_w = (w.astype(np.float64) * factor.reshape((-1,) + (1,) * (w.ndim - 1))).astype(w.dtype)
         new_b = ((b - mean) * factor + beta).astype(w.dtype)
-        weight.CopyFrom(numpy_helper.from_array(new_w, weight.name))
+        del w
+        old = weights.keys_of([weight])
+        weight.CopyFrom(weights.make_tensor(new_w, weight.name))
+        if release:  # the input model's copy of this weight is not needed any more
+            for key in old:
+                weights.active().discard(key)
         if bias_name:
-            inits[bias_name].CopyFrom(numpy_helper.from_array(new_b, bias_name))
+            inits[bias_name].CopyFrom(weights.make_tensor(new_b, bias_name))
         else:
             bias_name = conv.output[0] + "_folded_bias"
-            graph.initializer.append(numpy_helper.from_array(new_b, bias_name))
+            graph.initializer.append(weights.make_tensor(new_b, bias_name))
             if len(conv.input) == 2:
                 conv.input.append(bias_name)
         conv.output[0] = bn.output[0]
@@ -336,8 +355,14 @@ def _name_nodes(graph: onnx.GraphProto) -> None:
         seen.add(node.name)
 
 
-def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PrepareLog]:
-    """Return a normalised copy of ``model``; the input is not modified."""
+def prepare(model: onnx.ModelProto, release: bool = False) -> tuple[onnx.ModelProto, PrepareLog]:
+    """Return a normalised copy of ``model``; the input's protobuf is not modified.
+
+    Large weights stay shared with ``model`` (in the weight store) unless changed. With
+    ``release``, the store lets go of each weight of ``model`` that a BatchNorm fold replaces,
+    as soon as it is replaced: ``model``'s weights may not be read afterwards, and a large
+    model never holds its convolutions twice.
+    """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     log = PrepareLog()
@@ -350,7 +375,7 @@ def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PrepareLog]:
         out = _fold_constants(out, log, ours=True)
     graph = out.graph
     _bypass_identities(graph, log)
-    _fold_batchnorms(graph, log)
+    _fold_batchnorms(graph, log, release=release and weights.active() is not None)
     _name_nodes(graph)
     # stale intermediate shapes would contradict the pruned graph; re-inferred later
     del graph.value_info[:]

@@ -26,8 +26,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import scipy.linalg
-from onnx import numpy_helper
 
+from . import weights
 from .analyse import Analysis
 from .calibrate import ChannelStats
 from .consumers import find_consumers, from_channel_view, to_channel_view
@@ -110,11 +110,14 @@ def _mini_graph(model: onnx.ModelProto, node: onnx.NodeProto) -> gs.Graph:
     used = [inits[n] for n in node.input if n in inits]
     vis = [onnx.helper.make_empty_tensor_value_info(n) for n in node.input if n and n not in inits]
     g = onnx.helper.make_graph([node], "one", vis, [onnx.helper.make_empty_tensor_value_info(o) for o in node.output], used)
-    return gs.import_onnx(onnx.helper.make_model(g, opset_imports=model.opset_import))
+    return weights.import_graph(onnx.helper.make_model(g, opset_imports=model.opset_import))
 
 
-def _write_back(model: onnx.ModelProto, index: int, graph: gs.Graph) -> None:
-    """Copy an edited single-node graph's node and constants back into ``model``."""
+def _write_back(model: onnx.ModelProto, index: int, graph: gs.Graph, shared: Optional[set] = None) -> None:
+    """Copy an edited single-node graph's node and constants back into ``model``.
+
+    ``shared``: weight-store keys that other models use; any other key of ``model`` is rebound
+    to the new values in place, so the replaced weights are released at once."""
     node = graph.nodes[0]
     proto = model.graph.node[index]
     inits = {t.name: i for i, t in enumerate(model.graph.initializer)}
@@ -122,11 +125,11 @@ def _write_back(model: onnx.ModelProto, index: int, graph: gs.Graph) -> None:
     for t in node.inputs:
         proto.input.append(t.name if t.name else "")
         if isinstance(t, gs.Constant):
-            tensor = numpy_helper.from_array(np.asarray(t.values), t.name)
+            values = np.asarray(t.values)
             if t.name in inits:
-                model.graph.initializer[inits[t.name]].CopyFrom(tensor)
+                weights.assign(model.graph.initializer[inits[t.name]], values, shared)
             else:
-                model.graph.initializer.append(tensor)
+                model.graph.initializer.append(weights.make_tensor(values, t.name))
                 inits[t.name] = len(model.graph.initializer) - 1
     for a in proto.attribute:
         if a.name == "group":
@@ -172,7 +175,8 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
         return log
     names = [pruned.graph.node[i].name for i in layers]
     o_nodes = {n.name: n for n in original.graph.node}
-    o_inits = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
+    o_inits = {t.name: weights.array(t) for t in original.graph.initializer}  # shared, not copied
+    shared = weights.keys(original) if weights.active() is not None else None
     seg_o, seg_p = Segmenter(original, names), Segmenter(pruned, names)
     bs = cal.batch_size
     indices = np.asarray(indices)
@@ -214,8 +218,10 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                 elif solved is None:
                     log.failed.append(name)
                 else:
-                    _apply(pruned, layer_index, solved, fit)
+                    _apply(pruned, layer_index, solved, fit, shared)
                     (log.channel if isinstance(fit, ChannelFit) else log.patch).append(name)
+                # a fit holds a copy of its layer's weights: let it go before the next is made
+                fit = solved = sess_o = sess_p = None
                 for f in (prev_o, prev_p):
                     if f is not None:
                         f.close()
@@ -268,7 +274,9 @@ def _make_fit(original: onnx.ModelProto, node_o: onnx.NodeProto, inits, keep, re
     filters = rule.input_filters(graph.nodes[0])
     if filters is None:
         return None
-    filters = np.asarray(filters)[:, out_mask]
+    filters = np.asarray(filters)
+    if not out_mask.all():
+        filters = filters[:, out_mask]
     if node_o.op_type == "Conv" and w.ndim == 4:
         in_mask = np.ones(w.shape[1], dtype=bool) if keep_in is None else keep_in
         taps = int(np.prod(w.shape[2:]))
@@ -289,14 +297,14 @@ def _out_channels(node: onnx.NodeProto, w: np.ndarray, attrs: dict) -> int:
     return w.shape[1]
 
 
-def _apply(pruned: onnx.ModelProto, index: int, solved, fit) -> None:
+def _apply(pruned: onnx.ModelProto, index: int, solved, fit, shared: Optional[set] = None) -> None:
     node = pruned.graph.node[index]
     graph = _mini_graph(pruned, node)
     g_node = graph.nodes[0]
     rule = rule_for(node.op_type, node.domain)
     weights, bias = solved
     if isinstance(fit, DepthwiseFit):
-        _write_depthwise(pruned, index, weights, bias)
+        _write_depthwise(pruned, index, weights, bias, shared)
         return
     if isinstance(fit, PatchFit):  # (out, in, kh, kw) -> input filters (in, out, taps)
         weights = np.moveaxis(weights, 1, 0).reshape(weights.shape[1], weights.shape[0], -1)
@@ -305,10 +313,11 @@ def _apply(pruned: onnx.ModelProto, index: int, solved, fit) -> None:
     rule.set_input_filters(g_node, weights)
     current = _current_bias(g_node, len(bias))
     rule.add_bias(g_node, bias - current, graph)
-    _write_back(pruned, index, graph)
+    _write_back(pruned, index, graph, shared)
 
 
-def _write_depthwise(pruned: onnx.ModelProto, index: int, weights: np.ndarray, bias: np.ndarray) -> None:
+def _write_depthwise(pruned: onnx.ModelProto, index: int, weights: np.ndarray, bias: np.ndarray,
+                     shared: Optional[set] = None) -> None:
     """A depthwise conv's weight is (C, 1, kh, kw) and its bias (C,): written as they are."""
     graph = _mini_graph(pruned, pruned.graph.node[index])
     node = graph.nodes[0]
@@ -316,7 +325,7 @@ def _write_depthwise(pruned: onnx.ModelProto, index: int, weights: np.ndarray, b
     w.values = weights.astype(w.values.dtype)
     current = _current_bias(node, len(bias))
     add_to_bias_input(node, 2, bias - current, w.values.dtype)
-    _write_back(pruned, index, graph)
+    _write_back(pruned, index, graph, shared)
 
 
 def _current_bias(node: gs.Node, n: int) -> np.ndarray:

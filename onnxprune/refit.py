@@ -43,6 +43,40 @@ def _solve(gram: np.ndarray, rhs: np.ndarray, ridge: float) -> Optional[np.ndarr
     return sol if np.isfinite(sol).all() else None
 
 
+BLOCK_ELEMENTS = 2 ** 22  # weights are taken to float64 this many elements at a time
+
+
+def _combine(theta: np.ndarray, f: np.ndarray, b: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """New filters sum_c theta[k, c] f[c] (in f's dtype, computed in float64) and the bias
+    b + sum_c theta[-1, c] f[c], over blocks of outputs: no float64 copy of all of f.
+
+    When f is a view whose outputs are outermost in memory (a fully connected layer's
+    (out, in) weight seen per input channel), the result is laid out the same way, so the
+    layer's weight comes back out of it without a transposing copy."""
+    c, outs = f.shape[0], f.shape[1]
+    dtype = np.result_type(f.dtype, np.float32)
+    shape = (theta.shape[0] - 1,) + f.shape[1:]
+    outputs_major = f.ndim == 3 and f.strides[1] > f.strides[0]
+    if outputs_major:
+        new_f = np.empty((shape[1], shape[0], shape[2]), dtype=dtype).transpose(1, 0, 2)
+    else:
+        new_f = np.empty(shape, dtype=dtype)
+    new_b = np.array(b, dtype=np.float64)
+    step = max(1, BLOCK_ELEMENTS // max(1, c * int(np.prod(f.shape[2:]))))
+    for start in range(0, outs, step):
+        stop = min(outs, start + step)
+        if outputs_major:  # (outputs, C, taps), contiguous
+            block = np.ascontiguousarray(f[:, start:stop].transpose(1, 0, 2), dtype=np.float64)
+            new_f[:, start:stop] = np.matmul(theta[:-1], block).transpose(1, 0, 2)
+            new_b[start:stop] += np.matmul(theta[-1], block).sum(axis=-1)
+        else:
+            block = np.ascontiguousarray(f[:, start:stop], dtype=np.float64)
+            flat = block.reshape(c, -1)
+            new_f[:, start:stop] = (theta[:-1] @ flat).reshape((-1,) + block.shape[1:])
+            new_b[start:stop] += (theta[-1] @ flat).reshape(block.shape[1:]).sum(axis=-1)
+    return new_f, new_b
+
+
 def _with_ones(x: np.ndarray) -> np.ndarray:
     return np.hstack([x, np.ones((x.shape[0], 1), dtype=x.dtype)])
 
@@ -163,7 +197,7 @@ class ChannelFit:
     """
 
     def __init__(self, filters: np.ndarray, bias: np.ndarray, repeat: int = 1, keep_in: Optional[np.ndarray] = None):
-        self.f = filters.astype(np.float64)
+        self.f = filters  # in the layer's own dtype: a float64 copy would double a large layer
         self.b = bias.astype(np.float64)
         self.repeat = repeat
         self.keep_in = keep_in  # which original channels the pruned input's channels are
@@ -206,9 +240,7 @@ class ChannelFit:
             theta = _solve(self.gram, self.cross, ridge)  # x_orig ~ [x_new, 1] theta
         if theta is None:
             return None
-        new_f = np.einsum("kc,cot->kot", theta[:-1], self.f)
-        new_b = self.b + np.einsum("c,cot->o", theta[-1], self.f)
-        return new_f, new_b
+        return _combine(theta, self.f, self.b)
 
 
 class DepthwiseFit(_ConvSampler):

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from . import weights
 from .analyse import Analysis
 from .load import default_opset
 from .ops import RewriteContext, rule_for
@@ -66,6 +67,6 @@ def rewrite(analysis: Analysis, keep_player: Optional[np.ndarray], template: onn
         if isinstance(tensor, gs.Variable) and tensor.name not in io:
             tensor.shape = None  # stale after pruning; re-inferred below
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    model = gs.export_onnx(graph, do_type_check=False)
+    model = weights.export_graph(graph)  # large weights stay in the store
     copy_model_fields(template, model)
     return onnx.shape_inference.infer_shapes(model, strict_mode=False), changed

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import os
+import re
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -10,6 +12,7 @@ import onnx
 import onnxruntime as ort
 from threadpoolctl import threadpool_limits
 
+from . import weights
 from .errors import InputError, UsageError
 
 ort.set_default_logger_severity(3)  # provider fallbacks are reported by us, in one line
@@ -46,7 +49,16 @@ def choose_providers(device: str) -> Tuple[List[str], str]:
     return ["CPUExecutionProvider"], "CPU (onnxruntime CPUExecutionProvider; no GPU found)"
 
 
-def make_session(model: onnx.ModelProto, providers: Sequence[str], threads: int = 0) -> ort.InferenceSession:
+def make_session(model: onnx.ModelProto, providers: Sequence[str], threads: int = 0,
+                 optimize: bool = False) -> ort.InferenceSession:
+    """An onnxruntime session for ``model``, whose large weights may be stubs in the weight store.
+
+    Small models (and ``optimize``, for latency) get onnxruntime's full graph optimisations;
+    stored weights are handed over as external initializers, which onnxruntime copies once.
+    Large models (the store's ``lean`` mode) share the store's arrays with onnxruntime in place:
+    no copy, and so no optimisation that would rewrite a weight and no pre-packing, which would
+    copy it; a serialised model over 2 GB could not be made at all.
+    """
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     # onnxruntime's threads otherwise spin for a while after each run, starving the NumPy
@@ -54,7 +66,30 @@ def make_session(model: onnx.ModelProto, providers: Sequence[str], threads: int 
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=list(providers))
+    values = []
+    store = weights.active()
+    if weights.has_stubs(model):
+        arrays = weights.session_arrays(model)
+        values = [ort.OrtValue.ortvalue_from_numpy(a) for _, a in arrays]
+        # stubs name the location "."; resolved against a folder that surely exists, never read
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                      os.path.dirname(os.path.abspath(__file__)))
+        if store is not None and store.lean and not optimize:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+            for (name, _), value in zip(arrays, values):
+                opts.add_initializer(name, value)
+        else:
+            opts.add_external_initializers([name for name, _ in arrays], values)
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=list(providers))
+    except Exception as e:  # the model, not us: an IR version, op or type onnxruntime does not have
+        text = ort_message(e)
+        if "is not a registered function/op" in text:
+            text += " (a custom op: onnxprune does not load custom op libraries)"
+        raise InputError(f"onnxruntime cannot load the model: {text}") from e
+    # onnxruntime reads these arrays for as long as the session lives, without holding them
+    sess._onnxprune_initializers = values
     if providers[0] == "CUDAExecutionProvider" and sess.get_providers()[0] != "CUDAExecutionProvider":
         # the CUDA libraries failed to load after all: say so rather than pretend
         raise UsageError("onnxruntime could not start its CUDA provider; use --device cpu")
@@ -73,21 +108,41 @@ def expose(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
     return out
 
 
+def ort_message(e: BaseException, limit: int = 300) -> str:
+    """onnxruntime's error as one readable line: no error-code prefix, C++ source location or
+    function signature."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    m = re.search(r"\S+\.(?:cc|cpp|h):\d+ ", text)
+    if m:
+        rest = text[m.end():]
+        sig = re.match(r"[\w:~<>,*& ]+\(", rest)  # a function signature: skip it, parentheses balanced
+        if sig:
+            depth, i = 0, sig.end() - 1
+            for i in range(sig.end() - 1, len(rest)):
+                depth += {"(": 1, ")": -1}.get(rest[i], 0)
+                if depth == 0:
+                    break
+            rest = re.sub(r"^\s*const\b", "", rest[i + 1:])
+        text = (text[:m.start()] + rest).strip()
+    return text[:limit]
+
+
 def run_feeds(sess: ort.InferenceSession, feeds: dict, outputs: Optional[List[str]] = None) -> List[np.ndarray]:
     try:
         return sess.run(outputs, feeds)
     except Exception as e:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = ort_message(e)
         if "Failed to allocate" in text or "bad_alloc" in text:
             raise InputError("out of memory running a batch: lower --batch-size") from e
-        raise InputError(f"onnxruntime failed to run the model: {text[:300]}") from e
+        raise InputError(f"onnxruntime failed to run the model: {text}") from e
 
 
 def run(sess: ort.InferenceSession, input_name: str, batch: np.ndarray, outputs: Optional[List[str]] = None) -> List[np.ndarray]:
     try:
         return sess.run(outputs, {input_name: batch})
     except Exception as e:  # onnxruntime raises its own exception types per failure
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = ort_message(e)
         if "Failed to allocate" in text or "bad_alloc" in text:
             raise InputError(f"out of memory running a batch of {len(batch)}: lower --batch-size") from e
-        raise InputError(f"onnxruntime failed to run the model: {text[:300]}") from e
+        raise InputError(f"onnxruntime failed to run the model: {text}") from e

@@ -32,7 +32,7 @@ group is the payoff retained when its k most important channels are kept.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -53,18 +53,58 @@ class GroupGame:
         return 1.0 - float(self.loss[k])
 
 
-def _channel_q(analysis: Analysis, consumer: Consumer, stats: ChannelStats, centred: bool) -> np.ndarray:
-    f = consumer.channel_filters().astype(np.float64)
-    f = f.reshape(f.shape[0], -1)
+BLOCK_ELEMENTS = 2 ** 22  # filters are converted to float64 this many elements at a time
+
+
+def _blocks(f: np.ndarray):
+    """(C, out, taps) filters as float64 (C, n) blocks of whole outputs: together they are F,
+    each channel's weights flattened, but no float64 (or reshaped) copy of all of it is made."""
+    c = f.shape[0]
+    step = max(1, BLOCK_ELEMENTS // max(1, c * int(np.prod(f.shape[2:]))))
+    for start in range(0, f.shape[1], step):
+        yield f[:, start:start + step].reshape(c, -1).astype(np.float64)
+
+
+def filter_gram(f: np.ndarray, diagonal: bool = False) -> np.ndarray:
+    """F F^T, or its diagonal, in float64."""
+    c = f.shape[0]
+    g = np.zeros(c) if diagonal else np.zeros((c, c))
+    for block in _blocks(f):
+        g += np.einsum("ij,ij->i", block, block) if diagonal else block @ block.T
+    return g
+
+
+def filter_factor(gram: np.ndarray) -> np.ndarray:
+    """L (C, C) with L L^T = F F^T, from the Gram's eigendecomposition. In products that only
+    ever meet F through F F^T, L stands in for F (C x all of a layer's weights per channel);
+    keeping the factor rather than the Gram itself keeps the rounding of what follows at
+    the level of working with F (see :func:`refit_games`)."""
+    w, v = np.linalg.eigh(gram)
+    return v * np.sqrt(np.maximum(w, 0.0))
+
+
+def _consumer_gram(consumer: Consumer, grams: Optional[Dict[str, np.ndarray]]) -> np.ndarray:
+    """F F^T of a consumer, once per consumer when ``grams`` is a cache shared between calls."""
+    if grams is None:
+        return filter_gram(consumer.channel_filters())
+    if consumer.node.name not in grams:
+        grams[consumer.node.name] = filter_gram(consumer.channel_filters())
+    return grams[consumer.node.name]
+
+
+def _channel_q(analysis: Analysis, consumer: Consumer, stats: ChannelStats, centred: bool,
+               grams: Optional[Dict[str, np.ndarray]] = None) -> np.ndarray:
     s = stats[consumer.tensor]
     cov = s.covariance() if centred else s.second_moment()
     if cov.ndim == 1:  # only variances kept (very wide layers)
-        return np.diag(cov * (f * f).sum(axis=1)) * consumer.pixels(analysis)
-    return cov * (f @ f.T) * consumer.pixels(analysis)
+        return np.diag(cov * filter_gram(consumer.channel_filters(), diagonal=True)) * consumer.pixels(analysis)
+    return cov * _consumer_gram(consumer, grams) * consumer.pixels(analysis)
 
 
-def group_games(analysis: Analysis, stats: ChannelStats, centred: bool = True) -> Dict[int, GroupGame]:
-    """``centred``: channels outside a coalition take their mean (True) or zero (False)."""
+def group_games(analysis: Analysis, stats: ChannelStats, centred: bool = True,
+                grams: Optional[Dict[str, np.ndarray]] = None) -> Dict[int, GroupGame]:
+    """``centred``: channels outside a coalition take their mean (True) or zero (False).
+    ``grams``: a cache of the consumers' F F^T, shared with :func:`refit_games`."""
     q_by_group: Dict[int, np.ndarray] = {}
     members: Dict[int, np.ndarray] = {}
     for g in analysis.prunable_groups():
@@ -75,7 +115,7 @@ def group_games(analysis: Analysis, stats: ChannelStats, centred: bool = True) -
     for players in members.values():
         lookup[players] = np.arange(len(players))
     for consumer in find_consumers(analysis):
-        qp = _channel_q(analysis, consumer, stats, centred)
+        qp = _channel_q(analysis, consumer, stats, centred, grams)
         # in units of the consumer's own output variance, so that layers are comparable and a
         # group read by several layers (a residual stream) counts every reading
         energy = float(qp.sum())
@@ -112,7 +152,8 @@ def loss_curve(q: np.ndarray, order: np.ndarray) -> np.ndarray:
 REFIT_GAME_LIMIT = 1024  # channels per group up to which the refit payoff is computed
 
 
-def refit_games(analysis: Analysis, stats: ChannelStats, games: Dict[int, GroupGame]) -> Dict[int, GroupGame]:
+def refit_games(analysis: Analysis, stats: ChannelStats, games: Dict[int, GroupGame],
+                grams: Optional[Dict[str, np.ndarray]] = None) -> Dict[int, GroupGame]:
     """The refit payoff: channels interact through how well the kept ones stand in for the
     removed ones once the consumers are refitted, as recovery will do.
 
@@ -124,14 +165,23 @@ def refit_games(analysis: Analysis, stats: ChannelStats, games: Dict[int, GroupG
     regression with inverse Gram P and coefficients B, dropping j costs |B_j|^2 / P_jj,
     and P, B follow by a rank-one downdate), and the utilisation curve is the payoff along
     that path. Each group's ``shapley`` then holds the cost of each channel's removal.
+
+    The costs depend on the consumers' weights F only through F F^T, so F (channels x all
+    the consumer's weights) is replaced by a square factor L of F F^T (:func:`filter_factor`):
+    the same arithmetic, with neither time nor memory growing with the size of the
+    consumers. (Carrying B B^T instead of B would be cheaper still, but its downdates
+    cancel squared magnitudes, and the smallest costs, which decide the order, lost
+    several digits in a test.)
     """
+    factors: Dict[str, np.ndarray] = {}  # per consumer, computed once
+    consumers = find_consumers(analysis)
     for g, game in games.items():
         players = game.players
         if len(players) > REFIT_GAME_LIMIT:
             continue  # the elimination is cubic in the group's size: keep the closed-form game
         local = {int(p): i for i, p in enumerate(players)}
         fits = []
-        for consumer in find_consumers(analysis):
+        for consumer in consumers:
             s = stats[consumer.tensor]
             cov = s.covariance()
             if cov.ndim != 2 or 8 * s.count < cov.shape[0]:
@@ -140,8 +190,9 @@ def refit_games(analysis: Analysis, stats: ChannelStats, games: Dict[int, GroupG
             mine = np.flatnonzero(analysis.player_group[found] == g)
             if len(mine) == 0 or len(np.unique(found[mine])) != len(mine):
                 continue
-            f = consumer.channel_filters().astype(np.float64)
-            f = f.reshape(f.shape[0], -1) * np.sqrt(consumer.pixels(analysis))
+            if consumer.node.name not in factors:
+                factors[consumer.node.name] = filter_factor(_consumer_gram(consumer, grams))
+            f = factors[consumer.node.name] * np.sqrt(consumer.pixels(analysis))
             energy = float(np.einsum("ij,ik,jk->", cov, f, f))
             if not np.isfinite(energy) or energy <= 0:
                 continue

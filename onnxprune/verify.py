@@ -8,6 +8,7 @@ from typing import List, Optional
 import numpy as np
 import onnx
 
+from . import weights
 from .data import CalibrationSet
 from .errors import InternalError
 from .progress import Progress, silent
@@ -23,10 +24,12 @@ def _io_signature(vis) -> List[tuple]:
     return out
 
 
-def check_model(pruned: onnx.ModelProto, original: onnx.ModelProto, cal: CalibrationSet, providers: List[str]) -> None:
-    """The full ONNX check, an onnxruntime run, and the original's input/output signature."""
+def check_model(pruned: onnx.ModelProto, original: onnx.ModelProto, cal: CalibrationSet, providers: List[str],
+                reference: Optional[onnx.ModelProto] = None) -> None:
+    """The full ONNX check, an onnxruntime run, and the original's input/output signature.
+    ``reference`` (default ``original``) is the model run for comparison."""
     try:
-        onnx.checker.check_model(pruned, full_check=True)
+        onnx.checker.check_model(weights.checkable(pruned), full_check=True)
     except Exception as e:
         raise InternalError(f"the pruned model fails the ONNX checker (nothing written): {str(e).splitlines()[0]}") from e
     from .prepare import data_inputs
@@ -40,7 +43,7 @@ def check_model(pruned: onnx.ModelProto, original: onnx.ModelProto, cal: Calibra
         outs_new = make_session(pruned, providers).run(None, {cal.spec.name: batch})
     except Exception as e:
         raise InternalError(f"onnxruntime cannot run the pruned model (nothing written): {str(e).splitlines()[0]}") from e
-    outs_old = make_session(original, providers).run(None, {cal.spec.name: batch})
+    outs_old = make_session(reference if reference is not None else original, providers).run(None, {cal.spec.name: batch})
     for vi, a, b in zip(original.graph.output, outs_old, outs_new):
         if a.shape != b.shape or a.dtype != b.dtype:
             raise InternalError(f"output {vi.name!r} changed shape {a.shape} -> {b.shape} (nothing written)")

@@ -104,8 +104,9 @@ def test_output_equals_input(work, capsys):
     _expect_error(work, capsys, _prune_args(work, out=work / "in.onnx"), 2, ["output is the input model"])
 
 
-def test_output_is_a_link_to_input(work, capsys):
-    os.symlink(work / "in.onnx", work / "out" / "link.onnx")
+@pytest.mark.parametrize("link", [os.symlink, os.link])
+def test_output_is_a_link_to_input(work, capsys, link):
+    link(work / "in.onnx", work / "out" / "link.onnx")
     before = os.listdir(work / "out")
     assert run(_prune_args(work, out=work / "out" / "link.onnx")) == 2
     assert "output is the input model" in capsys.readouterr().err
@@ -161,3 +162,215 @@ def test_nothing_prunable_names_the_blocking_op(work, capsys):
     onnx.save(model, work / "blocked.onnx")
     _expect_error(work, capsys, _prune_args(work, model=work / "blocked.onnx"), 4,
                   ["no channel group of this model can be pruned", "Softmax", "--analyze"])
+
+
+# -- the rest of the README's error table ------------------------------------------------------
+
+def _tiny_grey(b=None):
+    import tiny
+    return b or tiny.Builder(channels=1, size=28)
+
+
+def test_valid_protobuf_that_is_not_a_model(work, capsys):
+    tensor = onnx.numpy_helper.from_array(np.zeros(100, np.float32), "t")
+    (work / "tensor.onnx").write_bytes(tensor.SerializeToString())
+    _expect_error(work, capsys, _prune_args(work, model=work / "tensor.onnx"), 3, ["not an ONNX model"])
+
+
+def test_empty_graph(work, capsys):
+    model = helper.make_model(helper.make_graph([], "g", [], []), opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(model, work / "empty.onnx")
+    _expect_error(work, capsys, _prune_args(work, model=work / "empty.onnx"), 3, ["no nodes"])
+
+
+def test_model_failing_the_checker_says_why_in_one_line(work, capsys):
+    b = _tiny_grey()
+    model = b.model(b.conv(b.relu(b.conv("input", 1, 8)), 8, 4))
+    model.graph.node[1].input[0] = "nowhere"
+    onnx.save(model, work / "bad.onnx")
+    _expect_error(work, capsys, _prune_args(work, model=work / "bad.onnx"), 3,
+                  ["fails the ONNX checker", "'nowhere'", "is not output of any previous nodes"])
+
+
+def test_custom_op_that_onnxruntime_cannot_load(work, capsys):
+    b = _tiny_grey()
+    x = b.conv(b.relu(b.conv("input", 1, 8)), 8, 8)
+    b.nodes.append(helper.make_node("Foo", [x], ["foo"], domain="com.example", name="foo"))
+    graph = helper.make_graph(b.nodes, "g", [b.input], [helper.make_tensor_value_info("foo", TensorProto.FLOAT,
+                                                                                      ["N", 8, 28, 28])], b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.example", 1)])
+    model.ir_version = 8
+    onnx.save(model, work / "custom.onnx")
+    _expect_error(work, capsys, _prune_args(work, model=work / "custom.onnx"), 3,
+                  ["onnxruntime cannot load the model", "com.example:Foo", "custom op"])
+
+
+def test_ir_version_onnxruntime_does_not_support(work, capsys):
+    import onnxruntime as ort
+
+    b = _tiny_grey()
+    model = b.model(b.conv(b.relu(b.conv("input", 1, 8)), 8, 4))
+    model.ir_version = onnx.IR_VERSION  # the newest the checker knows
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        pytest.skip(f"this onnxruntime runs IR version {onnx.IR_VERSION}")
+    except Exception:
+        pass
+    onnx.save(model, work / "future.onnx")
+    _expect_error(work, capsys, _prune_args(work, model=work / "future.onnx"), 3,
+                  ["onnxruntime cannot load the model", "IR version"])
+
+
+def test_several_inputs_are_refused(work, capsys):
+    b = _tiny_grey()
+    y = b.conv(b.node("Add", [b.relu(b.conv("input", 1, 8)), "extra"]), 8, 4)
+    extra = helper.make_tensor_value_info("extra", TensorProto.FLOAT, ["N", 8, 28, 28])
+    graph = helper.make_graph(b.nodes, "g", [b.input, extra],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["N", 4, 28, 28])], b.inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), work / "two.onnx")
+    _expect_error(work, capsys, _prune_args(work, model=work / "two.onnx"), 3,
+                  ["2 inputs (input, extra)", "single-input"])
+
+
+def test_nan_in_the_activations(work, capsys):
+    b = _tiny_grey()
+    model = b.model(b.conv(b.node("Log", [b.conv("input", 1, 8)]), 8, 4))  # log of negative values
+    onnx.save(model, work / "nan.onnx")
+    _expect_error(work, capsys, _prune_args(work, model=work / "nan.onnx"), 3, ["NaN or infinite values"])
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write into any folder")
+def test_output_folder_not_writable(work, capsys):
+    locked = work / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        _expect_error(work, capsys, _prune_args(work, out=locked / "o.onnx"), 2, ["not writable"])
+        assert os.listdir(locked) == []
+    finally:
+        locked.chmod(0o755)
+
+
+def test_internal_failure_writes_nothing(work, capsys, monkeypatch):
+    """A check on our own output fails: exit 70, the message, nothing written."""
+    import onnxprune.verify
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated: onnxruntime rejects the pruned model")
+
+    monkeypatch.setattr(onnxprune.verify, "make_session", broken)
+    _expect_error(work, capsys, _prune_args(work), 70, ["onnxruntime cannot run the pruned model", "nothing written"])
+
+
+def test_unexpected_bug_is_one_line_without_verbose_and_a_traceback_with_it(work, capsys, monkeypatch):
+    import onnxprune.api
+
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("simulated bug")
+
+    monkeypatch.setattr(onnxprune.api, "allocate", bug)
+    assert run(_prune_args(work)) == 70
+    err = capsys.readouterr().err
+    assert "onnxprune: internal error: ZeroDivisionError: simulated bug (run with --verbose" in err
+    assert "Traceback" not in err and os.listdir(work / "out") == []
+    assert run(_prune_args(work) + ["--verbose"]) == 70
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ZeroDivisionError" in err and os.listdir(work / "out") == []
+
+
+# -- external data -------------------------------------------------------------------------------
+
+def _with_external_data(model, folder, location):
+    """Save ``model`` with every initializer in external data, then point them at ``location``."""
+    onnx.save(model, folder / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.onnx.data", size_threshold=0)
+    header = onnx.load(str(folder / "ext.onnx"), load_external_data=False)
+    for t in header.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    (folder / "ext.onnx").write_bytes(header.SerializeToString())
+    return folder / "ext.onnx"
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "symlink"])
+def test_external_data_outside_the_folder_is_refused_before_it_is_read(tmp_path, kind):
+    """The target is a named pipe: opening it to read would block, so a run that returns at
+    once (here within 60 s) has not read it."""
+    import subprocess
+    import sys
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    secret = tmp_path / "secret"
+    os.mkfifo(secret)
+    location = {"absolute": str(secret), "dotdot": "../secret", "symlink": "link"}[kind]
+    if kind == "symlink":
+        os.symlink(secret, model_dir / "link")
+    path = _with_external_data(onnx.load(MODEL), model_dir, location)
+    before = path.read_bytes()
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    result = subprocess.run([sys.executable, "-m", "onnxprune", str(path), str(out_dir / "o.onnx"), "--calib", CALIB,
+                             "--flops", "0.4"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3, result.stderr
+    word = "leaves the model's folder" if kind == "symlink" else "is outside the model's folder"
+    assert result.stderr.strip() == f"onnxprune: error: external data location {location!r} of tensor " \
+                                    f"{onnx.load(MODEL).graph.initializer[0].name!r} {word}"
+    assert path.read_bytes() == before and os.listdir(out_dir) == []
+
+
+def test_external_data_missing_or_short(work, capsys):
+    model_dir = work / "model"
+    model_dir.mkdir()
+    path = _with_external_data(onnx.load(MODEL), model_dir, "ext.onnx.data")
+    data = (model_dir / "ext.onnx.data").read_bytes()
+    (model_dir / "ext.onnx.data").write_bytes(data[: len(data) // 2])
+    _expect_error(work, capsys, _prune_args(work, model=path), 3, ["external data of tensor", "beyond the end"])
+    os.remove(model_dir / "ext.onnx.data")
+    _expect_error(work, capsys, _prune_args(work, model=path), 3, ["external data file 'ext.onnx.data'", "is missing"])
+
+
+def test_output_data_file_must_not_be_the_inputs(tmp_path, capsys):
+    """A model with external data is written as OUT + OUT.data: never over the input's data."""
+    path = _with_external_data(onnx.load(MODEL), tmp_path, "o.onnx.data")
+    os.rename(tmp_path / "ext.onnx.data", tmp_path / "o.onnx.data")
+    files = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    assert run([str(path), str(tmp_path / "o.onnx"), "--calib", CALIB, "--flops", "0.4", "--criterion", "l1",
+                "--no-recover", "--no-latency", "--max-images", "16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("onnxprune: error: ") and "is a file of the input model" in err[-1]
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == files
+
+
+def test_cuda_asked_for_without_a_gpu(work, capsys):
+    from onnxprune.runtime import _cuda_usable
+
+    if _cuda_usable():
+        pytest.skip("a CUDA GPU is usable here")
+    _expect_error(work, capsys, _prune_args(work) + ["--device", "cuda"], 2, ["--device cuda", "no usable CUDA GPU"])
+
+
+def test_a_batch_that_does_not_fit_says_what_to_do(work, capsys, monkeypatch):
+    import onnxruntime as ort
+
+    real = ort.InferenceSession.run
+
+    def out_of_memory(self, *args, **kwargs):
+        if len(self.get_outputs()) > 1:  # the calibration session, with intermediate tensors exposed
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for "
+                               "requested buffer of size 1073741824")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", out_of_memory)
+    _expect_error(work, capsys, _prune_args(work) + ["--batch-size", "64"], 3,
+                  ["out of memory running a batch of 64", "lower --batch-size"])
+
+
+def test_output_that_is_a_folder(work, capsys):
+    (work / "out" / "d.onnx").mkdir()
+    before = os.listdir(work / "out")
+    assert run(_prune_args(work, out=work / "out" / "d.onnx")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("onnxprune: error: ") and "is a directory" in err[-1]  # click says it first
+    assert os.listdir(work / "out") == before and os.listdir(work / "out" / "d.onnx") == []

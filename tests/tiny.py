@@ -245,3 +245,11 @@ def slices_cnn(seed: int = 0) -> onnx.ModelProto:
     y = b.relu(b.conv(b.node("Concat", [a, c, d], axis=1), 12, 6))
     x = b.node("Flatten", [b.node("GlobalAveragePool", [y])], axis=1)
     return b.model(b.gemm(x, 6, 5), ["N", 5])
+def save_with_external_data(model: onnx.ModelProto, path, location: Optional[str] = None) -> None:
+    """Save ``model`` with every initializer in one external data file beside it (named
+    ``location``, default the model's file name + '.data')."""
+    import os
+
+    location = location or os.path.basename(str(path)) + ".data"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location,
+              size_threshold=0)

@@ -1,0 +1,102 @@
+"""Calibration images that do not match the model: converted, resized, and said."""
+
+import os
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+import tiny
+from onnxprune.cli import run
+from onnxprune.data import input_spec, load_calibration
+from onnxprune.options import PruneOptions
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GREY_MODEL = os.path.join(ROOT, "models", "mnist_cnn.onnx")  # (N, 1, 28, 28)
+
+
+def _colour_model(path):
+    onnx.save(tiny.plain_cnn(), path)  # (N, 3, 8, 8)
+    return str(path)
+
+
+def _images(folder, n, size, mode, seed=0):
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        bands = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+        pixels = rng.integers(0, 256, (size[1], size[0], bands), dtype=np.uint8)
+        Image.fromarray(pixels[:, :, 0] if bands == 1 else pixels, mode).save(folder / f"{i:03d}.png")
+    return str(folder)
+
+
+def _prune(model, calib, tmp_path, capsys, *extra):
+    out = tmp_path / "out.onnx"
+    code = run([model, str(out), "--calib", calib, "--flops", "0.3", "--no-latency", *extra])
+    text = capsys.readouterr()
+    assert code == 0, text.err
+    assert out.exists()
+    return text.out
+
+
+def test_grey_images_for_a_colour_model_are_converted_and_said(tmp_path, capsys):
+    model = _colour_model(tmp_path / "m.onnx")
+    out = _prune(model, _images(tmp_path / "grey", 12, (8, 8), "L"), tmp_path, capsys)
+    assert "note: converted 12 grey calibration images to RGB" in out
+
+
+def test_colour_images_for_a_grey_model_are_converted_and_said(tmp_path, capsys):
+    out = _prune(GREY_MODEL, _images(tmp_path / "rgb", 12, (28, 28), "RGB"), tmp_path, capsys)
+    assert "note: converted 12 colour calibration images to grey" in out
+    assert "enlarged" not in out
+
+
+def test_images_smaller_than_the_input_are_enlarged_and_said(tmp_path, capsys):
+    out = _prune(GREY_MODEL, _images(tmp_path / "small", 10, (10, 12), "L"), tmp_path, capsys)
+    assert "note: enlarged 10 calibration images smaller than the input 28x28" in out
+    assert "converted" not in out
+
+
+def test_transparency_is_dropped_and_said(tmp_path, capsys):
+    model = _colour_model(tmp_path / "m.onnx")
+    out = _prune(model, _images(tmp_path / "rgba", 6, (8, 8), "RGBA"), tmp_path, capsys)
+    assert "note: dropped the transparency of 6 calibration images" in out
+
+
+def test_conversions_give_the_expected_tensors(tmp_path):
+    """A grey image fed to a colour model is that image in all three channels; a colour image
+    fed to a grey model is its luminance; a small image is enlarged to the input size."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    grey = np.arange(64, dtype=np.uint8).reshape(8, 8) * 3
+    Image.fromarray(grey, "L").save(folder / "a.png")
+    model = tiny.plain_cnn()
+    cal = load_calibration(str(folder), input_spec(model, PruneOptions()), PruneOptions())
+    x = next(cal.batches([0]))
+    assert x.shape == (1, 3, 8, 8)
+    np.testing.assert_allclose(x[0], np.stack([grey / 255.0] * 3), atol=1e-6)
+
+    rgb = np.random.default_rng(0).integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    Image.fromarray(rgb, "RGB").save(folder / "a.png")
+    cal = load_calibration(str(folder), input_spec(onnx.load(GREY_MODEL), PruneOptions()), PruneOptions())
+    x = next(cal.batches([0]))
+    luminance = np.asarray(Image.fromarray(rgb, "RGB").convert("L"), np.float32) / 255
+    np.testing.assert_allclose(x[0, 0], luminance, atol=1e-6)
+
+    Image.fromarray(grey[:4, :6], "L").save(folder / "a.png")
+    cal = load_calibration(str(folder), input_spec(onnx.load(GREY_MODEL), PruneOptions()), PruneOptions())
+    assert cal.notes == ["enlarged 1 calibration image smaller than the input 28x28 (resized up, then centre-cropped)"]
+    assert next(cal.batches([0])).shape == (1, 1, 28, 28)
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_a_single_image_or_fewer_than_a_batch(tmp_path, capsys, count):
+    calib = os.path.join(ROOT, "models", "mnist_cnn_calib")
+    sub = tmp_path / "few"
+    sub.mkdir()
+    for f in sorted(os.listdir(calib))[:count]:
+        shutil.copy(os.path.join(calib, f), sub / f)
+    out = _prune(GREY_MODEL, str(sub), tmp_path, capsys, "--batch-size", "32")
+    assert f"fidelity on {count} calibration images (too few to hold any out)" in out
