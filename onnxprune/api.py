@@ -289,7 +289,8 @@ def _rank(analysis: Analysis, opts: PruneOptions, stats, bn_scale=None, prepared
     if opts.criterion == "snpfi" and opts.payoff == "output":
         found = output_games(prepared, analysis, cal, providers, centred=opts.recover, budget=opts.budget,
                              seed=opts.seed, progress=progress)
-        cost.update(evaluations=found.evaluations, seconds=found.seconds, classifier=found.classifier)
+        cost.update(evaluations=found.evaluations, budget=found.budget, seconds=found.seconds,
+                    classifier=found.classifier)
         for g, game in found.games.items():
             ranked[g] = game.players[game.order]
             loss[g] = game.loss

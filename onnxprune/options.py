@@ -59,9 +59,10 @@ class PruneOptions:
         "channels) or output (log-probability of the model's own top-1 class, or of the label with "
         "--labels; distance to the original outputs for non-classifiers; sampled under --budget). "
         "auto: refit with --recover, local without.", choices=PAYOFFS)
-    budget: int = _opt(
-        2000, "--payoff output: coalitions evaluated (each a run of the rest of the network over the same "
-        "32 calibration images), shared among the groups.")
+    budget: Optional[int] = _opt(
+        None, "--payoff output: coalitions evaluated (each a run of the network over the same 32 "
+        "calibration images), shared among the groups. Default: 2000, or the least that gives every "
+        "group one pair of permutations and its curve where that is more.", metavar="N")
     labels: bool = _opt(
         False, "--payoff output: score against the true labels: the class subfolders of the --calib folder "
         "(sorted, as ImageFolder numbers them) or the 'y' array of a --calib .npz.", is_flag=True)
@@ -129,7 +130,7 @@ class PruneOptions:
             raise UsageError(f"--criterion must be one of {', '.join(CRITERIA)}")
         if self.payoff not in PAYOFFS:
             raise UsageError(f"--payoff must be one of {', '.join(PAYOFFS)}")
-        if self.budget < 1:
+        if self.budget is not None and self.budget < 1:
             raise UsageError("--budget must be at least 1")
         if self.allocation not in ALLOCATIONS:
             raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)}")

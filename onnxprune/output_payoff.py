@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import onnx
@@ -42,6 +42,7 @@ from .snpfi import GroupGame
 EVAL_IMAGES = 32  # images every coalition is evaluated on
 ROWS_PER_RUN = 512  # images x coalitions per onnxruntime run
 CURVE_POINTS = 24
+DEFAULT_BUDGET = 2000
 
 
 @dataclass
@@ -50,6 +51,7 @@ class OutputGames:
     evaluations: int
     seconds: float
     classifier: bool
+    budget: int
 
 
 def _gated_model(model: onnx.ModelProto, analysis: Analysis):
@@ -99,7 +101,7 @@ def _scores_name(model: onnx.ModelProto) -> str:
 
 
 def output_games(model: onnx.ModelProto, analysis: Analysis, cal: CalibrationSet, providers, centred: bool,
-                 budget: int, seed: int = 0, progress=None) -> OutputGames:
+                 budget: Optional[int], seed: int = 0, progress=None) -> OutputGames:
     start = time.perf_counter()
     gated, gates = _gated_model(model, analysis)
     scores = _scores_name(gated)
@@ -164,6 +166,8 @@ def output_games(model: onnx.ModelProto, analysis: Analysis, cal: CalibrationSet
     curve_cost = sum(len(np.unique(np.linspace(0, len(p), min(len(p), CURVE_POINTS - 1) + 1).round()))
                      for p in groups.values())
     least = curve_cost + sum(2 * (len(p) + 1) for p in groups.values())
+    if budget is None:
+        budget = max(DEFAULT_BUDGET, least)
     if budget < least:
         from .errors import UsageError
         raise UsageError(f"--budget {budget} is too small for this model: one pair of permutations per "
@@ -201,4 +205,4 @@ def output_games(model: onnx.ModelProto, analysis: Analysis, cal: CalibrationSet
         loss[n] = 0.0
         games[g] = GroupGame(players, np.zeros((0, 0)), phi, order, loss)
         update(1)
-    return OutputGames(games, evaluations, time.perf_counter() - start, classifier)
+    return OutputGames(games, evaluations, time.perf_counter() - start, classifier, budget)
