@@ -95,9 +95,12 @@ def configurations(full: bool, only=None):
     for criterion, allocation in WITH_RECOVERY if not full else [(c, a) for c in CRITERIA for a in ("auto", "uniform")]:
         every.append(("snpfi", criterion, allocation, True))
     every.append(("bottleneck", "gates", "threshold", True))
+    for allocation in ("auto", "uniform"):
+        every.append(("snpfi", "snpfi-output", allocation, False))
+    every.append(("snpfi", "snpfi-output", "auto", True))
     for method, criterion, allocation, recover in every:
         name = "bottleneck" if method == "bottleneck" else f"{criterion}/{allocation}"
-        if only is None or name in only:
+        if (only is None and criterion != "snpfi-output") or (only is not None and name in only):
             yield method, criterion, allocation, recover
 
 
@@ -111,6 +114,8 @@ def run_model(name: str, ratios, full: bool, log, only=None):
         for method, criterion, allocation, recover in configurations(full, only):
             opts = onnxprune.PruneOptions(flops=ratio, method=method, recover=recover, **(
                 dict(criterion=criterion, allocation=allocation) if method == "snpfi" else {}))
+            if criterion == "snpfi-output":  # snpfi with the sampled output payoff (default --budget)
+                opts = opts.replace(criterion="snpfi", payoff="output")
             start = time.perf_counter()
             try:
                 result = onnxprune.prune(model_path, calib, opts)
