@@ -71,7 +71,7 @@ def _option_decorators():
         elif f.default is not None:
             kwargs.update(type=type(f.default), default=f.default)
         else:
-            kwargs.update(type=float, default=None)
+            kwargs.update(type=int if hint == "typing.Optional[int]" else float, default=None)
         if f.name == "scale":
             kwargs["show_default"] = False
             kwargs["help"] = meta["help"]

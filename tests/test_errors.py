@@ -374,3 +374,27 @@ def test_output_that_is_a_folder(work, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("onnxprune: error: ") and "is a directory" in err[-1]  # click says it first
     assert os.listdir(work / "out") == before and os.listdir(work / "out" / "d.onnx") == []
+
+
+# -- the options of the later methods ------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, words", [
+    (["--latency", "0.4"], ["either --flops or --latency"]),
+    (["--sweep", "0.3"], ["either --flops or --sweep"]),
+    (["--criterion", "bn-scale", "--flops", "0.4"], None),  # replaced below: mnist_cnn has BN
+    (["--payoff", "output", "--budget", "5"], ["--budget 5 is too small"]),
+])
+def test_method_option_usage_errors(work, capsys, extra, words):
+    args = _prune_args(work) + extra
+    if words is None:  # bn-scale on a model whose BN is folded away: the shipped ResNet's
+        model = work / "resnet.onnx"
+        shutil.copy(os.path.join(ROOT, "models", "fmnist_resnet.onnx"), model)
+        args = _prune_args(work, model=model, calib=os.path.join(ROOT, "models", "fmnist_resnet_calib")) + [
+            "--criterion", "bn-scale"]
+        words = ["bn-scale needs BatchNormalization"]
+    _expect_error(work, capsys, args, 2, words)
+
+
+def test_labels_without_class_folders(work, capsys):
+    _expect_error(work, capsys, _prune_args(work) + ["--payoff", "output", "--labels"], 3,
+                  ["--labels", "one subfolder per class"])
