@@ -224,6 +224,15 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
         if seq.unsupported:
             report.notes.append("no refit for these layers (grouped convs), left as sliced: "
                                 + ", ".join(seq.unsupported))
+    if opts.bn_correct and prep_log.bn_scale:
+        from .drift import correct_drift
+
+        t = time.perf_counter()
+        with progress("correcting BN drift", 1) as update:
+            corrected = correct_drift(prepared, pruned, list(prep_log.bn_scale), keep_fn, cal, cal.fit, providers)
+            update(1)
+        seconds["bn_correct"] = time.perf_counter() - t
+        report.notes.append(f"BN drift corrected on {len(corrected)} layers with folded BatchNormalization")
 
     t = time.perf_counter()
     check_model(pruned, original, cal, providers, reference=reference)

@@ -76,6 +76,10 @@ class PruneOptions:
     gate_lr: float = _opt(0.5, "bottleneck: Adam learning rate of the gates' logits.")
     gate_flops_weight: float = _opt(8.0, "bottleneck: weight of the FLOPs-target term.")
     gate_binary_weight: float = _opt(0.25, "bottleneck: weight of the term that drives gates to 0 or 1.")
+    bn_correct: bool = _opt(
+        False, "After pruning (and recovery), give every kept channel of a layer whose BatchNormalization "
+        "was folded the mean and spread it had in the original, measured on the calibration images "
+        "(adaptive BN).", flag="--bn-correct/--no-bn-correct")
     input_size: Optional[Tuple[int, int]] = _opt(
         None, "H,W to resize calibration images to where the model's spatial axes are dynamic.",
         metavar="H,W")

@@ -1,0 +1,90 @@
+"""Correct the per-channel statistics drift of layers whose BatchNormalization was folded.
+
+The adaptive-BN idea for a model without BN nodes left: after pruning and refitting,
+each conv that had a BatchNormalization folded into it should still give its kept
+channels the mean and spread they had in the original (which its BN was trained to
+produce). Per kept channel c, with the original's mean and standard deviation
+mu_o, sigma_o and the pruned model's mu_p, sigma_p on the calibration images,
+
+    y' = (y - mu_p) * s + mu_o,   s = sigma_o / sigma_p clipped to [1/2, 2],
+
+folded into the conv's weights and bias. The original's statistics are measured
+once; the pruned model's are measured again after each round, because correcting a
+layer changes what the layers after it see.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import onnx
+
+from . import weights
+from .data import CalibrationSet
+from .runtime import expose, make_session, run
+
+SCALE_LIMIT = 2.0
+
+
+def _moments(model: onnx.ModelProto, names: List[str], cal: CalibrationSet, indices, providers):
+    """Per-channel mean and standard deviation of each named tensor over images and pixels."""
+    sess = make_session(expose(model, names), providers)
+    total: Dict[str, np.ndarray] = {}
+    count: Dict[str, int] = {}
+    for b, batch in enumerate(cal.batches(indices)):
+        real = cal.real_count(b, indices)
+        for name, value in zip(names, run(sess, cal.spec.name, batch, names)):
+            v = np.asarray(value[:real], np.float64)
+            axes = (0,) + tuple(range(2, v.ndim))
+            s = np.stack([v.sum(axis=axes), (v * v).sum(axis=axes)])
+            total[name] = s if name not in total else total[name] + s
+            count[name] = count.get(name, 0) + v.size // v.shape[1]
+    out = {}
+    for name, s in total.items():
+        mean = s[0] / count[name]
+        out[name] = (mean, np.sqrt(np.maximum(s[1] / count[name] - mean * mean, 0.0)))
+    return out
+
+
+def correct_drift(original: onnx.ModelProto, pruned: onnx.ModelProto, folded_outputs: Sequence[str],
+                  keep: Callable[[str], Optional[np.ndarray]], cal: CalibrationSet, indices: Sequence[int],
+                  providers, rounds: int = 2) -> List[str]:
+    """Correct, in place in ``pruned``, every Conv whose output is one of ``folded_outputs``;
+    returns the names of the layers corrected."""
+    original = onnx.shape_inference.infer_shapes(original)
+    pruned_shapes = onnx.shape_inference.infer_shapes(pruned)
+    convs = {n.output[0]: n for n in pruned.graph.node if n.op_type == "Conv" and n.output[0] in set(folded_outputs)}
+    names = sorted(convs)
+    if not names:
+        return []
+    inits = {t.name: t for t in pruned.graph.initializer}
+    target = _moments(original, names, cal, indices, providers)
+    for _ in range(rounds):
+        now = _moments(pruned_shapes, names, cal, indices, providers)
+        for name in names:
+            node = convs[name]
+            mask = keep(name)
+            mu_o, sd_o = target[name]
+            if mask is not None:
+                mu_o, sd_o = mu_o[mask], sd_o[mask]
+            mu_p, sd_p = now[name]
+            if len(mu_p) != len(mu_o) or node.input[1] not in inits:
+                continue
+            s = np.clip(np.where(sd_p > 0, sd_o / np.maximum(sd_p, 1e-30), 1.0), 1 / SCALE_LIMIT, SCALE_LIMIT)
+            w = weights.array(inits[node.input[1]]).astype(np.float64)
+            b = (weights.array(inits[node.input[2]]).astype(np.float64) if len(node.input) > 2 and node.input[2]
+                 else np.zeros(w.shape[0]))
+            new_w = (w * s.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32)
+            new_b = (s * (b - mu_p) + mu_o).astype(np.float32)
+            weights.assign(inits[node.input[1]], new_w)
+            if len(node.input) > 2 and node.input[2]:
+                weights.assign(inits[node.input[2]], new_b)
+            else:
+                bias = weights.make_tensor(new_b, name + "_drift_bias")
+                pruned.graph.initializer.append(bias)
+                inits[bias.name] = pruned.graph.initializer[-1]
+                node.input.append(bias.name)
+        # the next round measures the corrected model
+        pruned_shapes = onnx.shape_inference.infer_shapes(pruned)
+    return [convs[n].name for n in names]
