@@ -87,7 +87,7 @@ WORK = os.path.join(BENCH_CACHE, "torch_pruning")
 INPUT_SHAPE = (1, 1, 28, 28)
 PROVIDERS = ["CPUExecutionProvider"]
 LATENCY_BATCHES = (1, 32)
-LATENCY_SESSIONS = 5
+LATENCY_SESSIONS = 9  # batch-1 runs take 0.1 ms: one busy moment of the shared machine spoils a session
 SHIPPED_TOL = 1e-4  # largest logit difference accepted between a torch module and its ONNX
 
 warnings.filterwarnings("ignore", "You are using the legacy TorchScript", DeprecationWarning)
@@ -224,19 +224,24 @@ def check_case(case: Case) -> None:
 # --------------------------------------------------------------------------
 
 
-def tp_variants(case: Case):
-    out = [("tp-l1-uniform", "l1", False), ("tp-l1-global", "l1", True)]
+def tp_variants(case: Case, round_to: int):
+    """(row name, importance, global_pruning, round_to): TP's four variants with its defaults, and as a
+    control for the latency, the two L1 ones with channel counts rounded like onnxprune's (``round_to``)."""
+    out = [("tp-l1-uniform", "l1", False, None), ("tp-l1-global", "l1", True, None)]
     if case.has_bn:
-        out += [("tp-bn-uniform", "bn", False), ("tp-bn-global", "bn", True)]
+        out += [("tp-bn-uniform", "bn", False, None), ("tp-bn-global", "bn", True, None)]
+    if round_to > 1:
+        out += [(f"tp-l1-uniform round_to={round_to}", "l1", False, round_to),
+                (f"tp-l1-global round_to={round_to}", "l1", True, round_to)]
     return out
 
 
-def tp_prune(case: Case, importance: str, global_pruning: bool, ratio: float) -> nn.Module:
+def tp_prune(case: Case, importance: str, global_pruning: bool, ratio: float, round_to=None) -> nn.Module:
     model = copy.deepcopy(case.torch_model)
     imp = tp.importance.MagnitudeImportance(p=1) if importance == "l1" else tp.importance.BNScaleImportance()
     ignored = [_find_same(model, case.torch_model, case.classifier)]
     pruner = tp.pruner.BasePruner(model, torch.zeros(INPUT_SHAPE), importance=imp, global_pruning=global_pruning,
-                                  pruning_ratio=ratio, ignored_layers=ignored)
+                                  pruning_ratio=ratio, ignored_layers=ignored, round_to=round_to)
     pruner.step()
     return model.eval()
 
@@ -247,7 +252,7 @@ def _find_same(copy_model: nn.Module, original: nn.Module, module: nn.Module) ->
     return copy_model.get_submodule(name)
 
 
-def tp_match(case: Case, importance: str, global_pruning: bool, target: float, base_macs: int):
+def tp_match(case: Case, importance: str, global_pruning: bool, round_to, target: float, base_macs: int):
     """TP's pruning_ratio whose exported model's FLOPs reduction is closest to ``target``.
 
     The reduction grows with the ratio until some layer would lose every channel:
@@ -258,7 +263,7 @@ def tp_match(case: Case, importance: str, global_pruning: bool, target: float, b
     kept (the one above on a tie).
     """
     def reduction(ratio):
-        model = tp_prune(case, importance, global_pruning, ratio)
+        model = tp_prune(case, importance, global_pruning, ratio, round_to)
         exported = export(model, case.keep_bn)
         return 1.0 - macs(exported) / base_macs, model, exported
 
@@ -273,7 +278,8 @@ def tp_match(case: Case, importance: str, global_pruning: bool, target: float, b
             break
         lo, lo_val = float(ratio), val
     if hi is None:
-        raise RuntimeError(f"{case.name}: Torch-Pruning {importance} global={global_pruning} removes at most "
+        raise RuntimeError(f"{case.name}: Torch-Pruning {importance} global={global_pruning} round_to={round_to} "
+                           f"removes at most "
                            f"{best[1][0]:.1%} of the FLOPs (ratio {best[0]}), short of {target:.1%}")
     while hi - lo > 1e-4 and hi_val[0] - target > 1e-4:  # stop on the target (to 0.01 points)
         mid = (lo + hi) / 2
@@ -403,7 +409,7 @@ def latencies(models: dict, sample: np.ndarray):
 # --------------------------------------------------------------------------
 
 
-def run_case(case: Case, ratios, python: str, reps: int):
+def run_case(case: Case, ratios, python: str, reps: int, round_to: int):
     check_case(case)
     original = onnx.load(case.onnx_path)
     base_macs, base_params = macs(original), count_params(original)
@@ -432,15 +438,16 @@ def run_case(case: Case, ratios, python: str, reps: int):
             log(f"  R={ratio} {method:24s} -{row['flops_reduction']:.2%} acc {row['accuracy']:.4f} "
                 f"(its report: -{row['report_flops_reduction']:.2%}, acc {row['report_accuracy']:.4f})")
         target = group[1]["flops_reduction"]  # what onnxprune with recovery achieved
-        for key, importance, global_pruning in tp_variants(case):
+        for key, importance, global_pruning, tp_round_to in tp_variants(case, round_to):
             start = time.perf_counter()
-            tp_ratio, red, model, exported, n = tp_match(case, importance, global_pruning, target, base_macs)
+            tp_ratio, red, model, exported, n = tp_match(case, importance, global_pruning, tp_round_to, target,
+                                                         base_macs)
             seconds = time.perf_counter() - start
-            path = os.path.join(WORK, f"{case.name}_R{ratio}_{key}.onnx")
+            path = os.path.join(WORK, f"{case.name}_R{ratio}_{key.replace(' round_to=', '_r')}.onnx")
             onnx.checker.check_model(exported, full_check=True)
             onnx.save(exported, path)
             start = time.perf_counter()
-            tp_prune(case, importance, global_pruning, tp_ratio)  # timed alone: one TP pruning (trace + step)
+            tp_prune(case, importance, global_pruning, tp_ratio, tp_round_to)  # timed alone: one TP pruning (trace + step)
             prune_seconds = time.perf_counter() - start
             with torch.no_grad():  # the ONNX file must compute what the pruned torch module computes
                 diff = float(np.abs(model(torch.from_numpy(case.x[:256])).numpy() - logits(path, case.x[:256])).max())
@@ -475,10 +482,13 @@ def run_case(case: Case, ratios, python: str, reps: int):
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout
+    commit = commit.strip() + (" with uncommitted changes" if dirty.strip() else "")
     return dict(uname=" ".join(platform.uname()), cpu=cpu, cores=os.cpu_count(), python=platform.python_version(),
                 torch=torch.__version__, torch_pruning=getattr(tp, "__version__", "?"),
                 torch_pruning_dist=_dist_version("torch-pruning"), onnxruntime=ort.__version__, onnx=onnx.__version__,
-                commit=commit.strip())
+                commit=commit)
 
 
 def _dist_version(name: str) -> str:
@@ -488,6 +498,10 @@ def _dist_version(name: str) -> str:
         return version(name)
     except Exception:
         return "?"
+
+
+def _onnxprune_reduction(res, ratio) -> float:
+    return next(q["flops_reduction"] for q in res["rows"] if q["method"] == "onnxprune" and q["ratio"] == ratio)
 
 
 def markdown(results, info, stamp, command) -> str:
@@ -502,31 +516,45 @@ def markdown(results, info, stamp, command) -> str:
     L.append("")
     L.append(
         "Rows: **onnxprune** with its defaults (snpfi, auto allocation, recovery, `--round-to 8`, 256 calibration "
-        "images of the training split, 20% of them held out) and with `--no-recover`; **Torch-Pruning** "
-        "(`BasePruner`, one step, no fine-tuning, the output layer ignored, other arguments at their defaults, so no "
-        "`round_to`) with `MagnitudeImportance(p=1)` (group L1) or `BNScaleImportance` (models with BatchNorm), each "
-        "uniform (`global_pruning=False`) and global (`global_pruning=True`). Torch-Pruning's `pruning_ratio` is "
-        "bisected so that its FLOPs reduction is the closest it gets to what onnxprune with recovery achieved at R "
-        "(channel counts are discrete, so some land a little off). FLOPs (MACs of Conv and Gemm) and parameters "
-        "(initializer elements) are counted on the ONNX files of both by `onnxprune.flops`; accuracy is top-1 on the "
-        "full 10k test split with onnxruntime; latency is onnxruntime CPU, median over "
-        f"{LATENCY_SESSIONS} fresh sessions per model created in turn over all models of a table (spinning off), "
-        "speedup against the original measured in the same table. On a shared 2-core machine latencies are noisy: "
-        "compare within a table.")
+        "images of the training split, 20% of them held out) and with `--no-recover`. **Torch-Pruning** "
+        "(`tp.pruner.BasePruner`, one step, no fine-tuning, the output layer in `ignored_layers`, every other argument "
+        "at its default, so no `round_to` and `max_pruning_ratio=1.0`) with `MagnitudeImportance(p=1)` (`tp-l1`: group "
+        "L1, mean over the group, mean-normalised) or, in models with BatchNorm, `BNScaleImportance` (`tp-bn`; it "
+        "scores only BatchNorm weights, so groups without BatchNorm, such as hidden Linear layers, stay whole), each "
+        "with `global_pruning=False` (`uniform`: the same ratio in every group) and `True` (`global`: one ranking). "
+        "The two `round_to=8` rows are a control beyond Torch-Pruning's defaults: its L1 variants with channel "
+        "counts rounded down to multiples of 8 like onnxprune's, to separate the speed of the channel counts from "
+        "the choice of channels.")
+    L.append("")
+    L.append(
+        "Torch-Pruning's `pruning_ratio` is searched (a grid of 0.05, then bisection) so that its FLOPs reduction is "
+        "the closest it gets to what onnxprune with recovery achieved at R; channel counts are discrete, so some "
+        "land a few tenths of a point off. FLOPs (MACs of Conv and Gemm per sample) and parameters (initializer "
+        "elements) are counted on the ONNX files of both by `onnxprune.flops`; Torch-Pruning's models are exported "
+        "like the originals (TorchScript exporter, opset 13, dynamic batch, BatchNorm folded except in mnist_cnn, "
+        "whose original keeps it) and checked against the pruned torch module. Accuracy is top-1 on the full 10k "
+        "test split with onnxruntime. Latency is onnxruntime's CPU provider at batch 1 and 32, thread spinning off: "
+        f"per model the median over {info['latency_sessions']} fresh sessions, created in turn over all models of a table "
+        "so that drift in the machine's load hits all alike, each timed by `onnxprune.latency`; speedups are "
+        "against the original measured in the same table. The machine's 2 cores were shared with other jobs: "
+        "absolute milliseconds move between tables, ratios within a table are the comparable numbers.")
     L.append("")
     L.append("## At R = 0.5")
     L.append("")
-    methods = list(dict.fromkeys(r["method"] for res in results for r in res["rows"] if r["method"] != "original"))
-    L.append("Accuracy (speedup at batch 32 over the original). Original accuracy in the first column.")
+    L.append("Top-1 accuracy on the 10k test split (speedup over the original at batch 1 / batch 32).")
     L.append("")
-    L.append("| model | original | " + " | ".join(methods) + " |")
-    L.append("| --- | --- | " + " | ".join("---" for _ in methods) + " |")
-    for res in results:
+    names = [res["model"] for res in results]
+    methods = list(dict.fromkeys(r["method"] for res in results for r in res["rows"] if r["method"] != "original"))
+    L.append("| method | " + " | ".join(names) + " |")
+    L.append("| --- | " + " | ".join("---" for _ in names) + " |")
+    L.append("| original | " + " | ".join(f"{res['base_accuracy']:.2%}" for res in results) + " |")
+    for m in methods:
         cells = []
-        for m in methods:
+        for res in results:
             hit = [r for r in res["rows"] if r["method"] == m and abs(r["ratio"] - 0.5) < 1e-9]
-            cells.append(f"{hit[0]['accuracy']:.2%} ({hit[0]['speedup_b32']:.2f}x)" if hit else "n/a")
-        L.append(f"| {res['model']} | {res['base_accuracy']:.2%} | " + " | ".join(cells) + " |")
+            cells.append(f"{hit[0]['accuracy']:.2%} ({hit[0]['speedup_b1']:.2f}x / {hit[0]['speedup_b32']:.2f}x)"
+                         if hit else "n/a")
+        L.append(f"| {m} | " + " | ".join(cells) + " |")
     L.append("")
     for res in results:
         L.append(f"## {res['model']}")
@@ -543,11 +571,18 @@ def markdown(results, info, stamp, command) -> str:
                 name = "original (measured in this table)"
             else:
                 name = r["method"]
+                if abs(r["flops_reduction"] - _onnxprune_reduction(res, r["ratio"])) > 0.01:
+                    name += " (*)"
             tpr = f"{r['tp_pruning_ratio']:.3f}" if "tp_pruning_ratio" in r else ""
             L.append(f"| {name} | {r['ratio']} | {r['flops_reduction']:.1%} | {r['params']:,} | {r['accuracy']:.2%} | "
                      f"{r['latency_b1_ms']:.3f} ({r['speedup_b1']:.2f}x) | {r['latency_b32_ms']:.2f} "
                      f"({r['speedup_b32']:.2f}x) | {tpr} |")
         L.append("")
+        if any(r["method"] != "original" and abs(r["flops_reduction"] - _onnxprune_reduction(res, r["ratio"])) > 0.01
+               for r in res["rows"]):
+            L.append("(*): more than 1 point of FLOPs reduction away from onnxprune's at the same R; its channel "
+                     "counts move in steps too coarse to land closer.")
+            L.append("")
         L.append("Cost of the conversion, child processes with the same interpreter and imports "
                  f"(median of {res['cost'][0]['reps']} interleaved runs; wall time and peak RSS):")
         L.append("")
@@ -567,17 +602,27 @@ def main():
     p.add_argument("--onnxprune-python", default="/tmp/venv/bin/python",
                    help="interpreter whose venv has onnxprune's dependencies; runs this checkout's CLI")
     p.add_argument("--cost-reps", type=int, default=3, help="runs of each child for the conversion cost")
+    p.add_argument("--tp-round-to", type=int, default=8,
+                   help="also run TP's L1 variants with this round_to (onnxprune's default --round-to); 0: not")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--name", default="torch-pruning", help="results are written to OUT/DATE-NAME.md and .json")
+    p.add_argument("--markdown-from", metavar="JSON", help="only rewrite the .md beside this results .json")
     args = p.parse_args()
+    if args.markdown_from:
+        with open(args.markdown_from) as f:
+            d = json.load(f)
+        with open(args.markdown_from[:-5] + ".md", "w") as f:
+            f.write(markdown(d["results"], d["machine"], d["date"], d["command"]))
+        return
     os.makedirs(WORK, exist_ok=True)
     ratios = [float(r) for r in args.ratios.split(",")]
     info = machine()
     info["load_start"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    info["latency_sessions"] = LATENCY_SESSIONS
     start = time.perf_counter()
     results = []
     for name in args.models.split(","):
-        results.append(run_case(CASES[name](), ratios, args.onnxprune_python, args.cost_reps))
+        results.append(run_case(CASES[name](), ratios, args.onnxprune_python, args.cost_reps, args.tp_round_to))
     info["seconds"] = time.perf_counter() - start
     info["load_end"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
     stamp = datetime.date.today().isoformat()
