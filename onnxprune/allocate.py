@@ -222,7 +222,7 @@ def _check_reachable(plan: _Planner, before: int, target: int, flops: float, wha
 
 def allocate(analysis: Analysis, ranked: Dict[int, np.ndarray], flops: float, min_keep: float, round_to: int,
              mode: str = "uniform", loss: Optional[Dict[int, np.ndarray]] = None,
-             gates: Optional[Dict[int, np.ndarray]] = None, cost_model=None) -> Allocation:
+             gates: Optional[Dict[int, np.ndarray]] = None, cost_model=None, rank_model=None) -> Allocation:
     """``ranked``: per prunable group, its players most important first.
     ``loss`` (auto mode): per group, loss[k] = payoff lost when the k best are kept, loss[n] = 0.
     ``gates`` (threshold mode): per group, a gate (or any increasing function of it, such as its
@@ -240,7 +240,7 @@ def allocate(analysis: Analysis, ranked: Dict[int, np.ndarray], flops: float, mi
     elif mode == "threshold":
         kept = _threshold(plan, target, gates)
     else:
-        kept = _greedy(plan, target, loss)
+        kept = _greedy(plan, target, loss, rank_model)
     kept = _give_back(plan, kept, target, loss)
     kept = _close_gap(plan, kept, target, int(math.floor(before * 0.01)))
     return Allocation(plan.mask(kept), kept, before, plan.macs(kept), target)
@@ -277,13 +277,16 @@ def _threshold(plan: _Planner, target: int, gates: Dict[int, np.ndarray]) -> Dic
     return kept_at(hi)
 
 
-def _greedy(plan: _Planner, target: int, loss: Dict[int, np.ndarray]) -> Dict[int, int]:
+def _greedy(plan: _Planner, target: int, loss: Dict[int, np.ndarray], rank_model=None) -> Dict[int, int]:
+    """``rank_model``: a cost model (same counts) whose savings price each step instead of the
+    target's own; the target still decides when to stop."""
     model = plan.model
     groups = sorted(plan.size)
     kept = dict(plan.size)
     keep = np.ones(plan.analysis.num_players, dtype=bool)
     counts = model.counts(keep)
     current = model.macs_of_counts(counts)
+    current_rank = rank_model.macs_of_counts(counts) if rank_model is not None else None
     while current > target:
         cands, deltas, dloss = [], [], []
         for g in groups:
@@ -298,10 +301,15 @@ def _greedy(plan: _Planner, target: int, loss: Dict[int, np.ndarray]) -> Dict[in
             break
         trial = counts[:, None] - np.stack(deltas, axis=1)
         saved = current - model.macs_of_counts(trial)
-        cost = np.asarray(dloss) / np.maximum(saved, 1e-12)
+        priced = saved
+        if rank_model is not None:
+            rank_after = rank_model.macs_of_counts(trial)
+            priced = current_rank - rank_after
+        cost = np.asarray(dloss) / np.maximum(priced, 1e-12)
         # a step that saves nothing (measured latency is flat between some widths) is taken only
         # when no step saves anything, and then the one that loses least, so the search goes on
-        cost[saved <= 0] = 1e300 * (1.0 + np.asarray(dloss)[saved <= 0] / (1.0 + max(dloss)))
+        flat = (priced <= 0) | (saved <= 0)
+        cost[flat] = 1e300 * (1.0 + np.asarray(dloss)[flat] / (1.0 + max(dloss)))
         best = int(np.argmin(cost))
         if not np.isfinite(cost[best]):
             break
@@ -310,6 +318,8 @@ def _greedy(plan: _Planner, target: int, loss: Dict[int, np.ndarray]) -> Dict[in
         keep[removed] = False
         counts = trial[:, best]
         current = current - saved[best]
+        if rank_model is not None:
+            current_rank = rank_after[best]
     return kept
 
 

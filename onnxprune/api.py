@@ -175,13 +175,17 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
             with progress("scoring channels", 1) as update:
                 ranked, loss, importance = _rank(analysis, opts, stats, prep_log.bn_scale)
                 update(1)
-        cost_model, share = None, opts.flops
-        if opts.latency_target is not None:
+        cost_model, rank_model, share = None, None, opts.flops
+        if opts.latency_target is not None or opts.latency_aware:
             t_lat = time.perf_counter()
-            cost_model, share = _latency_model(analysis, prepared, cal, opts, providers, progress), opts.latency_target
+            timed = _latency_model(analysis, prepared, cal, opts, providers, progress)
             seconds["latency_model"] = time.perf_counter() - t_lat
+            if opts.latency_target is not None:
+                cost_model, share = timed, opts.latency_target
+            else:
+                rank_model = timed
         alloc = allocate(analysis, ranked, share, opts.min_keep, opts.round_to, opts.allocation, loss,
-                         cost_model=cost_model)
+                         cost_model=cost_model, rank_model=rank_model)
     seconds["score_allocate"] = time.perf_counter() - t
     recovery = None
     if opts.recover:

@@ -100,6 +100,10 @@ class PruneOptions:
     ignore: Tuple[str, ...] = _opt(
         (), "Leave this layer (node or tensor name) whole; repeatable.", multiple=True,
         metavar="NAME")
+    latency_aware: bool = _opt(
+        False, "With --flops and --allocation auto: price each pruning step by the latency it saves "
+        "(each prunable layer timed at candidate widths, as for --latency) instead of the FLOPs; the "
+        "FLOPs target still decides how far pruning goes.", is_flag=True)
     round_to: int = _opt(
         8, "Kept channel counts are multiples of N in groups of at least N channels: onnxruntime's "
         "CPU kernels work in blocks of channels, and odd counts ran slower than the original "
@@ -124,6 +128,8 @@ class PruneOptions:
             raise UsageError(f"--flops must be in (0, 1), got {self.flops}")
         if self.latency_target is not None and not (0.0 < self.latency_target < 1.0):
             raise UsageError(f"--latency must be in (0, 1), got {self.latency_target}")
+        if self.latency_aware and (self.flops is None or self.method != "snpfi" or self.allocation != "auto"):
+            raise UsageError("--latency-aware goes with --flops and the default --method snpfi --allocation auto")
         if self.latency_target is not None and self.method == "bottleneck":
             raise UsageError("--latency works with --method snpfi; the bottleneck's soft cost is FLOPs")
         if self.method not in METHODS:

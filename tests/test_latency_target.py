@@ -60,3 +60,20 @@ def test_latency_target_usage_errors(args, message, tmp_path, capsys):
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_latency_aware_allocation_still_meets_the_flops_target(tmp_path):
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    code = run([BASE + ".onnx", str(out), "--calib", BASE + "_calib", "--flops", "0.5", "--latency-aware",
+                "--max-images", "64", "--latency-batch", "8", "--no-latency", "--report", str(report)])
+    assert code == 0
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    data = json.loads(report.read_text())
+    assert 0.5 <= data["flops_reduction"] <= 0.51
+    assert "latency_model" in data["seconds"]
+
+
+def test_latency_aware_needs_a_flops_target(tmp_path, capsys):
+    code = run([BASE + ".onnx", str(tmp_path / "o.onnx"), "--calib", BASE + "_calib", "--latency", "0.3",
+                "--latency-aware"])
+    assert code == 2 and "--latency-aware goes with --flops" in capsys.readouterr().err
