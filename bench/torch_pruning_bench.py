@@ -79,7 +79,7 @@ import bench_models  # noqa: E402
 import datasets  # noqa: E402
 import make_models  # noqa: E402
 from onnxprune.flops import count_macs, count_params  # noqa: E402
-from onnxprune.latency import _time_session  # noqa: E402  (the product's per-session timing)
+from onnxprune.latency import time_session  # noqa: E402  (the product's per-session timing)
 from onnxprune.runtime import make_session  # noqa: E402  (spinning off, as in the product)
 
 BENCH_CACHE = os.path.expanduser(os.environ.get("ONNXPRUNE_BENCH", "~/.cache/onnxprune-bench"))
@@ -398,7 +398,7 @@ def latencies(models: dict, sample: np.ndarray):
         per = {k: [] for k in models}
         for _ in range(LATENCY_SESSIONS):
             for key, model in models.items():
-                per[key].append(_time_session(make_session(model, PROVIDERS), feed))
+                per[key].append(time_session(make_session(model, PROVIDERS), feed))
         for k in models:
             out[k][batch] = 1000 * float(np.median(per[k]))
     return out

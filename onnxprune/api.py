@@ -158,7 +158,7 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
         stats = collect_stats(prepared, wanted, cal, cal.fit, providers, progress)
         seconds["calibrate"] = time.perf_counter() - t
     t = time.perf_counter()
-    gated = None
+    gated = sampled = cost_model = None
     if opts.method == "bottleneck":
         with progress("learning gates", 1) as update:
             ranked, loss, importance, gated = _gate(analysis, opts, stats)
@@ -166,16 +166,16 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
         alloc = allocate(analysis, ranked, opts.flops, opts.min_keep, opts.round_to, "threshold", loss,
                          gates=gated.logits)
     else:
-        payoff_cost = {}
         if opts.criterion == "snpfi" and opts.payoff == "output":
             with progress("sampling the output payoff", len(analysis.prunable_groups())) as update:
-                ranked, loss, importance = _rank(analysis, opts, stats, prep_log.bn_scale, prepared, cal,
-                                                 providers, payoff_cost, lambda n: update)
+                sampled = output_games(prepared, analysis, cal, providers, centred=opts.recover, budget=opts.budget,
+                                       seed=opts.seed, progress=lambda n: update)
+            ranked, loss, importance = _from_games(sampled.games)
         else:
             with progress("scoring channels", 1) as update:
                 ranked, loss, importance = _rank(analysis, opts, stats, prep_log.bn_scale)
                 update(1)
-        cost_model, rank_model, share = None, None, opts.flops
+        rank_model, share = None, opts.flops
         if opts.latency_target is not None or opts.latency_aware:
             t_lat = time.perf_counter()
             timed = _latency_model(analysis, prepared, cal, opts, providers, progress)
@@ -196,14 +196,11 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
 
     report = _describe(analysis, alloc, opts)
     _add_curves(report, analysis, alloc, loss, importance)
-    if opts.method == "snpfi" and opts.criterion == "snpfi" and opts.payoff == "output":
-        report.payoff_cost = payoff_cost
-    if opts.latency_target is not None:
-        report.latency_model = dict(
-            batch=cost_model.batch, before_ms=alloc.macs_before / 1e6, after_ms=alloc.macs_after / 1e6,
-            reduction=alloc.reduction, rest_ms=cost_model.rest_seconds * 1e3,
-            layers_timed=len(cost_model.layers) - len(cost_model.fallback_layers),
-            layers_costed_by_macs=list(cost_model.fallback_layers))
+    if sampled is not None:
+        report.payoff_cost = dict(evaluations=sampled.evaluations, budget=sampled.budget, seconds=sampled.seconds,
+                                  classifier=sampled.classifier)
+    if cost_model is not None:
+        report.latency_model = cost_model.describe(alloc)
     if gated is not None:
         report.gates = dict(steps=opts.gate_steps, soft_flops_ratio=gated.soft_flops_ratio,
                             fidelity_loss=gated.fidelity_loss, binary_share=gated.binary_share,
@@ -257,13 +254,10 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
     seconds["verify"] = time.perf_counter() - t
     if opts.latency:
         t = time.perf_counter()
-        sample = next(cal.batches(cal.fit[:1] if len(cal.fit) else cal.holdout[:1]))[0]
-        batches = [1] if cal.spec.fixed_batch else sorted({1, opts.latency_batch})
-        if cal.spec.fixed_batch:
-            batches = [cal.spec.fixed_batch]
+        batches = [cal.spec.fixed_batch] if cal.spec.fixed_batch else sorted({1, opts.latency_batch})
         with progress("measuring latency", 1) as update:
-            report.latency = [dataclasses.asdict(l) for l in latency.measure(reference, pruned, spec.name, sample,
-                                                                              batches, providers)]
+            report.latency = [dataclasses.asdict(l) for l in latency.measure(reference, pruned, spec.name,
+                                                                              cal.first_sample(), batches, providers)]
             update(1)
         seconds["latency"] = time.perf_counter() - t
 
@@ -294,32 +288,23 @@ def _gb(n: int) -> str:
     return f"{n / 2 ** 30:.2f} GB"
 
 
-def _rank(analysis: Analysis, opts: PruneOptions, stats, bn_scale=None, prepared=None, cal=None, providers=None,
-          cost=None, progress=silent):
+def _from_games(games):
+    """Per group: players most important first, the loss curve, the importances."""
+    return ({g: game.players[game.order] for g, game in games.items()},
+            {g: game.loss for g, game in games.items()},
+            {g: game.shapley for g, game in games.items()})
+
+
+def _rank(analysis: Analysis, opts: PruneOptions, stats, bn_scale=None):
     """Per prunable group: players most important first, and the loss curve for auto allocation."""
-    ranked, loss, importance = {}, {}, {}
-    cost = {} if cost is None else cost
-    if opts.criterion == "snpfi" and opts.payoff == "output":
-        found = output_games(prepared, analysis, cal, providers, centred=opts.recover, budget=opts.budget,
-                             seed=opts.seed, progress=progress)
-        cost.update(evaluations=found.evaluations, budget=found.budget, seconds=found.seconds,
-                    classifier=found.classifier)
-        for g, game in found.games.items():
-            ranked[g] = game.players[game.order]
-            loss[g] = game.loss
-            importance[g] = game.shapley
-        return ranked, loss, importance
     if opts.criterion == "snpfi":
         # without recovery removed channels become zeros, with it their means go into the bias
         grams = {}  # each consumer's weight Gram, computed once for both games
         games = group_games(analysis, stats, centred=opts.recover, grams=grams)
         if opts.payoff == "refit" or (opts.payoff == "auto" and opts.recover):
             games = refit_games(analysis, stats, games, grams=grams)
-        for g, game in games.items():
-            ranked[g] = game.players[game.order]
-            loss[g] = game.loss
-            importance[g] = game.shapley
-        return ranked, loss, importance
+        return _from_games(games)
+    ranked, loss, importance = {}, {}, {}
     scores = score_players(analysis, opts.criterion, stats, opts.seed, bn_scale)
     for g in analysis.prunable_groups():
         players = np.flatnonzero(analysis.player_group == g.index)
@@ -338,10 +323,9 @@ def _latency_model(analysis: Analysis, prepared: onnx.ModelProto, cal: Calibrati
                    providers, progress):
     from .latency_model import LatencyModel
 
-    sample = next(cal.batches(cal.fit[:1] if len(cal.fit) else cal.holdout[:1]))[0]
     batch = cal.spec.fixed_batch or opts.latency_batch
     with progress("timing layers", len(analysis.mac_nodes)) as update:
-        return LatencyModel(analysis, prepared, cal.spec.name, sample, batch, providers, opts.round_to,
+        return LatencyModel(analysis, prepared, cal.spec.name, cal.first_sample(), batch, providers, opts.round_to,
                             opts.min_keep, default_opset(prepared), progress=lambda n: update)
 
 

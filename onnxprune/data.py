@@ -110,6 +110,10 @@ class CalibrationSet:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - len(chunk))])
             yield self._load(chunk)
 
+    def first_sample(self) -> np.ndarray:
+        """One preprocessed input without its batch axis (the first fitting one, else held out)."""
+        return next(self.batches(self.fit[:1] if len(self.fit) else self.holdout[:1]))[0]
+
     def real_count(self, batch_index: int, indices: Sequence[int]) -> int:
         bs = self.batch_size
         return min(bs, len(indices) - batch_index * bs)

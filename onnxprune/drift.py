@@ -15,35 +15,25 @@ layer changes what the layers after it see.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import onnx
 
 from . import weights
 from .data import CalibrationSet
-from .runtime import expose, make_session, run
+from .calibrate import collect_stats
 
 SCALE_LIMIT = 2.0
 
 
 def _moments(model: onnx.ModelProto, names: List[str], cal: CalibrationSet, indices, providers):
     """Per-channel mean and standard deviation of each named tensor over images and pixels."""
-    sess = make_session(expose(model, names), providers)
-    total: Dict[str, np.ndarray] = {}
-    count: Dict[str, int] = {}
-    for b, batch in enumerate(cal.batches(indices)):
-        real = cal.real_count(b, indices)
-        for name, value in zip(names, run(sess, cal.spec.name, batch, names)):
-            v = np.asarray(value[:real], np.float64)
-            axes = (0,) + tuple(range(2, v.ndim))
-            s = np.stack([v.sum(axis=axes), (v * v).sum(axis=axes)])
-            total[name] = s if name not in total else total[name] + s
-            count[name] = count.get(name, 0) + v.size // v.shape[1]
+    stats = collect_stats(model, {n: 1 for n in names}, cal, indices, providers, label="measuring BN drift")
     out = {}
-    for name, s in total.items():
-        mean = s[0] / count[name]
-        out[name] = (mean, np.sqrt(np.maximum(s[1] / count[name] - mean * mean, 0.0)))
+    for name in names:
+        var = stats[name].covariance()
+        out[name] = (stats[name].mean, np.sqrt(np.maximum(np.diag(var) if var.ndim == 2 else var, 0.0)))
     return out
 
 
@@ -52,16 +42,15 @@ def correct_drift(original: onnx.ModelProto, pruned: onnx.ModelProto, folded_out
                   providers, rounds: int = 2) -> List[str]:
     """Correct, in place in ``pruned``, every Conv whose output is one of ``folded_outputs``;
     returns the names of the layers corrected."""
-    original = onnx.shape_inference.infer_shapes(original)
-    pruned_shapes = onnx.shape_inference.infer_shapes(pruned)
-    convs = {n.output[0]: n for n in pruned.graph.node if n.op_type == "Conv" and n.output[0] in set(folded_outputs)}
+    folded = set(folded_outputs)
+    convs = {n.output[0]: n for n in pruned.graph.node if n.op_type == "Conv" and n.output[0] in folded}
     names = sorted(convs)
     if not names:
         return []
     inits = {t.name: t for t in pruned.graph.initializer}
     target = _moments(original, names, cal, indices, providers)
     for _ in range(rounds):
-        now = _moments(pruned_shapes, names, cal, indices, providers)
+        now = _moments(pruned, names, cal, indices, providers)
         for name in names:
             node = convs[name]
             mask = keep(name)
@@ -85,6 +74,4 @@ def correct_drift(original: onnx.ModelProto, pruned: onnx.ModelProto, folded_out
                 pruned.graph.initializer.append(bias)
                 inits[bias.name] = pruned.graph.initializer[-1]
                 node.input.append(bias.name)
-        # the next round measures the corrected model
-        pruned_shapes = onnx.shape_inference.infer_shapes(pruned)
     return [convs[n].name for n in names]

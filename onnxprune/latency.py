@@ -33,11 +33,14 @@ class Latency:
         return self.before_ms / self.after_ms if self.after_ms > 0 else float("inf")
 
 
-def _time_session(sess, feed: dict) -> float:
+def time_session(sess, feed: dict, min_runs: int = MIN_RUNS, max_runs: int = MAX_RUNS,
+                 min_seconds: float = MIN_SECONDS) -> float:
+    """Median seconds of one run, after a warm-up: at least ``min_runs`` runs, more while
+    under ``min_seconds`` and ``max_runs``."""
     sess.run(None, feed)  # warm-up: first runs allocate and pick kernels
     times: List[float] = []
     start = time.perf_counter()
-    while len(times) < MIN_RUNS or (time.perf_counter() - start < MIN_SECONDS and len(times) < MAX_RUNS):
+    while len(times) < min_runs or (time.perf_counter() - start < min_seconds and len(times) < max_runs):
         t = time.perf_counter()
         sess.run(None, feed)
         times.append(time.perf_counter() - t)
@@ -53,6 +56,6 @@ def measure(before: onnx.ModelProto, after: onnx.ModelProto, input_name: str, sa
         per: Dict[str, List[float]] = {"before": [], "after": []}
         for _ in range(SESSIONS):
             for key, model in (("before", before), ("after", after)):
-                per[key].append(_time_session(make_session(model, providers, optimize=True), feed))
+                per[key].append(time_session(make_session(model, providers, optimize=True), feed))
         out.append(Latency(batch, 1000 * float(np.median(per["before"])), 1000 * float(np.median(per["after"]))))
     return out

@@ -21,8 +21,7 @@ nanoseconds, so the allocation runs on it unchanged.
 from __future__ import annotations
 
 import math
-import time
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -32,22 +31,15 @@ from scipy.interpolate import RegularGridInterpolator
 
 from .allocate import MacModel
 from .analyse import Analysis
-from .ops.base import attr, const
+from .latency import time_session
+from .ops import rule_for
 from .runtime import make_session
 
-RUNS, MIN_SECONDS = 7, 0.05
+RUNS, MAX_RUNS, MIN_SECONDS = 7, 50, 0.05  # per timing: many small sessions, so shorter than latency.measure's
 
 
-def _median_seconds(model: onnx.ModelProto, feed: dict, providers: Sequence[str]) -> float:
-    sess = make_session(model, providers)
-    sess.run(None, feed)  # warm-up
-    times: List[float] = []
-    start = time.perf_counter()
-    while len(times) < RUNS or (time.perf_counter() - start < MIN_SECONDS and len(times) < 50):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+def _seconds(model: onnx.ModelProto, feed: dict, providers: Sequence[str]) -> float:
+    return time_session(make_session(model, providers, optimize=True), feed, RUNS, MAX_RUNS, MIN_SECONDS)
 
 
 def _grid(full: int, prunable: bool, unit: int, min_keep: float) -> List[int]:
@@ -63,86 +55,60 @@ def _grid(full: int, prunable: bool, unit: int, min_keep: float) -> List[int]:
 
 
 def _single_layer(node: gs.Node, shapes: dict, batch: int, widths: dict, opset: int,
-                  ir_version: int) -> Optional[onnx.ModelProto]:
-    """``node`` alone with the given channel counts of its input and output (random weights),
-    or None for a layer this cannot rebuild."""
+                  ir_version: int) -> Optional[Tuple[onnx.ModelProto, Tuple[int, ...]]]:
+    """``node`` alone with the given channel counts of its input and output (random weights)
+    and its input shape, or None for a layer its rule cannot resize."""
     x, y = node.inputs[0], node.outputs[0]
-    w = const(node.inputs[1]) if len(node.inputs) > 1 else None
     shape = shapes.get(x.name)
-    if w is None or shape is None or any(d is None for d in shape[1:]):
+    if shape is None or any(d is None for d in shape[1:]) or (node.op == "MatMul" and len(shape) != 2):
         return None
-    cin, cout = widths.get(x.name), widths.get(y.name)
+    size = rule_for(node.op, node.domain or "").resized(node, widths.get(x.name), widths.get(y.name))
+    if size is None:
+        return None
+    in_shape = (batch, size.cin) + tuple(shape[2:])
     rng = np.random.default_rng(0)
-    attrs = {k: v for k, v in node.attrs.items()}
-    if node.op in ("Conv", "ConvTranspose"):
-        group = int(attr(node, "group", 1))
-        full_in = shape[1]
-        full_out = w.shape[0] if node.op == "Conv" else w.shape[1] * group
-        cin = full_in if cin is None else cin
-        cout = full_out if cout is None else cout
-        if group == full_in == full_out:  # depthwise: one width
-            cin = cout = group = cin if x.name in widths else cout
-        elif group > 1 and (cin % group or cout % group):
-            return None
-        attrs["group"] = group
-        if node.op == "Conv":
-            wshape = (cout, cin // group) + tuple(w.shape[2:])
-        else:
-            wshape = (cin, cout // group) + tuple(w.shape[2:])
-        in_shape = (batch, cin) + tuple(shape[2:])
-        bias = len(node.inputs) > 2
-    elif node.op in ("Gemm", "MatMul") and len(shape) == 2:
-        trans_b = node.op == "Gemm" and int(attr(node, "transB", 0))
-        full_in = shape[1]
-        full_out = w.shape[0] if trans_b else w.shape[1]
-        cin = full_in if cin is None else cin
-        cout = full_out if cout is None else cout
-        wshape = (cout, cin) if trans_b else (cin, cout)
-        in_shape = (batch, cin)
-        bias = node.op == "Gemm" and len(node.inputs) > 2
-    else:
-        return None
-    inits = [helper.make_tensor("w", TensorProto.FLOAT, wshape, rng.normal(0, 0.1, wshape).astype(np.float32).ravel())]
+    weight = rng.normal(0, 0.1, size.weight_shape).astype(np.float32)
+    inits = [helper.make_tensor("w", TensorProto.FLOAT, size.weight_shape, weight.ravel())]
     inputs = ["x", "w"]
-    if bias:
-        inits.append(helper.make_tensor("b", TensorProto.FLOAT, (cout,), np.zeros(cout, np.float32)))
+    if len(node.inputs) > 2 and node.op != "MatMul":
+        inits.append(helper.make_tensor("b", TensorProto.FLOAT, (size.cout,), np.zeros(size.cout, np.float32)))
         inputs.append("b")
-    made = helper.make_node(node.op, inputs, ["y"], **attrs)
+    made = helper.make_node(node.op, inputs, ["y"], **dict(node.attrs, **size.attrs))
     graph = helper.make_graph([made], "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = ir_version  # the input model's: a newer onnx writes IR versions onnxruntime may not read
-    return model
+    return model, in_shape
 
 
-class LatencyModel:
-    """Modelled latency in nanoseconds; the allocation's cost model for ``--latency R``."""
+class LatencyModel(MacModel):
+    """Modelled latency in nanoseconds; the allocation's cost model for ``--latency R``.
+    Counts (``counts``, ``per_player``) are MacModel's; only their price differs."""
 
     def __init__(self, analysis: Analysis, whole_model: onnx.ModelProto, input_name: str, sample: np.ndarray,
                  batch: int, providers: Sequence[str], round_to: int, min_keep: float, opset: int, progress=None):
-        macs = MacModel(analysis)
-        self.per_player, self.fixed, self.tensors = macs.per_player, macs.fixed, macs.tensors
+        super().__init__(analysis)
         self.batch = batch
         prunable = self.per_player.sum(axis=1) > 0
         full = self.fixed + self.per_player.sum(axis=1)
-        self.layers = []  # (factor indices, interpolator or None, seconds at full width, MACs at full width)
+        self.layers = []  # (factor indices, interpolator or None, seconds at full width, MACs at full width, base)
         self.fallback_layers: List[str] = []
         timed_rates = []
-        todo = [(node, factors, base) for node, factors, base in zip(analysis.mac_nodes, macs.factors, macs.base)]
-        update = progress(len(todo)) if progress else (lambda n: None)
-        for node, factors, base in todo:
+        update = progress(len(analysis.mac_nodes)) if progress else (lambda n: None)
+        for node, factors, base in zip(analysis.mac_nodes, self.factors, self.base):
             grids = [_grid(int(full[f]), bool(prunable[f]), round_to, min_keep) for f in factors]
             full_macs = float(base * np.prod([full[f] for f in factors]))
-            table = np.zeros([len(g) for g in grids]) if grids else None
+            table = np.zeros([len(g) for g in grids])
             ok = bool(factors) and len(factors) <= 2
             for idx in np.ndindex(*table.shape) if ok else []:
                 widths = {self.tensors[f]: grids[i][j] for i, (f, j) in enumerate(zip(factors, idx))}
-                layer = _single_layer(node, analysis.shapes, batch, widths, opset, whole_model.ir_version)
-                if layer is None:
+                made = _single_layer(node, analysis.shapes, batch, widths, opset, whole_model.ir_version)
+                if made is None:
                     ok = False
                     break
-                feed = {"x": np.random.default_rng(0).normal(size=_input_dims(layer)).astype(np.float32)}
-                table[idx] = _median_seconds(layer, feed, providers)
+                layer, in_shape = made
+                table[idx] = _seconds(layer, {"x": np.random.default_rng(0).normal(size=in_shape).astype(np.float32)},
+                                      providers)
             if ok:
                 # a wider layer is never modelled as faster than a narrower one: between grid
                 # points of the same kernel family, differences the other way are timing noise
@@ -161,12 +127,9 @@ class LatencyModel:
         rate = float(np.median(timed_rates)) if timed_rates else 0.0
         self.layers = [(f, i, s if s is not None else rate * m, m, b) for f, i, s, m, b in self.layers]
         feed = {input_name: np.ascontiguousarray(np.repeat(sample[None], batch, axis=0))}
-        self.whole_seconds = _median_seconds(whole_model, feed, providers)
+        self.whole_seconds = _seconds(whole_model, feed, providers)
         layer_sum = sum(s for _, _, s, _, _ in self.layers)
         self.rest_seconds = max(self.whole_seconds - layer_sum, 0.0)
-
-    def counts(self, keep: np.ndarray) -> np.ndarray:
-        return self.fixed + self.per_player @ keep.astype(np.float64)
 
     def macs_of_counts(self, counts: np.ndarray) -> np.ndarray:
         """Modelled nanoseconds for counts (T,) or (T, K)."""
@@ -182,9 +145,9 @@ class LatencyModel:
         total *= 1e9
         return total if counts.ndim == 2 else total[0]
 
-    def macs(self, keep: np.ndarray) -> int:
-        return int(round(float(self.macs_of_counts(self.counts(keep)))))
-
-
-def _input_dims(model: onnx.ModelProto):
-    return tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim)
+    def describe(self, alloc) -> dict:
+        """The report's summary of the modelled latency of an allocation made on this model."""
+        return dict(batch=self.batch, before_ms=alloc.macs_before / 1e6, after_ms=alloc.macs_after / 1e6,
+                    reduction=alloc.reduction, rest_ms=self.rest_seconds * 1e3,
+                    layers_timed=len(self.layers) - len(self.fallback_layers),
+                    layers_costed_by_macs=list(self.fallback_layers))

@@ -36,8 +36,10 @@ from onnx import TensorProto, helper
 
 from .analyse import Analysis
 from .data import CalibrationSet
+from .errors import InputError, UsageError
 from .runtime import make_session
 from .snpfi import GroupGame
+from .verify import compared_tensors, is_classifier
 
 EVAL_IMAGES = 32  # images every coalition is evaluated on
 ROWS_PER_RUN = 512  # images x coalitions per onnxruntime run
@@ -93,18 +95,11 @@ def _gated_model(model: onnx.ModelProto, analysis: Analysis):
     return out, gates
 
 
-def _scores_name(model: onnx.ModelProto) -> str:
-    producer = {o: n for n in model.graph.node for o in n.output}
-    first = model.graph.output[0].name
-    node = producer.get(first)
-    return node.input[0] if node is not None and node.op_type in ("Softmax", "LogSoftmax") else first
-
-
 def output_games(model: onnx.ModelProto, analysis: Analysis, cal: CalibrationSet, providers, centred: bool,
                  budget: Optional[int], seed: int = 0, progress=None) -> OutputGames:
     start = time.perf_counter()
     gated, gates = _gated_model(model, analysis)
-    scores = _scores_name(gated)
+    scores = compared_tensors(gated)[0]  # the first output's scores, before a final Softmax
     if scores not in {o.name for o in gated.graph.output}:
         gated.graph.output.extend([helper.make_tensor_value_info(scores, TensorProto.FLOAT, None)])
     for _, _, _, _, ungated in gates:
@@ -124,13 +119,12 @@ def output_games(model: onnx.ModelProto, analysis: Analysis, cal: CalibrationSet
     outs = sess.run([scores] + [u for *_, u in gates], feed)
     reference = outs[0].astype(np.float64)
     means = [o.mean(axis=(0,) + tuple(range(2, o.ndim))) if centred else np.zeros(o.shape[1]) for o in outs[1:]]
-    classifier = reference.ndim >= 2 and reference.shape[1] > 1 and all(d == 1 for d in reference.shape[2:])
+    classifier = is_classifier(reference)
     if classifier:
         reference = reference.reshape(m, -1)
         # the class whose log-probability is the payoff: the label where given, else the model's own
         top1 = reference.argmax(axis=1) if cal.labels is None else cal.labels[indices][:m]
         if top1.max() >= reference.shape[1] or top1.min() < 0:
-            from .errors import InputError
             raise InputError(f"--labels: class ids reach {int(top1.max())}; the model has {reference.shape[1]} classes")
     energy = float((reference ** 2).sum()) or 1.0
     evaluations = 0
@@ -169,7 +163,6 @@ def output_games(model: onnx.ModelProto, analysis: Analysis, cal: CalibrationSet
     if budget is None:
         budget = max(DEFAULT_BUDGET, least)
     if budget < least:
-        from .errors import UsageError
         raise UsageError(f"--budget {budget} is too small for this model: one pair of permutations per "
                          f"group and the utilisation curves need {least} coalitions")
     rng = np.random.default_rng(seed)

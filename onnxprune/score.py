@@ -14,42 +14,43 @@ from .ops import rule_for
 NEEDS_STATS = ("activation", "snpfi")
 
 
-def _bn_scales(analysis: Analysis, bn_scale: Dict[str, np.ndarray]):
-    """Sum over each player's producing convs of the |gamma| of the BatchNormalization folded
-    into them, and which players had any."""
+def _per_player(analysis: Analysis, values_of):
+    """Sum over each player's producing layers of ``values_of(node)`` (one value per output
+    channel, or None), and which players had any value."""
     nodes = {n.name: n for n in analysis.graph.nodes}
-    atom_scale = np.zeros(len(analysis.atom_player))
+    atom_value = np.zeros(len(analysis.atom_player))
     covered = np.zeros(len(analysis.atom_player))
-    for i, space in enumerate(analysis.spaces):
-        node = nodes.get(space.node)
-        if node is None or not space.prunable or not node.outputs:
-            continue
-        gamma = bn_scale.get(node.outputs[0].name)
-        atoms = np.flatnonzero(analysis.atom_space == i)
-        if gamma is None or len(gamma) != len(atoms):
-            continue
-        atom_scale[atoms] = gamma
-        covered[atoms] = 1.0
-    n = analysis.num_players
-    return (np.bincount(analysis.atom_player, weights=atom_scale, minlength=n),
-            np.bincount(analysis.atom_player, weights=covered, minlength=n) > 0)
-
-
-def _filter_norms(analysis: Analysis, order: int) -> np.ndarray:
-    """Sum over each player's producing filters of their L1 or L2 norm."""
-    nodes = {n.name: n for n in analysis.graph.nodes}
-    atom_norm = np.zeros(len(analysis.atom_player))
     for space in analysis.spaces:
         node = nodes.get(space.node)
         if node is None or not space.prunable:
             continue
+        values = values_of(node)
+        if values is None:
+            continue
+        atom_value[space.start:space.start + len(values)] = values
+        covered[space.start:space.start + len(values)] = 1.0
+    n = analysis.num_players
+    return (np.bincount(analysis.atom_player, weights=atom_value, minlength=n),
+            np.bincount(analysis.atom_player, weights=covered, minlength=n) > 0)
+
+
+def _bn_scales(analysis: Analysis, bn_scale: Dict[str, np.ndarray]):
+    """Sum over each player's producing convs of the |gamma| of the BatchNormalization folded
+    into them, and which players had any."""
+    return _per_player(analysis, lambda node: bn_scale.get(node.outputs[0].name) if node.outputs else None)
+
+
+def _filter_norms(analysis: Analysis, order: int) -> np.ndarray:
+    """Sum over each player's producing filters of their L1 or L2 norm."""
+
+    def norms(node):
         filters = rule_for(node.op, node.domain or "").filters(node)
         if filters is None:
-            continue
+            return None
         f = np.asarray(filters, dtype=np.float64)
-        norms = np.abs(f).sum(axis=1) if order == 1 else np.sqrt((f * f).sum(axis=1))
-        atom_norm[space.start:space.start + len(norms)] = norms
-    return np.bincount(analysis.atom_player, weights=atom_norm, minlength=analysis.num_players)
+        return np.abs(f).sum(axis=1) if order == 1 else np.sqrt((f * f).sum(axis=1))
+
+    return _per_player(analysis, norms)[0]
 
 
 def score_players(analysis: Analysis, criterion: str, stats: Optional[ChannelStats] = None, seed: int = 0,

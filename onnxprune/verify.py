@@ -57,12 +57,12 @@ class Fidelity:
     held_out: bool  # False when too few images to hold any out
 
 
-def _is_classifier(out: np.ndarray) -> bool:
+def is_classifier(out: np.ndarray) -> bool:
     """(N, K) scores, or (N, K, 1, 1) as fully convolutional classifiers give them."""
     return out.ndim >= 2 and out.shape[1] > 1 and all(d == 1 for d in out.shape[2:])
 
 
-def _compared_tensors(model: onnx.ModelProto) -> List[str]:
+def compared_tensors(model: onnx.ModelProto) -> List[str]:
     """What fidelity compares: each output, or the input of the Softmax that makes it. A
     saturated softmax hides changes in the scores that a later calibration may expose."""
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -77,7 +77,7 @@ def fidelity(original: onnx.ModelProto, pruned: onnx.ModelProto, cal: Calibratio
              progress: Progress = silent) -> Fidelity:
     held_out = len(cal.holdout) > 0
     indices = cal.holdout if held_out else cal.fit
-    names = _compared_tensors(original)
+    names = compared_tensors(original)
     s_old = make_session(expose(original, names), providers)
     s_new = make_session(expose(pruned, names), providers)
     agree = total = 0
@@ -94,7 +94,7 @@ def fidelity(original: onnx.ModelProto, pruned: onnx.ModelProto, cal: Calibratio
                 err += float(((a - c) ** 2).sum())
                 norm += float((a ** 2).sum())
             if classifier is None:
-                classifier = _is_classifier(old[0])
+                classifier = is_classifier(old[0])
             if classifier:
                 agree += int((old[0][:real].argmax(1) == new[0][:real].argmax(1)).sum())
             total += real

@@ -214,6 +214,19 @@ class Rule:
         """How many times each weight is applied per sample (output pixels of a conv)."""
         return 1
 
+    def resized(self, node: gs.Node, cin: Optional[int], cout: Optional[int]) -> Optional[Resized]:
+        """This layer with ``cin`` input and ``cout`` output channels (None: as it is), for
+        timing it alone at other widths; None where that is not a plain layer of this rule."""
+        return None
+
+
+@dataclass
+class Resized:
+    cin: int
+    cout: int
+    weight_shape: Tuple[int, ...]
+    attrs: Dict[str, object]  # attributes that change with the widths
+
 
 # -- helpers shared by several rules -------------------------------------------
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import ChannelState, CountContext, RewriteContext, Rule, add_to_bias_input, attr, const, opt_input, prod
+from .base import (ChannelState, CountContext, Resized, RewriteContext, Rule, add_to_bias_input, attr, const,
+                   opt_input, prod)
 
 
 def _is_depthwise(group: int, cin: int, cout: int) -> bool:
@@ -89,6 +92,21 @@ class ConvRule(Rule):
         out = shape(node.outputs[0])
         return prod(out[2:]) if out is not None and None not in out[2:] else 1
 
+    def resized(self, node: gs.Node, cin: Optional[int], cout: Optional[int]) -> Optional[Resized]:
+        w = const(node.inputs[1])
+        if w is None:
+            return None
+        group = int(attr(node, "group", 1))
+        full_in, full_out = w.shape[1] * group, w.shape[0]
+        if _is_depthwise(group, full_in, full_out):  # one width: channel i in, channel i out
+            c = cout if cout is not None else (cin if cin is not None else full_out)
+            return Resized(c, c, (c, 1) + tuple(w.shape[2:]), {"group": c})
+        cin = full_in if cin is None else cin
+        cout = full_out if cout is None else cout
+        if cin % group or cout % group:
+            return None
+        return Resized(cin, cout, (cout, cin // group) + tuple(w.shape[2:]), {})
+
     def macs(self, node: gs.Node, ctx: CountContext) -> int:
         w = const(node.inputs[1])
         out_shape = ctx.shape(node.outputs[0])
@@ -164,6 +182,21 @@ class ConvTransposeRule(Rule):
     def output_pixels(self, node: gs.Node, shape) -> int:
         x = shape(node.inputs[0])
         return prod(x[2:]) if x is not None and None not in x[2:] else 1
+
+    def resized(self, node: gs.Node, cin: Optional[int], cout: Optional[int]) -> Optional[Resized]:
+        w = const(node.inputs[1])
+        if w is None:
+            return None
+        group = int(attr(node, "group", 1))
+        full_in, full_out = w.shape[0], w.shape[1] * group
+        if _is_depthwise(group, full_in, full_out):
+            c = cout if cout is not None else (cin if cin is not None else full_out)
+            return Resized(c, c, (c, 1) + tuple(w.shape[2:]), {"group": c})
+        cin = full_in if cin is None else cin
+        cout = full_out if cout is None else cout
+        if cin % group or cout % group:
+            return None
+        return Resized(cin, cout, (cin, cout // group) + tuple(w.shape[2:]), {})
 
     def macs(self, node: gs.Node, ctx: CountContext) -> int:
         w = const(node.inputs[1])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import (ChannelState, CountContext, RewriteContext, Rule, add_to_bias_input, attr, const, opt_input,
-                   prod)
+from .base import (ChannelState, CountContext, Resized, RewriteContext, Rule, add_to_bias_input, attr, const,
+                   opt_input, prod)
 from .conv import _set_weight
 
 
@@ -64,6 +66,16 @@ class GemmRule(Rule):
             c.values = np.broadcast_to(const(c), (len(delta),)).astype(const(c).dtype).copy()
         add_to_bias_input(node, 2, delta / beta if beta else delta, const(node.inputs[1]).dtype)
 
+    def resized(self, node: gs.Node, cin: Optional[int], cout: Optional[int]) -> Optional[Resized]:
+        b = const(node.inputs[1])
+        if b is None or b.ndim != 2 or attr(node, "transA", 0):
+            return None
+        trans_b = bool(attr(node, "transB", 0))
+        full_in, full_out = (b.shape[1], b.shape[0]) if trans_b else b.shape
+        cin = full_in if cin is None else cin
+        cout = full_out if cout is None else cout
+        return Resized(cin, cout, (cout, cin) if trans_b else (cin, cout), {})
+
     def macs(self, node: gs.Node, ctx: CountContext) -> int:
         return ctx.count(node.inputs[0]) * ctx.count(node.outputs[0])
 
@@ -112,6 +124,14 @@ class MatMulRule(Rule):
         bias = gs.Constant(f"{node.name}_bias", delta.astype(const(node.inputs[1]).dtype))
         node.outputs[0] = pre
         graph.nodes.append(gs.Node("Add", name=f"{node.name}_bias_add", inputs=[pre, bias], outputs=[out]))
+
+    def resized(self, node: gs.Node, cin: Optional[int], cout: Optional[int]) -> Optional[Resized]:
+        b = const(node.inputs[1])
+        if b is None or b.ndim != 2:
+            return None
+        cin = b.shape[0] if cin is None else cin
+        cout = b.shape[1] if cout is None else cout
+        return Resized(cin, cout, (cin, cout), {})
 
     def macs(self, node: gs.Node, ctx: CountContext) -> int:
         a_shape, y_shape = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
