@@ -80,10 +80,12 @@ def _load_external(model: onnx.ModelProto, folder: str, store: Optional[weights.
     """Read the external data of ``model`` (ours to change): initializers of a plain numeric
     type go straight from the file into the store's arrays (one copy of each weight, never a
     protobuf); anything else is read into the tensor as ONNX does."""
-    initializers = {id(t) for t in model.graph.initializer}
+    # the main graph's initializers come first in onnx's walk over all tensors; only they go to the
+    # store (ids of protobuf wrappers are no way to tell: wrappers are made and freed on access)
+    top_level = len(model.graph.initializer)
     handles = {}
     try:
-        for tensor in external_data_helper._get_all_tensors(model):
+        for position, tensor in enumerate(external_data_helper._get_all_tensors(model)):
             if not external_data_helper.uses_external_data(tensor):
                 continue
             info = _external_info(tensor)
@@ -91,7 +93,7 @@ def _load_external(model: onnx.ModelProto, folder: str, store: Optional[weights.
             offset = int(info.get("offset") or 0)
             size = os.path.getsize(path)
             need = weights.nbytes_of(tensor)
-            if store is None or id(tensor) not in initializers or need < weights.STUB_BYTES:
+            if store is None or position >= top_level or need < weights.STUB_BYTES:
                 length = int(info["length"]) if info.get("length") else size - offset
                 if offset < 0 or length < 0 or offset + length > size:
                     raise InputError(f"external data of tensor {tensor.name!r} lies beyond the end of {info['location']!r}")
