@@ -416,7 +416,7 @@ def run_case(case: Case, ratios, python: str, reps: int, round_to: int):
     base_acc = accuracy(case.onnx_path, case.x, case.y)
     log(f"{case.name}: {base_macs} MACs, {base_params} params, accuracy {base_acc:.4f} "
         f"(torch module vs ONNX: max logit diff {case.check_diff:.1e}); BatchNorm in torch: {case.has_bn}")
-    rows, lat_tables = [], []
+    rows = []
     for ratio in ratios:
         models = {"original": original}
         group = [dict(model=case.name, method="original", ratio=ratio, flops_reduction=0.0, macs=base_macs,

@@ -26,6 +26,7 @@ import numpy as np
 from .analyse import Analysis
 from .errors import TargetError
 from .ops import CountContext, rule_for
+from .shapes import channel_count
 
 
 @dataclass
@@ -91,8 +92,7 @@ class MacModel:
         atoms = self.analysis.cmap.get(name)
         if atoms is not None:
             return len(atoms)
-        shape = self.analysis.shapes.get(name)
-        return int(shape[1]) if shape is not None and len(shape) > 1 and shape[1] else 0
+        return channel_count(self.analysis.shapes, name)
 
     def counts(self, keep: np.ndarray) -> np.ndarray:
         return self.fixed + self.per_player @ keep.astype(np.float64)

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .ops import MAC_OPS, ChannelState, CountContext, rule_for
-from .shapes import Shape
+from .shapes import Shape, channel_count
 
 
 @dataclass
@@ -79,8 +79,7 @@ class Analysis:
             atoms = self.cmap.get(name)
             if atoms is not None:
                 return int(kept_atom[atoms].sum()) if kept_atom is not None else len(atoms)
-            shape = self.shapes.get(name)
-            return int(shape[1]) if shape is not None and len(shape) > 1 and shape[1] else 0
+            return channel_count(self.shapes, name)
 
         ctx = CountContext(self.shapes, count)
         return sum(rule_for(n.op, n.domain or "").macs(n, ctx) for n in self.mac_nodes)
@@ -100,8 +99,7 @@ class Analysis:
         return touched / total
 
     def _full_count(self, name: str) -> int:
-        shape = self.shapes.get(name)
-        return int(shape[1]) if shape is not None and len(shape) > 1 and shape[1] else 0
+        return channel_count(self.shapes, name)
 
     def group_macs(self) -> Dict[int, int]:
         """MACs of the layers that each group's channels enter or leave."""

@@ -94,11 +94,6 @@ def load_labelled(path: str) -> Labelled:
     return x.astype(np.float32, copy=False), y.astype(np.int64, copy=False)
 
 
-def _analysis_of(prepared: onnx.ModelProto, cal: CalibrationSet, opts: PruneOptions) -> Analysis:
-    shapes = static_shapes(prepared, {cal.spec.name: (1,) + cal.sample_shape})
-    return analyse(weights.import_graph(prepared), shapes, default_opset(prepared), opts.ignore)
-
-
 def prune(model: ModelSource, calib: CalibSource, options: Optional[PruneOptions] = None, *,
           evaluate: Optional[Labelled] = None, progress: Progress = silent, log=lambda line: None) -> PruneResult:
     store = weights.WeightStore()
@@ -136,11 +131,12 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
     # counted on the prepared model, the same network with its shape arithmetic folded: shape
     # inference can lose the shapes behind a run-time Slice or Reshape of the original, and
     # layers of unknown shape count no MACs
-    macs_before = count_macs(prepared, input_shapes)
+    shapes = static_shapes(prepared, input_shapes)
+    macs_before = count_macs(prepared, input_shapes, shapes)
     if opts.criterion == "bn-scale" and opts.method == "snpfi" and not prep_log.bn_scale:
         raise UsageError("--criterion bn-scale needs BatchNormalization after the convolutions; "
                          "this model has none (or they were folded before export)")
-    analysis = _analysis_of(prepared, cal, opts)
+    analysis = analyse(weights.import_graph(prepared), shapes, default_opset(prepared), opts.ignore)
     seconds["load_prepare_analyse"] = time.perf_counter() - t
     if not analysis.prunable_groups():
         # quote the blocked group that holds the most FLOPs, not the image input's channels

@@ -3,33 +3,32 @@ counted on any model from its own initializers and inferred shapes."""
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import onnx
 
 from . import weights
 from .ops import MAC_OPS, CountContext, rule_for
 from .prepare import PrepareLog, constant_nodes_to_initializers
-from .shapes import static_shapes
+from .shapes import Shape, channel_count, static_shapes
 
 
-def count_macs(model: onnx.ModelProto, inputs: Dict[str, Tuple[int, ...]]) -> int:
-    """MACs for one sample of the given input shape(s) (batch axis set to 1)."""
+def count_macs(model: onnx.ModelProto, inputs: Dict[str, Tuple[int, ...]],
+               shapes: Optional[Dict[str, Shape]] = None) -> int:
+    """MACs for one sample of the given input shape(s) (batch axis set to 1). ``shapes``: the
+    model's static shapes for those inputs where the caller has them already."""
     inputs = {k: (1,) + tuple(v[1:]) for k, v in inputs.items()}
-    if any(n.op_type == "Constant" for n in model.graph.node):
+    if shapes is None and any(n.op_type == "Constant" for n in model.graph.node):
         # weights held in Constant nodes (Paddle) are only readable as initializers
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         constant_nodes_to_initializers(copy.graph, PrepareLog())
         model = copy
-    shapes = static_shapes(model, inputs)
+    if shapes is None:
+        shapes = static_shapes(model, inputs)
     graph = weights.import_graph(model)
 
-    def count(name: str) -> int:
-        shape = shapes.get(name)
-        return int(shape[1]) if shape is not None and len(shape) > 1 and shape[1] else 0
-
-    ctx = CountContext(shapes, count)
+    ctx = CountContext(shapes, lambda name: channel_count(shapes, name))
     return sum(rule_for(n.op, n.domain or "").macs(n, ctx) for n in graph.nodes
                if n.op in MAC_OPS and (n.domain or "") in ("", "ai.onnx"))
 

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import onnx
@@ -83,10 +83,32 @@ def _inferred(model: onnx.ModelProto, keep_value_info: bool) -> onnx.ModelProto:
             model.graph.value_info.extend(saved)
 
 
-def _fold_constants(model: onnx.ModelProto, log: PrepareLog, ours: bool = False, rounds: int = 8) -> onnx.ModelProto:
-    """Evaluate (with onnxruntime, through onnx-graphsurgeon) the nodes whose inputs are all
-    constant or static dimensions, and replace them by initializers. Graph inputs and outputs
-    are untouched. ``ours``: the model's stored shapes come from an earlier pass of prepare.
+FOLD_ROUNDS = 8  # rounds of folding; each round can resolve one more link of a chain of shapes
+
+
+def fold_round(model: onnx.ModelProto) -> Optional[onnx.ModelProto]:
+    """``model`` with every node whose inputs are constants or static dimensions evaluated
+    (onnx-graphsurgeon, through onnxruntime), or None when nothing folds. The folder sees
+    which axes are static only through the shapes stored in ``model``."""
+    graph = weights.import_graph(model)
+    _load_foldable(graph)
+    count = len(graph.nodes)
+    try:
+        graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=FOLD_LIMIT_BYTES)
+    except Exception:  # a graph the folder cannot handle stays as it was: folding is an optimisation
+        return None
+    graph.cleanup(remove_unused_graph_inputs=False)
+    if len(graph.nodes) == count:
+        return None
+    folded = weights.export_graph(graph)
+    copy_model_fields(model, folded)
+    return folded
+
+
+def _fold_constants(model: onnx.ModelProto, log: PrepareLog, ours: bool = False) -> onnx.ModelProto:
+    """Fold constants and static shape arithmetic into initializers, round after round. Graph
+    inputs and outputs are untouched. ``ours``: the model's stored shapes come from an earlier
+    pass of prepare.
 
     onnx-graphsurgeon folds Shape -> Gather of a static axis only where it knows the tensor's
     shape, so shapes are inferred first (exporters such as torch's write no intermediate
@@ -94,19 +116,11 @@ def _fold_constants(model: onnx.ModelProto, log: PrepareLog, ours: bool = False,
     shape, and so the next Shape, static."""
     before = len(model.graph.node)
     current = model
-    for _ in range(rounds):
-        graph = weights.import_graph(_inferred(current, keep_value_info=current is model and not ours))
-        _load_foldable(graph)
-        count = len(graph.nodes)
-        try:
-            graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=FOLD_LIMIT_BYTES)
-        except Exception:  # a graph the folder cannot handle stays as it was: folding is an optimisation
+    for _ in range(FOLD_ROUNDS):
+        folded = fold_round(_inferred(current, keep_value_info=current is model and not ours))
+        if folded is None:
             break
-        graph.cleanup(remove_unused_graph_inputs=False)
-        if len(graph.nodes) == count:
-            break
-        current = weights.export_graph(graph)
-        copy_model_fields(model, current)
+        current = folded
     if current is model:
         return model
     log.folded_nodes += before - len(current.graph.node)
@@ -369,7 +383,7 @@ def prepare(model: onnx.ModelProto, release: bool = False) -> tuple[onnx.ModelPr
     graph = out.graph
     constant_nodes_to_initializers(graph, log)
     out = _fold_constants(out, log)
-    for _ in range(8):  # a target folded to a constant lets inference give the next one's shapes
+    for _ in range(FOLD_ROUNDS):  # a target folded to a constant lets inference give the next one's shapes
         if not _copied_dims_to_zero(out, log):
             break
         out = _fold_constants(out, log, ours=True)

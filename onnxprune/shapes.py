@@ -6,13 +6,15 @@ from typing import Dict, Optional, Tuple
 
 import onnx
 
-from .prepare import data_inputs
+from .prepare import FOLD_ROUNDS, data_inputs, fold_round
 
 Shape = Tuple[Optional[int], ...]
 
-# rounds of shape-arithmetic folding; each round resolves one more link of a chain
-# Shape -> ... -> Reshape/Slice -> Shape -> ... (ShuffleNet's shuffles, torch's chunk)
-FOLD_ROUNDS = 8
+
+def channel_count(shapes: Dict[str, Shape], name: str) -> int:
+    """Axis 1 of tensor ``name`` (its channels), 0 where unknown."""
+    shape = shapes.get(name)
+    return int(shape[1]) if shape is not None and len(shape) > 1 and shape[1] else 0
 
 
 def _dims(value_info: onnx.ValueInfoProto) -> Optional[Shape]:
@@ -49,29 +51,6 @@ def _collect(model: onnx.ModelProto, shapes: Dict[str, Shape]) -> int:
     return unknown
 
 
-def _fold_shape_arithmetic(model: onnx.ModelProto) -> Optional[onnx.ModelProto]:
-    """The model with every subgraph of constants and known shapes evaluated (onnx-graphsurgeon),
-    or None when nothing folds. Exporters spell out a reshape target as Shape -> Gather -> Div
-    -> Concat, which onnx's data propagation cannot follow past the Div."""
-    import onnx_graphsurgeon as gs
-
-    try:
-        graph = gs.import_onnx(model)
-        before = len(graph.nodes)
-        graph.fold_constants(fold_shapes=True, error_ok=True)
-        graph.cleanup(remove_unused_graph_inputs=False)
-        if len(graph.nodes) == before:
-            return None
-        folded = gs.export_onnx(graph, do_type_check=False)
-    except Exception:  # folding only sharpens shapes; a graph it cannot handle keeps what inference found
-        return None
-    folded.ir_version = model.ir_version
-    del folded.opset_import[:]
-    folded.opset_import.extend(model.opset_import)
-    del folded.graph.value_info[:]
-    return folded
-
-
 def static_shapes(model: onnx.ModelProto, inputs: Dict[str, Tuple[int, ...]]) -> Dict[str, Shape]:
     """Infer every tensor's shape with the graph inputs fixed to ``inputs``.
 
@@ -96,9 +75,15 @@ def static_shapes(model: onnx.ModelProto, inputs: Dict[str, Tuple[int, ...]]) ->
     for _ in range(FOLD_ROUNDS):
         if not unknown:
             break
-        folded = _fold_shape_arithmetic(m)
+        # exporters spell out a reshape target as Shape -> Gather -> Div -> Concat, which
+        # onnx's data propagation cannot follow past the Div: fold it on the copy
+        try:
+            folded = fold_round(m)
+        except Exception:  # folding only sharpens shapes; a graph it cannot take keeps what inference found
+            folded = None
         if folded is None:
             break
+        del folded.graph.value_info[:]
         m = _infer(folded)
         unknown = _collect(m, shapes)
     for t in model.graph.initializer:

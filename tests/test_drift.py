@@ -2,7 +2,6 @@
 
 import os
 
-import numpy as np
 
 import onnxprune
 from onnxprune.api import load_labelled

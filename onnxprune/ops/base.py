@@ -78,6 +78,20 @@ class ChannelState:
         if atoms is not None and len(atoms):
             self.regions.append(np.unique(atoms))
 
+    def tie_parts(self, atoms: np.ndarray, parts: int) -> np.ndarray:
+        """Split ``atoms`` into ``parts`` equal parts and make channel j of every part one
+        player (grouped convs, channel shuffles); returns the (parts, per part) view."""
+        split = atoms.reshape(parts, -1)
+        for k in range(1, parts):
+            self.union(split[0], split[k])
+        return split
+
+    def refuse(self, node: gs.Node, why: str, made: Optional[str] = None) -> None:
+        """A node the analysis cannot follow: its inputs' groups block with ``why`` and its
+        outputs are channels nobody can prune (``made`` says why, default ``why``)."""
+        self.block_inputs(node, why)
+        self.opaque_outputs(node, made or why)
+
     def block(self, atoms: Optional[np.ndarray], node: gs.Node, reason: str) -> None:
         if atoms is not None and len(atoms):
             self.blocks.append((np.unique(atoms), node.name, node.op, reason))
@@ -129,8 +143,8 @@ class RewriteContext:
     """What a rule may ask while it slices a node's parameters."""
 
     def __init__(self, shapes: Dict[str, Shape], keep: Callable[[str], Optional[np.ndarray]],
-                 set_constant: Callable[[gs.Node, int, np.ndarray], None], opset: int = 0,
-                 set_attr: Optional[Callable[[gs.Node, str, object], None]] = None):
+                 set_constant: Callable[[gs.Node, int, np.ndarray], None], opset: int,
+                 set_attr: Callable[[gs.Node, str, object], None]):
         self.shapes = shapes
         self.opset = opset
         self._keep = keep
@@ -153,12 +167,7 @@ class RewriteContext:
 
     def set_attr(self, node: gs.Node, name: str, value) -> None:
         """Set an attribute (None deletes it); the node counts as changed."""
-        if self._set_attr is not None:
-            self._set_attr(node, name, value)
-        elif value is None:
-            node.attrs.pop(name, None)
-        else:
-            node.attrs[name] = value
+        self._set_attr(node, name, value)
 
 
 class CountContext:
@@ -182,8 +191,8 @@ class Rule:
     """How one op type moves, couples or consumes channels."""
 
     def propagate(self, node: gs.Node, st: ChannelState) -> None:
-        st.block_inputs(node, f"{node.op} is not understood by the channel analysis")
-        st.opaque_outputs(node, f"channels made by {node.op}, which the analysis does not follow")
+        st.refuse(node, f"{node.op} is not understood by the channel analysis",
+                  f"channels made by {node.op}, which the analysis does not follow")
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         """Slice this node's parameters and fix its attributes (default: nothing)."""

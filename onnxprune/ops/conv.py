@@ -19,8 +19,9 @@ class ConvRule(Rule):
     """Dense convs make a new channel space and consume their input's.
 
     A depthwise conv (group == in == out channels) passes channels through:
-    filter i reads only channel i, so both go together. Other grouped convs
-    block, since channels must leave in whole-group-consistent patterns.
+    filter i reads only channel i, so both go together. Other grouped convs tie
+    channel i of every group into one player, so that every group keeps the same
+    channels and the conv stays one of equal groups.
     """
 
     def propagate(self, node: gs.Node, st: ChannelState) -> None:
@@ -28,8 +29,7 @@ class ConvRule(Rule):
         w = const(node.inputs[1])
         b = opt_input(node, 2)
         if w is None or (b is not None and const(b) is None):
-            st.block_inputs(node, "Conv weights are not constant")
-            st.opaque_outputs(node, "Conv with non-constant weights")
+            st.refuse(node, "Conv weights are not constant", "Conv with non-constant weights")
             return
         group = int(attr(node, "group", 1))
         cout, cin = w.shape[0], w.shape[1] * group
@@ -43,18 +43,17 @@ class ConvRule(Rule):
             # one player, on the input (tied across groups) and on the filters (made tied)
             x_atoms = st.channels(x)
             if x_atoms is None or len(x_atoms) != cin or cout % group:
-                st.block_inputs(node, f"grouped Conv with {group} groups and unknown input channels")
-                st.opaque_outputs(node, f"grouped Conv with {group} groups")
+                st.refuse(node, f"grouped Conv with {group} groups and unknown input channels",
+                          f"grouped Conv with {group} groups")
                 return
-            per_group = x_atoms.reshape(group, -1)
-            for k in range(1, group):
-                st.union(per_group[0], per_group[k])
+            st.tie_parts(x_atoms, group)
             st.set_channels(y, np.tile(st.fresh(cout // group, node), group))
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         w = const(node.inputs[1])
         keep_in, keep_out = ctx.keep(node.inputs[0]), ctx.keep(node.outputs[0])
         group = int(attr(node, "group", 1))
+        depthwise = _is_depthwise(group, w.shape[1] * group, w.shape[0])
         new_w = w
         if keep_out is not None:
             new_w = new_w[keep_out]
@@ -63,10 +62,10 @@ class ConvRule(Rule):
                 ctx.set_constant(node, 2, const(b)[keep_out])
         if group == 1 and keep_in is not None:
             new_w = new_w[:, keep_in]
-        elif group > 1 and keep_in is not None and not _is_depthwise(group, w.shape[1] * group, w.shape[0]):
+        elif group > 1 and keep_in is not None and not depthwise:
             new_w = new_w[:, keep_in.reshape(group, -1)[0]]  # the same input channels in every group
-        if _is_depthwise(group, w.shape[1] * group, w.shape[0]) and keep_out is not None:
-            node.attrs["group"] = int(keep_out.sum())
+        if depthwise and keep_out is not None:
+            ctx.set_attr(node, "group", int(keep_out.sum()))
         if new_w is not w:
             ctx.set_constant(node, 1, new_w)
 
@@ -131,16 +130,14 @@ class ConvTransposeRule(Rule):
         b = opt_input(node, 2)
         group = int(attr(node, "group", 1))
         if w is None or (b is not None and const(b) is None):
-            st.block_inputs(node, "ConvTranspose weights are not constant")
-            st.opaque_outputs(node, "ConvTranspose with non-constant weights")
+            st.refuse(node, "ConvTranspose weights are not constant", "ConvTranspose with non-constant weights")
         elif group == 1:
             st.channels(x)
             st.set_channels(y, st.fresh(w.shape[1], node))
         elif _is_depthwise(group, w.shape[0], w.shape[1] * group):
             st.set_channels(y, st.channels(x))
         else:
-            st.block_inputs(node, f"grouped ConvTranspose with {group} groups")
-            st.opaque_outputs(node, f"grouped ConvTranspose with {group} groups")
+            st.refuse(node, f"grouped ConvTranspose with {group} groups")
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         w = const(node.inputs[1])
@@ -154,7 +151,7 @@ class ConvTransposeRule(Rule):
                 ctx.set_constant(node, 2, const(b)[keep_out])
             if depthwise:
                 new_w = new_w[keep_out]
-                node.attrs["group"] = int(keep_out.sum())
+                ctx.set_attr(node, "group", int(keep_out.sum()))
             else:
                 new_w = new_w[:, keep_out]
         if keep_in is not None and not depthwise:

@@ -35,8 +35,8 @@ class ElementwiseRule(Rule):
             if len(shape) == rank and shape[1] == channels:
                 full.append(st.channels(t))
             else:
-                st.block_inputs(node, f"{node.op} with a channel-wise input of another rank")
-                st.opaque_outputs(node, f"{node.op} broadcasting channels")
+                st.refuse(node, f"{node.op} with a channel-wise input of another rank",
+                          f"{node.op} broadcasting channels")
                 return
         if not full or any(f is None for f in full):
             st.opaque_outputs(node, f"{node.op} of constants")

@@ -19,8 +19,7 @@ class ConcatRule(Rule):
         y_shape = st.shape(node.outputs[0])
         maps = [st.channels(t) for t in node.inputs]
         if y_shape is None or any(m is None for m in maps):
-            st.block_inputs(node, "Concat with unknown shapes")
-            st.opaque_outputs(node, "Concat with unknown shapes")
+            st.refuse(node, "Concat with unknown shapes")
             return
         axis = int(attr(node, "axis")) % len(y_shape)
         if axis == 1:
@@ -76,8 +75,7 @@ class ReshapeRule(Rule):
                 why = f"Reshape of {tuple(x_shape[1:])} to {tuple(y_shape[1:])} moves the channels"
             else:
                 why = "Reshape with unknown shapes or allowzero"
-            st.block_inputs(node, why)
-            st.opaque_outputs(node, "channels made by Reshape, which the analysis does not follow")
+            st.refuse(node, why, "channels made by Reshape, which the analysis does not follow")
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         sh, _ = find_shuffle(node, ctx.shape)

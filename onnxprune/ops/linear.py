@@ -21,8 +21,7 @@ class GemmRule(Rule):
         a_shape = st.shape(a)
         if (attr(node, "transA", 0) or b is None or b.ndim != 2 or a_shape is None or len(a_shape) != 2
                 or (c is not None and const(c) is None)):
-            st.block_inputs(node, "Gemm with transposed or non-constant operands")
-            st.opaque_outputs(node, "Gemm with transposed or non-constant operands")
+            st.refuse(node, "Gemm with transposed or non-constant operands")
             return
         st.channels(a)
         outputs = b.shape[0] if attr(node, "transB", 0) else b.shape[1]

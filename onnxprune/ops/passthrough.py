@@ -58,12 +58,10 @@ class ChannelParamRule(PassThroughRule):
         for index in range(1, len(node.inputs)):
             t = opt_input(node, index)
             if t is not None and const(t) is None:
-                st.block_inputs(node, f"{node.op} with non-constant parameters")
-                st.opaque_outputs(node, f"{node.op} with non-constant parameters")
+                st.refuse(node, f"{node.op} with non-constant parameters")
                 return
         if node.op == "BatchNormalization" and len([o for o in node.outputs if o.name]) > 1:
-            st.block_inputs(node, "BatchNormalization in training mode")
-            st.opaque_outputs(node, "BatchNormalization in training mode")
+            st.refuse(node, "BatchNormalization in training mode")
             return
         super().propagate(node, st)
 
@@ -84,8 +82,7 @@ class AxisRule(PassThroughRule):
             # before opset 13 these ops flatten axes [axis:] into one, mixing axis 1 when axis <= 1
             mixes = axis == 1 or (opset < 13 and axis <= 1)
         if mixes:
-            st.block_inputs(node, f"{node.op} mixes channels")
-            st.opaque_outputs(node, f"{node.op} over channels")
+            st.refuse(node, f"{node.op} mixes channels", f"{node.op} over channels")
         else:
             super().propagate(node, st)
 
@@ -97,12 +94,10 @@ class ReduceRule(PassThroughRule):
         shape = st.shape(node.inputs[0])
         axes = axes_of(node, 1)
         if shape is None or axes is None or axes == "missing" or len(axes) == 0 and not attr(node, "noop_with_empty_axes", 0):
-            st.block_inputs(node, f"{node.op} over all or unknown axes")
-            st.opaque_outputs(node, f"{node.op} over all or unknown axes")
+            st.refuse(node, f"{node.op} over all or unknown axes")
             return
         if set(normalise_axes(axes, len(shape))) & {0, 1}:
-            st.block_inputs(node, f"{node.op} over the batch or channel axis")
-            st.opaque_outputs(node, f"{node.op} over the batch or channel axis")
+            st.refuse(node, f"{node.op} over the batch or channel axis")
             return
         super().propagate(node, st)
 
@@ -119,8 +114,7 @@ class PadRule(PassThroughRule):
             rank = len(shape)
             ok = len(pads) == 2 * rank and pads[1] == 0 and pads[1 + rank] == 0
         if not ok:
-            st.block_inputs(node, "Pad on the channel axis or with dynamic pads")
-            st.opaque_outputs(node, "Pad on the channel axis")
+            st.refuse(node, "Pad on the channel axis or with dynamic pads", "Pad on the channel axis")
             return
         super().propagate(node, st)
 
@@ -133,8 +127,7 @@ class ResizeRule(PassThroughRule):
         same = (x_shape is not None and y_shape is not None and len(x_shape) == len(y_shape) >= 2
                 and x_shape[1] is not None and x_shape[1] == y_shape[1])
         if not same:
-            st.block_inputs(node, f"{node.op} that may change the channel axis")
-            st.opaque_outputs(node, f"{node.op} on channels")
+            st.refuse(node, f"{node.op} that may change the channel axis", f"{node.op} on channels")
             return
         super().propagate(node, st)
 

@@ -126,13 +126,10 @@ def follow_shuffle(node: gs.Node, st: ChannelState) -> bool:
     if sh is None:
         if why is None:
             return False
-        st.block_inputs(node, why)
-        st.opaque_outputs(node, f"channels split by {node.op} outside a channel shuffle")
+        st.refuse(node, why, f"channels split by {node.op} outside a channel shuffle")
         return True
     if node is sh.last:
-        parts = st.channels(sh.first.inputs[0]).reshape(sh.groups, sh.per_group)
-        for i in range(1, sh.groups):
-            st.union(parts[0], parts[i])  # channel j of every part goes together
+        parts = st.tie_parts(st.channels(sh.first.inputs[0]), sh.groups)  # channel j of every part goes together
         st.set_channels(node.outputs[0], parts.T.reshape(-1).copy())
     elif node is sh.first:
         st.channels(node.inputs[0])
@@ -156,5 +153,4 @@ class TransposeRule(Rule):
         why = (f"Transpose with perm {None if perm is None else list(perm)} moves the channel axis (of "
                "transposes only a channel shuffle, Reshape (N, g, C/g, ...) -> perm (0, 2, 1, ...) -> Reshape "
                "(N, C, ...), is followed)")
-        st.block_inputs(node, why)
-        st.opaque_outputs(node, "Transpose that moves the channel axis")
+        st.refuse(node, why, "Transpose that moves the channel axis")

@@ -46,8 +46,7 @@ class SplitRule(Rule):
         x = node.inputs[0]
         shape = st.shape(x)
         if shape is None:
-            st.block_inputs(node, "Split of unknown rank")
-            st.opaque_outputs(node, "Split of unknown rank")
+            st.refuse(node, "Split of unknown rank")
             return
         atoms = st.channels(x)
         if _axis(node, len(shape)) != 1:
@@ -56,8 +55,8 @@ class SplitRule(Rule):
             return
         sizes = split_sizes(node, shape[1]) if shape[1] is not None else "Split of unknown channels"
         if isinstance(sizes, str) or atoms is None:
-            st.block_inputs(node, sizes if isinstance(sizes, str) else "Split of unknown channels")
-            st.opaque_outputs(node, "channels of a Split the analysis does not follow")
+            st.refuse(node, sizes if isinstance(sizes, str) else "Split of unknown channels",
+                      "channels of a Split the analysis does not follow")
             return
         start = 0
         for out, size in zip(node.outputs, sizes):
@@ -79,7 +78,7 @@ class SplitRule(Rule):
         sizes = [int(k.sum()) if k is not None else n for k, n in zip(keeps, sizes)]
         if min(sizes) < 1:
             raise InternalError(f"Split {node.name} would make an output of no channels")
-        if "split" in node.attrs or (ctx.opset and ctx.opset < 13):
+        if "split" in node.attrs or ctx.opset < 13:
             ctx.set_attr(node, "split", sizes)
             return
         old = const(opt_input(node, 1))
@@ -142,14 +141,12 @@ class SliceRule(Rule):
         x = node.inputs[0]
         shape = st.shape(x)
         if shape is None or len(shape) < 2:
-            st.block_inputs(node, "Slice of unknown rank")
-            st.opaque_outputs(node, "Slice of unknown rank")
+            st.refuse(node, "Slice of unknown rank")
             return
         atoms = st.channels(x)
         got = _channel_range(node, len(shape), shape[1]) if shape[1] is not None else "Slice of unknown channels"
         if isinstance(got, str):
-            st.block_inputs(node, got)
-            st.opaque_outputs(node, "channels of a Slice the analysis does not follow")
+            st.refuse(node, got, "channels of a Slice the analysis does not follow")
             return
         i, s, e, _, _ = got
         if i is None or atoms is None:
