@@ -21,8 +21,12 @@ class LoadedModel:
     model: onnx.ModelProto
     path: Optional[str]  # where it came from, None for an in-memory model
     file_size: Optional[int]  # bytes on disk, external data included
-    external_data: bool = False  # the file keeps its weights in external data files
     files: Tuple[str, ...] = ()  # the model file and its external data files (real paths)
+
+    @property
+    def external_data(self) -> bool:
+        """The file keeps its weights in external data files."""
+        return len(self.files) > 1
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -126,7 +130,7 @@ def load_model(source: Union[str, os.PathLike, onnx.ModelProto]) -> LoadedModel:
     weights are stubs in the store: the protobuf stays small whatever the model's size.
     """
     store = weights.active()
-    external, files = False, ()
+    files = ()
     if isinstance(source, onnx.ModelProto):
         path, size = None, source.ByteSize()
         try:
@@ -154,7 +158,7 @@ def load_model(source: Union[str, os.PathLike, onnx.ModelProto]) -> LoadedModel:
         ext_size, ext_files = _check_external_locations(parsed, folder)
         size = len(data) + ext_size
         del data
-        external, files = bool(ext_files), (os.path.realpath(path),) + ext_files
+        files = (os.path.realpath(path),) + ext_files
         try:
             _load_external(parsed, folder, store)
         except InputError:
@@ -183,4 +187,4 @@ def load_model(source: Union[str, os.PathLike, onnx.ModelProto]) -> LoadedModel:
         raise InputError(f"the model fails the ONNX checker: {text[:300]}") from e
     if not any(n.op_type in ("Conv", "ConvTranspose") for n in model.graph.node):
         raise InputError("the model has no Conv layer: nothing to prune")
-    return LoadedModel(model=model, path=path, file_size=size, external_data=external, files=files)
+    return LoadedModel(model=model, path=path, file_size=size, files=files)

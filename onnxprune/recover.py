@@ -33,7 +33,7 @@ from .calibrate import ChannelStats
 from .consumers import find_consumers, from_channel_view, to_channel_view
 from .data import CalibrationSet
 from .ops import rule_for
-from .ops.base import add_to_bias_input
+from .ops.conv import is_depthwise
 from .progress import Progress, silent
 from .refit import PATCH_LIMIT, ROWS_PER_UNKNOWN, ChannelFit, DepthwiseFit, PatchFit
 from .runtime import blas_single_thread, make_session, run_feeds
@@ -195,7 +195,7 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                 sess_o = make_session(seg_o.segment(original, start_o, seg_o.cuts[step], prev_live_o, live_o), providers)
                 sess_p = make_session(seg_p.segment(pruned, start_p, seg_p.cuts[step], prev_live_p, live_p), providers)
                 fit = _make_fit(original, node_o, o_inits, keep, repeat, n, seed + step)
-                new_o, new_p = Frontier(folder), Frontier(folder)
+                new_o, new_p = Frontier(folder, n), Frontier(folder, n)
                 for b0 in range(0, n, bs):
                     real = min(bs, n - b0)
                     if prev_o is None:
@@ -209,7 +209,7 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                     outs_p = dict(zip(live_p, run_feeds(sess_p, feeds_p, live_p)))
                     for frontier, outs in ((new_o, outs_o), (new_p, outs_p)):
                         for t, v in outs.items():
-                            frontier.write(t, b0, v[:real], n)
+                            frontier.write(t, b0, v[:real])
                     if fit is not None:
                         fit.add(outs_o[node_o.input[0]][:real], outs_p[node_p.input[0]][:real])
                 solved = fit.solve(ridge) if fit is not None else None
@@ -264,11 +264,10 @@ def _make_fit(original: onnx.ModelProto, node_o: onnx.NodeProto, inits, keep, re
     bias = bias[out_mask]
     group = int(attrs.get("group", 1))
     if node_o.op_type == "Conv" and w.ndim == 4 and group > 1:
-        if not (group == w.shape[0] and w.shape[1] == 1):
+        if not is_depthwise(group, w.shape[1] * group, w.shape[0]):
             return None  # grouped (not depthwise) convs are left as sliced
         rows = ROWS_PER_UNKNOWN * (int(np.prod(w.shape[2:])) + 1)
-        return DepthwiseFit(w[out_mask], bias, attrs, out_mask, rows_per_image=max(1, -(-rows // max(images, 1))),
-                            seed=seed)
+        return DepthwiseFit(w[out_mask], bias, attrs, out_mask, rows_per_image=_per_image(rows, images), seed=seed)
     graph = _mini_graph(original, node_o)
     rule = rule_for(node_o.op_type, node_o.domain)
     filters = rule.input_filters(graph.nodes[0])
@@ -283,10 +282,15 @@ def _make_fit(original: onnx.ModelProto, node_o: onnx.NodeProto, inits, keep, re
         if int(in_mask.sum()) * taps <= PATCH_LIMIT:
             w_kept = w[out_mask]
             rows = ROWS_PER_UNKNOWN * (int(in_mask.sum()) * taps + 1)
-            return PatchFit(w_kept, bias, attrs, in_mask, rows_per_image=max(1, -(-rows // max(images, 1))), seed=seed)
+            return PatchFit(w_kept, bias, attrs, in_mask, rows_per_image=_per_image(rows, images), seed=seed)
     r = repeat(node_o.input[0])
     keep_channels = None if keep_in is None else keep_in[::r]
     return ChannelFit(to_channel_view(filters, r), bias, r, keep_channels)
+
+
+def _per_image(rows: int, images: int) -> int:
+    """Sampled rows each image gives so that ``images`` give at least ``rows``."""
+    return max(1, -(-rows // max(images, 1)))
 
 
 def _out_channels(node: onnx.NodeProto, w: np.ndarray, attrs: dict) -> int:
@@ -302,29 +306,17 @@ def _apply(pruned: onnx.ModelProto, index: int, solved, fit, shared: Optional[se
     graph = _mini_graph(pruned, node)
     g_node = graph.nodes[0]
     rule = rule_for(node.op_type, node.domain)
-    weights, bias = solved
-    if isinstance(fit, DepthwiseFit):
-        _write_depthwise(pruned, index, weights, bias, shared)
-        return
-    if isinstance(fit, PatchFit):  # (out, in, kh, kw) -> input filters (in, out, taps)
-        weights = np.moveaxis(weights, 1, 0).reshape(weights.shape[1], weights.shape[0], -1)
+    new_w, bias = solved
+    if isinstance(fit, DepthwiseFit):  # (C, 1, kh, kw), written as it is
+        w = g_node.inputs[1]
+        w.values = new_w.astype(w.values.dtype)
     else:
-        weights = from_channel_view(weights, fit.repeat)
-    rule.set_input_filters(g_node, weights)
-    current = _current_bias(g_node, len(bias))
-    rule.add_bias(g_node, bias - current, graph)
-    _write_back(pruned, index, graph, shared)
-
-
-def _write_depthwise(pruned: onnx.ModelProto, index: int, weights: np.ndarray, bias: np.ndarray,
-                     shared: Optional[set] = None) -> None:
-    """A depthwise conv's weight is (C, 1, kh, kw) and its bias (C,): written as they are."""
-    graph = _mini_graph(pruned, pruned.graph.node[index])
-    node = graph.nodes[0]
-    w = node.inputs[1]
-    w.values = weights.astype(w.values.dtype)
-    current = _current_bias(node, len(bias))
-    add_to_bias_input(node, 2, bias - current, w.values.dtype)
+        if isinstance(fit, PatchFit):  # (out, in, kh, kw) -> input filters (in, out, taps)
+            new_w = np.moveaxis(new_w, 1, 0).reshape(new_w.shape[1], new_w.shape[0], -1)
+        else:
+            new_w = from_channel_view(new_w, fit.repeat)
+        rule.set_input_filters(g_node, new_w)
+    rule.add_bias(g_node, bias - _current_bias(g_node, len(bias)), graph)
     _write_back(pruned, index, graph, shared)
 
 

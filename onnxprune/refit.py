@@ -46,6 +46,13 @@ def _solve(gram: np.ndarray, rhs: np.ndarray, ridge: float) -> Optional[np.ndarr
 BLOCK_ELEMENTS = 2 ** 22  # weights are taken to float64 this many elements at a time
 
 
+def output_blocks(f: np.ndarray):
+    """Slices of the outputs (axis 1) of (C, out, taps) filters, about BLOCK_ELEMENTS each."""
+    step = max(1, BLOCK_ELEMENTS // max(1, f.shape[0] * int(np.prod(f.shape[2:]))))
+    for start in range(0, f.shape[1], step):
+        yield slice(start, min(f.shape[1], start + step))
+
+
 def _combine(theta: np.ndarray, f: np.ndarray, b: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """New filters sum_c theta[k, c] f[c] (in f's dtype, computed in float64) and the bias
     b + sum_c theta[-1, c] f[c], over blocks of outputs: no float64 copy of all of f.
@@ -53,7 +60,7 @@ def _combine(theta: np.ndarray, f: np.ndarray, b: np.ndarray) -> Tuple[np.ndarra
     When f is a view whose outputs are outermost in memory (a fully connected layer's
     (out, in) weight seen per input channel), the result is laid out the same way, so the
     layer's weight comes back out of it without a transposing copy."""
-    c, outs = f.shape[0], f.shape[1]
+    c = f.shape[0]
     dtype = np.result_type(f.dtype, np.float32)
     shape = (theta.shape[0] - 1,) + f.shape[1:]
     outputs_major = f.ndim == 3 and f.strides[1] > f.strides[0]
@@ -62,9 +69,8 @@ def _combine(theta: np.ndarray, f: np.ndarray, b: np.ndarray) -> Tuple[np.ndarra
     else:
         new_f = np.empty(shape, dtype=dtype)
     new_b = np.array(b, dtype=np.float64)
-    step = max(1, BLOCK_ELEMENTS // max(1, c * int(np.prod(f.shape[2:]))))
-    for start in range(0, outs, step):
-        stop = min(outs, start + step)
+    for block_slice in output_blocks(f):
+        start, stop = block_slice.start, block_slice.stop
         if outputs_major:  # (outputs, C, taps), contiguous
             block = np.ascontiguousarray(f[:, start:stop].transpose(1, 0, 2), dtype=np.float64)
             new_f[:, start:stop] = np.matmul(theta[:-1], block).transpose(1, 0, 2)
@@ -164,13 +170,13 @@ class PatchFit(_ConvSampler):
     def __init__(self, w_orig: np.ndarray, b_orig: np.ndarray, attrs: dict, keep_in: np.ndarray, rows_per_image: int,
                  seed: int = 0):
         super().__init__(w_orig, attrs, rows_per_image, seed)
-        self.w = w_orig.reshape(w_orig.shape[0], -1).astype(np.float64)  # (out kept, C * taps)
-        self.b = b_orig.astype(np.float64)
+        # the original layer, in float32 for the per-batch products: (out kept, C * taps)
+        self.w32 = w_orig.reshape(w_orig.shape[0], -1).astype(np.float32)
+        self.b32 = b_orig.astype(np.float32)
         self.keep_in = keep_in
         d = int(keep_in.sum()) * int(np.prod(self.kernel)) + 1
-        self.w32, self.b32 = self.w.astype(np.float32), self.b.astype(np.float32)
         self.gram = np.zeros((d, d))
-        self.rhs = np.zeros((d, self.w.shape[0]))
+        self.rhs = np.zeros((d, self.w32.shape[0]))
 
     def add(self, x_orig: np.ndarray, x_new: np.ndarray) -> None:
         p_orig, p_new = self.patches(x_orig, x_new)
@@ -185,7 +191,7 @@ class PatchFit(_ConvSampler):
         if sol is None:
             return None
         k = int(self.keep_in.sum())
-        return sol[:-1].T.reshape((self.w.shape[0], k) + tuple(self.kernel)), sol[-1]
+        return sol[:-1].T.reshape((self.w32.shape[0], k) + tuple(self.kernel)), sol[-1]
 
 
 class ChannelFit:

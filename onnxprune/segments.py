@@ -80,19 +80,15 @@ class Frontier:
     returned them (no copy) until their total passes ``SPILL_BYTES``; then every tensor
     goes to a memory-mapped temporary file."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, images: int):
+        """``images``: how many images the whole frontier will hold (sizes the spill files)."""
         self.folder = folder
+        self.images = images
         self.batches: Dict[tuple, np.ndarray] = {}
         self.maps: Dict[str, np.ndarray] = {}
         self.total = 0
-        self.images = 0
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.maps or any(k[0] == name for k in self.batches)
-
-    def write(self, name: str, start: int, values: np.ndarray, images: int) -> None:
-        """``images``: how many images the whole frontier will hold (sizes the spill file)."""
-        self.images = images
+    def write(self, name: str, start: int, values: np.ndarray) -> None:
         if name in self.maps:
             self.maps[name][start:start + len(values)] = values
             return

@@ -39,6 +39,7 @@ import numpy as np
 from .analyse import Analysis
 from .calibrate import ChannelStats
 from .consumers import Consumer, find_consumers
+from .refit import output_blocks
 
 
 @dataclass
@@ -53,16 +54,11 @@ class GroupGame:
         return 1.0 - float(self.loss[k])
 
 
-BLOCK_ELEMENTS = 2 ** 22  # filters are converted to float64 this many elements at a time
-
-
 def _blocks(f: np.ndarray):
     """(C, out, taps) filters as float64 (C, n) blocks of whole outputs: together they are F,
     each channel's weights flattened, but no float64 (or reshaped) copy of all of it is made."""
-    c = f.shape[0]
-    step = max(1, BLOCK_ELEMENTS // max(1, c * int(np.prod(f.shape[2:]))))
-    for start in range(0, f.shape[1], step):
-        yield f[:, start:start + step].reshape(c, -1).astype(np.float64)
+    for block in output_blocks(f):
+        yield f[:, block].reshape(f.shape[0], -1).astype(np.float64)
 
 
 def filter_gram(f: np.ndarray, diagonal: bool = False) -> np.ndarray:
@@ -174,6 +170,7 @@ def refit_games(analysis: Analysis, stats: ChannelStats, games: Dict[int, GroupG
     several digits in a test.)
     """
     factors: Dict[str, np.ndarray] = {}  # per consumer, computed once
+    covs: Dict[str, np.ndarray] = {}  # per consumer input, computed once
     consumers = find_consumers(analysis)
     for g, game in games.items():
         players = game.players
@@ -183,17 +180,19 @@ def refit_games(analysis: Analysis, stats: ChannelStats, games: Dict[int, GroupG
         fits = []
         for consumer in consumers:
             s = stats[consumer.tensor]
-            cov = s.covariance()
-            if cov.ndim != 2 or 8 * s.count < cov.shape[0]:
+            if s.gram.ndim != 2 or 8 * s.count < s.gram.shape[0]:
                 continue  # far fewer samples than channels: a regression on them would be noise
             found = analysis.atom_player[consumer.channel_atoms(analysis)]
             mine = np.flatnonzero(analysis.player_group[found] == g)
             if len(mine) == 0 or len(np.unique(found[mine])) != len(mine):
                 continue
+            if consumer.tensor not in covs:
+                covs[consumer.tensor] = s.covariance()
+            cov = covs[consumer.tensor]
             if consumer.node.name not in factors:
                 factors[consumer.node.name] = filter_factor(_consumer_gram(consumer, grams))
             f = factors[consumer.node.name] * np.sqrt(consumer.pixels(analysis))
-            energy = float(np.einsum("ij,ik,jk->", cov, f, f))
+            energy = float(np.einsum("ij,ik,jk->", cov, f, f, optimize=True))
             if not np.isfinite(energy) or energy <= 0:
                 continue
             sigma = cov[np.ix_(mine, mine)]

@@ -11,7 +11,7 @@ from .base import (ChannelState, CountContext, Resized, RewriteContext, Rule, ad
                    opt_input, prod)
 
 
-def _is_depthwise(group: int, cin: int, cout: int) -> bool:
+def is_depthwise(group: int, cin: int, cout: int) -> bool:
     return group > 1 and group == cin == cout
 
 
@@ -36,7 +36,7 @@ class ConvRule(Rule):
         if group == 1:
             st.channels(x)
             st.set_channels(y, st.fresh(cout, node))
-        elif _is_depthwise(group, cin, cout):
+        elif is_depthwise(group, cin, cout):
             st.set_channels(y, st.channels(x))
         else:
             # grouped: every group must keep the same channels, so channel i of each group is
@@ -53,7 +53,7 @@ class ConvRule(Rule):
         w = const(node.inputs[1])
         keep_in, keep_out = ctx.keep(node.inputs[0]), ctx.keep(node.outputs[0])
         group = int(attr(node, "group", 1))
-        depthwise = _is_depthwise(group, w.shape[1] * group, w.shape[0])
+        depthwise = is_depthwise(group, w.shape[1] * group, w.shape[0])
         new_w = w
         if keep_out is not None:
             new_w = new_w[keep_out]
@@ -97,7 +97,7 @@ class ConvRule(Rule):
             return None
         group = int(attr(node, "group", 1))
         full_in, full_out = w.shape[1] * group, w.shape[0]
-        if _is_depthwise(group, full_in, full_out):  # one width: channel i in, channel i out
+        if is_depthwise(group, full_in, full_out):  # one width: channel i in, channel i out
             c = cout if cout is not None else (cin if cin is not None else full_out)
             return Resized(c, c, (c, 1) + tuple(w.shape[2:]), {"group": c})
         cin = full_in if cin is None else cin
@@ -114,7 +114,7 @@ class ConvRule(Rule):
         group = int(attr(node, "group", 1))
         cout = ctx.count(node.outputs[0])
         kernel = prod(w.shape[2:])
-        if _is_depthwise(group, w.shape[1] * group, w.shape[0]):
+        if is_depthwise(group, w.shape[1] * group, w.shape[0]):
             per_filter_inputs = 1
         else:
             per_filter_inputs = ctx.count(node.inputs[0]) // group
@@ -134,7 +134,7 @@ class ConvTransposeRule(Rule):
         elif group == 1:
             st.channels(x)
             st.set_channels(y, st.fresh(w.shape[1], node))
-        elif _is_depthwise(group, w.shape[0], w.shape[1] * group):
+        elif is_depthwise(group, w.shape[0], w.shape[1] * group):
             st.set_channels(y, st.channels(x))
         else:
             st.refuse(node, f"grouped ConvTranspose with {group} groups")
@@ -143,7 +143,7 @@ class ConvTransposeRule(Rule):
         w = const(node.inputs[1])
         keep_in, keep_out = ctx.keep(node.inputs[0]), ctx.keep(node.outputs[0])
         group = int(attr(node, "group", 1))
-        depthwise = _is_depthwise(group, w.shape[0], w.shape[1] * group)
+        depthwise = is_depthwise(group, w.shape[0], w.shape[1] * group)
         new_w = w
         if keep_out is not None:
             b = opt_input(node, 2)
@@ -186,7 +186,7 @@ class ConvTransposeRule(Rule):
             return None
         group = int(attr(node, "group", 1))
         full_in, full_out = w.shape[0], w.shape[1] * group
-        if _is_depthwise(group, full_in, full_out):
+        if is_depthwise(group, full_in, full_out):
             c = cout if cout is not None else (cin if cin is not None else full_out)
             return Resized(c, c, (c, 1) + tuple(w.shape[2:]), {"group": c})
         cin = full_in if cin is None else cin
@@ -202,7 +202,7 @@ class ConvTransposeRule(Rule):
             return 0
         group = int(attr(node, "group", 1))
         kernel = prod(w.shape[2:])
-        if _is_depthwise(group, w.shape[0], w.shape[1] * group):
+        if is_depthwise(group, w.shape[0], w.shape[1] * group):
             return ctx.count(node.outputs[0]) * kernel * prod(in_shape[2:])
         return ctx.count(node.inputs[0]) * (ctx.count(node.outputs[0]) // group) * kernel * prod(in_shape[2:])
 
