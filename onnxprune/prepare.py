@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from . import weights
 
@@ -237,8 +238,6 @@ def _copied_dim(name: str, producer, inits):
 def _load_foldable(graph) -> None:
     """Give the constants that folding may evaluate their arrays (shared, not copied):
     onnx-graphsurgeon runs them through onnxruntime from bytes, where a stub cannot be read."""
-    import onnx_graphsurgeon as gs
-
     constant = {name for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
     for node in graph.nodes:  # in topological order, as ONNX stores them
         if node.inputs and all(t.name in constant or not t.name for t in node.inputs):

@@ -215,15 +215,7 @@ def _tag(field: int) -> bytes:
 def _part(message, keep) -> bytes:
     """The serialised fields of ``message`` whose number passes ``keep``."""
     out = type(message)()
-    for fd, value in message.ListFields():
-        if not keep(fd.number):
-            continue
-        if fd.is_repeated:
-            getattr(out, fd.name).extend(value)
-        elif fd.type == fd.TYPE_MESSAGE:
-            getattr(out, fd.name).CopyFrom(value)
-        else:
-            setattr(out, fd.name, value)
+    weights.copy_fields(message, out, lambda fd: keep(fd.number))
     return out.SerializeToString()
 
 

@@ -24,7 +24,7 @@ import contextlib
 import contextvars
 import itertools
 import os
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -239,9 +239,10 @@ def stub_in_place(tensor: TensorProto, values: np.ndarray, store: WeightStore) -
 
 # -- whole models ---------------------------------------------------------------------------------
 
-def _copy_fields(src, dst, skip: Tuple[str, ...]) -> None:
+def copy_fields(src, dst, keep: Callable[[object], bool]) -> None:
+    """Copy into ``dst`` the set fields of ``src`` whose descriptor passes ``keep``."""
     for fd, value in src.ListFields():
-        if fd.name in skip:
+        if not keep(fd):
             continue
         if fd.is_repeated:
             getattr(dst, fd.name).extend(value)
@@ -261,8 +262,8 @@ def detach(model: onnx.ModelProto) -> onnx.ModelProto:
     if store is None:
         return model
     out = onnx.ModelProto()
-    _copy_fields(model, out, skip=("graph",))
-    _copy_fields(model.graph, out.graph, skip=("initializer",))
+    copy_fields(model, out, lambda fd: fd.name != "graph")
+    copy_fields(model.graph, out.graph, lambda fd: fd.name != "initializer")
     for t in model.graph.initializer:
         if storable(t):
             out.graph.initializer.append(_stub(t.name, t.dims, t.data_type, store, store.add(_array_of_inline(t)),
@@ -296,8 +297,8 @@ def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
     if not has_stubs(model):
         return model
     out = onnx.ModelProto()
-    _copy_fields(model, out, skip=("graph",))
-    _copy_fields(model.graph, out.graph, skip=("initializer",))
+    copy_fields(model, out, lambda fd: fd.name != "graph")
+    copy_fields(model.graph, out.graph, lambda fd: fd.name != "initializer")
     for t in model.graph.initializer:
         if is_stub(t):
             filled = numpy_helper.from_array(np.asarray(array(t)), t.name)
