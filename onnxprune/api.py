@@ -151,7 +151,8 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
     if opts.criterion in NEEDS_STATS or opts.recover or opts.method == "bottleneck":
         t = time.perf_counter()
         wanted = {c.tensor: c.repeat for c in find_consumers(analysis)}
-        stats = collect_stats(prepared, wanted, cal, cal.fit, providers, progress)
+        stats = collect_stats(prepared, wanted, cal, cal.fit, providers, progress,
+                              absolute=opts.criterion == "activation")
         seconds["calibrate"] = time.perf_counter() - t
     t = time.perf_counter()
     gated = sampled = cost_model = None

@@ -18,6 +18,7 @@ The ridge is relative to the mean diagonal of the Gram matrix.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Tuple
 
 import numpy as np
@@ -37,7 +38,11 @@ def _solve(gram: np.ndarray, rhs: np.ndarray, ridge: float) -> Optional[np.ndarr
     reg = np.full(len(gram), ridge * scale)
     reg[-1] = 1e-9 * scale  # the intercept is not shrunk
     try:
-        sol = scipy.linalg.solve(gram + np.diag(reg), rhs, assume_a="pos")
+        with warnings.catch_warnings():
+            # an ill-conditioned system (dead or duplicate channels) is what the ridge is for;
+            # scipy's warning would reach the user once per layer and say nothing they can act on
+            warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+            sol = scipy.linalg.solve(gram + np.diag(reg), rhs, assume_a="pos")
     except (np.linalg.LinAlgError, ValueError):
         return None
     return sol if np.isfinite(sol).all() else None

@@ -124,10 +124,12 @@ def group_games(analysis: Analysis, stats: ChannelStats, centred: bool = True,
             if g not in q_by_group:
                 continue
             pos = np.flatnonzero(groups == g)
-            # sum position-level interactions into player-level ones (a player may span positions)
-            m = np.zeros((len(pos), len(members[g])))
-            m[np.arange(len(pos)), lookup[players[pos]]] = 1.0
-            q_by_group[g] += m.T @ qp[np.ix_(pos, pos)] @ m
+            local = lookup[players[pos]]
+            block = qp[np.ix_(pos, pos)]
+            if len(np.unique(local)) == len(local):
+                q_by_group[g][np.ix_(local, local)] += block
+            else:  # a player spans several positions: sum their interactions into its own
+                np.add.at(q_by_group[g], (local[:, None], local[None, :]), block)
     games = {}
     for g, q in q_by_group.items():
         q = (q + q.T) / 2
@@ -140,8 +142,11 @@ def group_games(analysis: Analysis, stats: ChannelStats, centred: bool = True,
 def loss_curve(q: np.ndarray, order: np.ndarray) -> np.ndarray:
     """loss[k] = 1_R^T Q 1_R with R the players outside the k best."""
     rev = q[np.ix_(order[::-1], order[::-1])]
-    blocks = np.cumsum(np.cumsum(rev, axis=0), axis=1)  # blocks[m-1, m-1] = sum of the m least important
-    tail = np.concatenate([[0.0], np.diag(blocks)])  # tail[m] for m removed
+    # tail[m] = sum of rev's leading m x m block (the m least important removed); growing the
+    # block by row m adds that row's entries before the diagonal twice (q is symmetric) and the
+    # diagonal once
+    step = 2.0 * np.tril(rev, -1).sum(axis=1) + np.diag(rev)
+    tail = np.concatenate([[0.0], np.cumsum(step)])  # tail[m] for m removed
     return np.maximum(tail[::-1], 0.0)  # loss[k] has n - k removed
 
 
@@ -180,7 +185,7 @@ def refit_games(analysis: Analysis, stats: ChannelStats, games: Dict[int, GroupG
         fits = []
         for consumer in consumers:
             s = stats[consumer.tensor]
-            if s.gram.ndim != 2 or 8 * s.count < s.gram.shape[0]:
+            if s.gram.ndim != 2 or 8 * s.gram_count < s.gram.shape[0]:
                 continue  # far fewer samples than channels: a regression on them would be noise
             found = analysis.atom_player[consumer.channel_atoms(analysis)]
             mine = np.flatnonzero(analysis.player_group[found] == g)

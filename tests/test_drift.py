@@ -24,7 +24,9 @@ def test_bn_correct_rescues_pruning_without_recovery():
     assert plain.report.macs_after == corrected.report.macs_after
     assert any("BN drift corrected on 4 layers" in n for n in corrected.report.notes)
     assert corrected.report.fidelity_relative_error < 0.5 * plain.report.fidelity_relative_error
-    assert _accuracy(corrected.model, x, y) > _accuracy(plain.model, x, y) + 0.2
+    # without correction this pruning leaves 75-85% (depending on the ranking); corrected, it is
+    # back near the original's 99%
+    assert _accuracy(corrected.model, x, y) > max(0.95, _accuracy(plain.model, x, y) + 0.1)
 
 
 def test_bn_correct_does_nothing_without_batchnorm():
