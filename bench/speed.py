@@ -63,13 +63,13 @@ def main():
     for name in args.models.split(","):
         model_path, calib, (x, y) = MODELS[name]()
         base = accuracy(model_path, x, y)
-        for rt in (int(v) for v in args.round_to.split(",")):
+        for rt in (None if v == "auto" else int(v) for v in args.round_to.split(",")):
             for aware in ((False, True) if args.latency_aware else (False,)):
                 r = onnxprune.prune(model_path, calib, onnxprune.PruneOptions(flops=args.ratio, round_to=rt,
                                                                               latency_aware=aware))
                 acc = accuracy(r.model, x, y)
                 b1, b32 = _median_latency(model_path, r, calib, args.repeat)
-                row = (f"| {name} | {rt} | {'latency' if aware else 'FLOPs'} | {r.report.flops_reduction:.1%} | "
+                row = (f"| {name} | {rt or 'auto: ' + r.report.rounding} | {'latency' if aware else 'FLOPs'} | {r.report.flops_reduction:.1%} | "
                        f"{acc:.2%} ({base:.2%}) | "
                        f"{b1['before_ms']:.3f} -> {b1['after_ms']:.3f} | {b1['before_ms'] / b1['after_ms']:.2f}x | "
                        f"{b32['before_ms']:.2f} -> {b32['after_ms']:.2f} | {b32['before_ms'] / b32['after_ms']:.2f}x |")

@@ -109,12 +109,17 @@ class MacModel:
         return int(round(self.macs_of_counts(self.counts(keep))))
 
 
-def _unit(size: int, round_to: int) -> int:
-    return round_to if round_to > 1 and size >= round_to else 1
+def allowed_counts(n: int, round_to: int) -> np.ndarray:
+    """The kept counts a group of ``n`` channels may have, ascending: multiples of ``round_to``
+    in groups at least that wide (any count in narrower ones), and the whole group."""
+    unit = round_to if round_to > 1 and n >= round_to else 1
+    return np.array(sorted(set(range(unit, n + 1, unit)) | {n}), dtype=np.int64)
 
 
-def _round_up(k: int, n: int, unit: int) -> int:
-    return min(n, int(math.ceil(k / unit) * unit)) if unit > 1 else min(n, k)
+def _round_up(k: int, allowed: np.ndarray) -> int:
+    """The smallest allowed count of at least k (the whole group when k exceeds them all)."""
+    i = int(np.searchsorted(allowed, k, side="left"))
+    return int(allowed[min(i, len(allowed) - 1)])
 
 
 def _spaces_of_players(analysis: Analysis, players: np.ndarray) -> List[np.ndarray]:
@@ -177,10 +182,13 @@ class _Planner:
         self.model = cost_model if cost_model is not None else MacModel(analysis)
         self.ranked = ranked  # group -> players, most important first
         self.size = {g: len(p) for g, p in ranked.items()}
-        self.unit = {g: _unit(n, round_to) for g, n in self.size.items()}
+        self.allowed = {g: allowed_counts(n, round_to) for g, n in self.size.items()}
         essential = essential or {}
-        self.floor = {g: _round_up(max(1, essential.get(g, 1), math.ceil(min_keep * n - 1e-9)), n, self.unit[g])
+        self.floor = {g: self.round_up(g, max(1, essential.get(g, 1), math.ceil(min_keep * n - 1e-9)))
                       for g, n in self.size.items()}
+
+    def round_up(self, g: int, k: int) -> int:
+        return _round_up(k, self.allowed[g])
 
     def mask(self, kept: Dict[int, int]) -> np.ndarray:
         keep = np.ones(self.analysis.num_players, dtype=bool)
@@ -192,19 +200,21 @@ class _Planner:
         return self.model.macs(self.mask(kept))
 
     def step_down(self, g: int, k: int) -> int:
-        """The next smaller allowed count (a multiple of the unit), or k if none is allowed."""
-        u = self.unit[g]
-        nxt = ((k - 1) // u) * u if u > 1 else k - 1
+        """The next smaller allowed count, or k if none is allowed (none above the floor)."""
+        allowed = self.allowed[g]
+        i = int(np.searchsorted(allowed, k, side="left"))
+        nxt = int(allowed[i - 1]) if i > 0 else k
         return nxt if nxt >= self.floor[g] else k
 
     def step_up(self, g: int, k: int) -> int:
-        u = self.unit[g]
-        return min(self.size[g], (k // u + 1) * u if u > 1 else k + 1)
+        allowed = self.allowed[g]
+        i = int(np.searchsorted(allowed, k, side="right"))
+        return int(allowed[i]) if i < len(allowed) else self.size[g]
 
     def uniform(self, t: float) -> Dict[int, int]:
         out = {}
         for g, n in self.size.items():
-            k = _round_up(int(math.ceil(n * (1.0 - t) - 1e-9)), n, self.unit[g])
+            k = self.round_up(g, int(math.ceil(n * (1.0 - t) - 1e-9)))
             out[g] = max(self.floor[g], k)
         return out
 
@@ -262,8 +272,8 @@ def _threshold(plan: _Planner, target: int, gates: Dict[int, np.ndarray]) -> Dic
     under a group's floor) meet the target. Counts fall as the threshold rises."""
 
     def kept_at(t: float) -> Dict[int, int]:
-        return {g: max(plan.floor[g], _round_up(int(np.count_nonzero(gates[g] > t)), n, plan.unit[g]))
-                for g, n in plan.size.items()}
+        return {g: max(plan.floor[g], plan.round_up(g, int(np.count_nonzero(gates[g] > t))))
+                for g in plan.size}
 
     values = np.concatenate([v for v in gates.values()]) if gates else np.zeros(1)
     # macs(kept_at(lo)) > target >= macs(kept_at(hi)): all kept at lo, only the (reachable) floors at hi

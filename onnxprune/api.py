@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import onnx
@@ -25,7 +25,7 @@ from .progress import Progress, silent
 from .report import BlockedRow, GroupRow, Report
 from .rewrite import rewrite
 from .save import TWO_GB, save_atomic
-from .runtime import blas_single_thread, choose_providers
+from .runtime import blas_single_thread, choose_providers, kernel_channel_block
 from .consumers import find_consumers, flatten_repeat
 from .recover import recover, refit_sequential
 from .score import NEEDS_STATS, score_players
@@ -118,6 +118,8 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
     cal = load_calibration(calib, spec, opts)
     providers, provider_text = choose_providers(opts.device)
     log(f"onnxruntime provider: {provider_text}")
+    roundings = _roundings(opts, providers)
+    opts = opts.replace(round_to=roundings[0])
     input_shapes = {spec.name: (1,) + cal.sample_shape}
     params_before = count_params(original)
     # A large model keeps one copy of its weights: the prepared model (which computes the
@@ -160,8 +162,8 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
         with progress("learning gates", 1) as update:
             ranked, loss, importance, gated = _gate(analysis, opts, stats)
             update(1)
-        alloc = allocate(analysis, ranked, opts.flops, opts.min_keep, opts.round_to, "threshold", loss,
-                         gates=gated.logits)
+        alloc, opts = _allocate_rounded(roundings, opts, opts.flops, lambda r: allocate(
+            analysis, ranked, opts.flops, opts.min_keep, r, "threshold", loss, gates=gated.logits))
     else:
         if opts.criterion == "snpfi" and opts.payoff == "output":
             with progress("sampling the output payoff", len(analysis.prunable_groups())) as update:
@@ -181,8 +183,9 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
                 cost_model, share = timed, opts.latency_target
             else:
                 rank_model = timed
-        alloc = allocate(analysis, ranked, share, opts.min_keep, opts.round_to, opts.allocation, loss,
-                         cost_model=cost_model, rank_model=rank_model)
+        alloc, opts = _allocate_rounded(roundings, opts, share, lambda r: allocate(
+            analysis, ranked, share, opts.min_keep, r, opts.allocation, loss, cost_model=cost_model,
+            rank_model=rank_model))
     seconds["score_allocate"] = time.perf_counter() - t
     recovery = None
     if opts.recover:
@@ -192,6 +195,11 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
         seconds["recover"] = time.perf_counter() - t
 
     report = _describe(analysis, alloc, opts)
+    if opts.round_to > 1:
+        report.rounding = f"channels in multiples of {opts.round_to}"
+    if opts.round_to != roundings[0]:
+        report.rounding = (report.rounding or "channels not rounded") + (
+            f"; multiples of {roundings[0]}, the kernels' block, could not meet the target within a point")
     _add_curves(report, analysis, alloc, loss, importance)
     if sampled is not None:
         report.payoff_cost = dict(evaluations=sampled.evaluations, budget=sampled.budget, seconds=sampled.seconds,
@@ -314,6 +322,36 @@ def _rank(analysis: Analysis, opts: PruneOptions, stats, bn_scale=None):
         loss[g.index] = 1.0 - kept_share
         importance[g.index] = scores[players]
     return ranked, loss, importance
+
+
+def _roundings(opts: PruneOptions, providers) -> List[int]:
+    """The --round-to values to try, in order: the one given, or by default the kernels' block
+    and then finer ones. The block is a preference: a narrow model whose groups are not much
+    wider than it could otherwise not be pruned far (a 16-channel group cannot lose a channel
+    in multiples of 16), nor land within a point of the target when its steps are coarse."""
+    if opts.round_to is not None:
+        return [opts.round_to]
+    return sorted({kernel_channel_block(providers), 8, 1}, reverse=True)
+
+
+def _allocate_rounded(roundings: List[int], opts: PruneOptions, target: float, attempt):
+    """The first allocation, over ``roundings``, that meets the target within one point; else
+    the closest one made; else the last rounding's error. Returns it and ``opts`` with the
+    rounding used."""
+    best, error = None, None
+    for r in roundings:
+        try:
+            alloc = attempt(r)
+        except TargetError as e:
+            error = e
+            continue
+        if alloc.reduction <= target + 0.01:
+            return alloc, opts.replace(round_to=r)
+        if best is None or alloc.reduction < best[0].reduction:
+            best = (alloc, r)
+    if best is None:
+        raise error
+    return best[0], opts.replace(round_to=best[1])
 
 
 def _latency_model(analysis: Analysis, prepared: onnx.ModelProto, cal: CalibrationSet, opts: PruneOptions,

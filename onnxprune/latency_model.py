@@ -29,7 +29,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 from scipy.interpolate import RegularGridInterpolator
 
-from .allocate import MacModel
+from .allocate import MacModel, allowed_counts
 from .analyse import Analysis
 from .latency import time_session
 from .ops import rule_for
@@ -42,16 +42,24 @@ def _seconds(model: onnx.ModelProto, feed: dict, providers: Sequence[str]) -> fl
     return time_session(make_session(model, providers, optimize=True), feed, RUNS, MAX_RUNS, MIN_SECONDS)
 
 
-def _grid(full: int, prunable: bool, unit: int, min_keep: float) -> List[int]:
+GRID_POINTS = 6  # widths timed per side of a layer, at most
+
+
+def _grid(full: int, prunable: bool, round_to: int, min_keep: float) -> List[int]:
+    """The widths a layer is timed at: counts the allocation may choose (so that the steps
+    of the kernels, such as a count between two blocks costing what the next block does, are
+    measured rather than interpolated over), at most GRID_POINTS of them, evenly spread
+    from the --min-keep floor to the full width."""
     if not prunable or full <= 1:
         return [full]
-    u = unit if unit > 1 and full >= unit else 1
     floor = max(1, math.ceil(min_keep * full - 1e-9))
-    points = {full}
-    for share in (floor / full, 0.25, 0.5, 0.75):
-        k = min(full, max(u, int(math.ceil(share * full / u)) * u))
-        points.add(k)
-    return sorted(points)
+    allowed = allowed_counts(full, round_to)
+    points = allowed[allowed >= floor]
+    if len(points) == 0:
+        points = allowed[-1:]
+    if len(points) > GRID_POINTS:
+        points = points[np.unique(np.round(np.linspace(0, len(points) - 1, GRID_POINTS)).astype(int))]
+    return sorted({int(p) for p in points} | {full})
 
 
 def _single_layer(node: gs.Node, shapes: dict, batch: int, widths: dict, opset: int,

@@ -104,10 +104,11 @@ class PruneOptions:
         False, "With --flops and --allocation auto: price each pruning step by the latency it saves "
         "(each prunable layer timed at candidate widths, as for --latency) instead of the FLOPs; the "
         "FLOPs target still decides how far pruning goes.", is_flag=True)
-    round_to: int = _opt(
-        8, "Kept channel counts are multiples of N in groups of at least N channels: onnxruntime's "
-        "CPU kernels work in blocks of channels, and odd counts ran slower than the original "
-        "(bench/results/*-speed.md). 1 turns rounding off.", metavar="N")
+    round_to: Optional[int] = _opt(
+        None, "Kept channel counts are multiples of N in groups of at least N channels; 1 turns rounding "
+        "off. Default: the channel block of the provider's convolution kernels, 16 on a CPU with AVX-512 "
+        "(a count between two multiples of 16 runs as slowly as the next one up) and 8 elsewhere "
+        "(bench/results/*-speed.md).", metavar="N")
     min_keep: float = _opt(
         0.1, "Fraction of each channel group that always stays (at least one channel does).")
     latency: bool = _opt(
@@ -158,7 +159,7 @@ class PruneOptions:
             raise UsageError("--max-images and --batch-size must be at least 1")
         if not (0.0 <= self.holdout < 1.0):
             raise UsageError(f"--holdout must be in [0, 1), got {self.holdout}")
-        if self.round_to < 1:
+        if self.round_to is not None and self.round_to < 1:
             raise UsageError("--round-to must be at least 1")
         if not (0.0 <= self.min_keep < 1.0):
             raise UsageError(f"--min-keep must be in [0, 1), got {self.min_keep}")

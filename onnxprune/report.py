@@ -36,6 +36,7 @@ class Report:
     criterion: str = ""
     payoff: str = ""
     allocation: str = "auto"
+    rounding: str = ""  # the kept counts allowed, as said in the summary
     recovery: bool = True
     refitted_layers: int = 0
     flops_target: float = 0.0
@@ -131,7 +132,8 @@ class Report:
                 f"{lm['layers_timed']} layers timed at candidate widths; measured above")
         target = f"FLOPs target -{self.flops_target:.0%}, achieved" if not self.latency_target else "FLOPs"
         add(f"{target} -{self.flops_reduction:.1%}; "
-            f"{'method bottleneck, ' if self.method == 'bottleneck' else ''}criterion {self.criterion}{' (' + self.payoff + ' payoff)' if self.payoff else ''}, allocation {self.allocation}, "
+            f"{'method bottleneck, ' if self.method == 'bottleneck' else ''}criterion {self.criterion}{' (' + self.payoff + ' payoff)' if self.payoff else ''}, allocation {self.allocation}"
+            f"{' (' + self.rounding + ')' if self.rounding else ''}, "
             f"recovery {'on (' + str(self.refitted_layers) + ' layers refitted)' if self.recovery else 'off'}; "
             f"{self.prunable_macs_share:.0%} of FLOPs sit in layers touching prunable groups")
         add("")

@@ -49,6 +49,33 @@ def choose_providers(device: str) -> Tuple[List[str], str]:
     return ["CPUExecutionProvider"], "CPU (onnxruntime CPUExecutionProvider; no GPU found)"
 
 
+def _cpu_has_avx512() -> bool:
+    try:  # NumPy's own CPU feature detection, where this NumPy exposes it
+        from numpy._core._multiarray_umath import __cpu_features__
+        return bool(__cpu_features__.get("AVX512F"))
+    except ImportError:
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
+
+
+def kernel_channel_block(providers: Sequence[str]) -> int:
+    """The default --round-to on ``providers``: the channel block of onnxruntime's kernels.
+
+    Its x86 CPU convolutions run in the NCHWc layout, whose block is the vector width: 16
+    floats with AVX-512. A layer whose channel count is not a multiple of the block runs as
+    slowly as at the next multiple (measured: 24 channels cost what 32 do), so channels cut
+    between two multiples cost accuracy and buy no time (bench/results/*-speed.md).
+    Elsewhere (AVX2 CPUs, whose block is 8, other CPUs, CUDA) multiples of 8, the rounding
+    measured best before the block was known."""
+    if providers and providers[0] == "CPUExecutionProvider" and _cpu_has_avx512():
+        return 16
+    return 8
+
+
 def make_session(model: onnx.ModelProto, providers: Sequence[str], threads: int = 0,
                  optimize: bool = False) -> ort.InferenceSession:
     """An onnxruntime session for ``model``, whose large weights may be stubs in the weight store.

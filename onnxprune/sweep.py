@@ -111,7 +111,8 @@ def format_table(sweep: Sweep) -> str:
 def _write_table(sweep: Sweep, options: PruneOptions) -> None:
     method = "bottleneck" if options.method == "bottleneck" else f"snpfi, criterion {options.criterion}"
     header = (f"# Sweep of {os.path.basename(sweep.model)}\n\nMethod {method}, recovery "
-              f"{'on' if options.recover else 'off'}, --round-to {options.round_to}. Latency: median over fresh "
+              f"{'on' if options.recover else 'off'}, "
+              f"{'--round-to ' + str(options.round_to) if options.round_to else 'default --round-to (the kernel block)'}. Latency: median over fresh "
               "onnxruntime sessions, before -> after (speedup).\n\n")
     with open(sweep.table_path, "w") as f:
         f.write(header + format_table(sweep) + "\n")

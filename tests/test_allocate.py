@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import tiny
-from onnxprune.allocate import MacModel, allocate
+from onnxprune.allocate import MacModel, allocate, allowed_counts
 from onnxprune.errors import TargetError
 from surgery import analysis_of
 
@@ -66,3 +66,20 @@ def test_unreachable_target_says_the_most():
     _, analysis = analysis_of(tiny.plain_cnn())
     with pytest.raises(TargetError, match=r"at most \d+\.\d%"):
         allocate(analysis, _ranked(analysis), 0.97, 0.5, 1, "uniform")
+
+
+def test_allowed_counts_are_multiples_and_the_whole_group():
+    assert allowed_counts(64, 16).tolist() == [16, 32, 48, 64]
+    assert allowed_counts(24, 16).tolist() == [16, 24]  # the whole group is always allowed
+    assert allowed_counts(12, 16).tolist() == list(range(1, 13))  # narrower than a block: any count
+    assert allowed_counts(32, 8).tolist() == [8, 16, 24, 32]
+    assert allowed_counts(5, 1).tolist() == [1, 2, 3, 4, 5]
+
+
+def test_default_rounding_is_the_cpu_kernels_block(monkeypatch):
+    from onnxprune import runtime
+    monkeypatch.setattr(runtime, "_cpu_has_avx512", lambda: True)
+    assert runtime.kernel_channel_block(["CPUExecutionProvider"]) == 16
+    assert runtime.kernel_channel_block(["CUDAExecutionProvider", "CPUExecutionProvider"]) == 8
+    monkeypatch.setattr(runtime, "_cpu_has_avx512", lambda: False)
+    assert runtime.kernel_channel_block(["CPUExecutionProvider"]) == 8
