@@ -30,6 +30,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "models"))
 
 import onnxprune  # noqa: E402
+from onnxprune.runtime import kernel_channel_block  # noqa: E402
 
 BENCH_CACHE = os.path.expanduser(os.environ.get("ONNXPRUNE_BENCH", "~/.cache/onnxprune-bench"))
 
@@ -104,7 +105,7 @@ def configurations(full: bool, only=None):
             yield method, criterion, allocation, recover
 
 
-def run_model(name: str, ratios, full: bool, log, only=None):
+def run_model(name: str, ratios, full: bool, log, only=None, round_to=None):
     model_path, calib, (x, y) = MODELS[name]()
     base = accuracy(model_path, x, y)
     plain = plain_pass_seconds(model_path, calib)
@@ -112,7 +113,7 @@ def run_model(name: str, ratios, full: bool, log, only=None):
     rows = []
     for ratio in ratios:
         for method, criterion, allocation, recover in configurations(full, only):
-            opts = onnxprune.PruneOptions(flops=ratio, method=method, recover=recover, **(
+            opts = onnxprune.PruneOptions(flops=ratio, method=method, recover=recover, round_to=round_to, **(
                 dict(criterion=criterion, allocation=allocation) if method == "snpfi" else {}))
             if criterion == "snpfi-output":  # snpfi with the sampled output payoff (default --budget)
                 opts = opts.replace(criterion="snpfi", payoff="output")
@@ -129,11 +130,27 @@ def run_model(name: str, ratios, full: bool, log, only=None):
             rows.append(dict(model=name, ratio=ratio, method=method, criterion=criterion, allocation=allocation, recover=recover,
                              flops_reduction=r.flops_reduction, accuracy=acc, base_accuracy=base,
                              fidelity_error=r.fidelity_relative_error, fidelity_top1=r.fidelity_top1_agreement,
-                             wall_seconds=wall, plain_pass_seconds=plain, seconds=r.seconds))
+                             wall_seconds=wall, plain_pass_seconds=plain, seconds=r.seconds,
+                             round_to=r.round_to, block=round_to or BLOCK, latency=r.latency))
             log(f"  {ratio} {criterion:10} {allocation:7} {'rec' if recover else '   '} "
                 f"-{r.flops_reduction:.1%} acc {acc:.4f} ({(acc - base) * 100:+.2f}p) "
                 f"wall {wall:.1f}s = {wall / plain:.1f}x plain")
     return base, plain, rows
+
+
+BLOCK = kernel_channel_block(["CPUExecutionProvider"])  # the default --round-to on this machine
+
+
+def _cell(row) -> str:
+    """Accuracy (FLOPs removed, batch-32 speedup measured by the report, and the rounding used
+    where the default fell back from the kernels' block)."""
+    extra = [f"-{row['flops_reduction']:.1%}"]
+    big = [lat for lat in row.get("latency", []) if lat["batch"] > 1]
+    if big:
+        extra.append(f"{big[0]['before_ms'] / big[0]['after_ms']:.2f}x")
+    if row.get("round_to") and row["round_to"] != row.get("block"):
+        extra.append(f"r{row['round_to']}")
+    return f"{row['accuracy']:.2%} ({', '.join(extra)})"
 
 
 def table(results) -> str:
@@ -149,7 +166,7 @@ def table(results) -> str:
             cells = []
             for q in ratios:
                 hit = [r for r in rows if (r["criterion"], r["allocation"], r["recover"], r["ratio"]) == (c, a, rec, q)]
-                cells.append(f"{hit[0]['accuracy']:.2%} (-{hit[0]['flops_reduction']:.1%})" if hit else "n/a")
+                cells.append(_cell(hit[0]) if hit else "n/a")
             method = "bottleneck" if c == "gates" else "snpfi"
             lines.append(f"| {method} | {c} | {a} | {'on' if rec else 'off'} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -175,6 +192,7 @@ def main():
     p.add_argument("--ratios", default="0.3,0.5,0.6,0.7")
     p.add_argument("--full", action="store_true", help="recovery rows for every criterion, not only snpfi and l1")
     p.add_argument("--only", default=None, help="comma-separated configurations, e.g. snpfi/auto,l1/uniform,bottleneck")
+    p.add_argument("--round-to", type=int, default=None, help="pass this --round-to (default: the tool's default)")
     p.add_argument("--name", default="accuracy", help="results file stem after the date")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     args = p.parse_args()
@@ -182,16 +200,19 @@ def main():
     results = {}
     for name in args.models.split(","):
         only = set(args.only.split(",")) if args.only else None
-        results[name] = run_model(name, ratios, args.full, lambda line: print(line, flush=True), only)
+        results[name] = run_model(name, ratios, args.full, lambda line: print(line, flush=True), only, args.round_to)
     stamp = datetime.date.today().isoformat()
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, default --round-to {BLOCK}"
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"{stamp}-{args.name}")
     header = (f"# onnxprune accuracy benchmark, {stamp}\n\nMachine: {machine}; onnxruntime "
               f"{ort.__version__} (CPU provider). Command: `python bench/run_bench.py --models {args.models} "
               f"--ratios {args.ratios}{' --full' if args.full else ''}{' --only ' + args.only if args.only else ''}"
+              f"{' --round-to ' + str(args.round_to) if args.round_to else ''}"
               f"{' --name ' + args.name if args.name != 'accuracy' else ''}`\n\nCells: top-1 accuracy on the full test "
-              "split (achieved FLOPs reduction). Calibration: 256 training-split images (51 held out).\n\n")
+              "split (achieved FLOPs reduction, batch-32 CPU speedup from the report's latency measurement, and rN where "
+              "the default rounding fell back to multiples of N to meet the target within a point). Calibration: 256 "
+              "training-split images (51 held out).\n\n")
     with open(base + ".md", "w") as f:
         f.write(header + table(results))
     with open(base + ".json", "w") as f:

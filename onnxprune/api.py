@@ -195,6 +195,7 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
         seconds["recover"] = time.perf_counter() - t
 
     report = _describe(analysis, alloc, opts)
+    report.round_to = opts.round_to
     if opts.round_to > 1:
         report.rounding = f"channels in multiples of {opts.round_to}"
     if opts.round_to != roundings[0]:

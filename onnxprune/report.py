@@ -37,6 +37,7 @@ class Report:
     payoff: str = ""
     allocation: str = "auto"
     rounding: str = ""  # the kept counts allowed, as said in the summary
+    round_to: int = 1  # the --round-to the allocation used
     recovery: bool = True
     refitted_layers: int = 0
     flops_target: float = 0.0
