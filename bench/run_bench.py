@@ -138,7 +138,7 @@ def run_model(name: str, ratios, full: bool, log, only=None, round_to=None):
     return base, plain, rows
 
 
-BLOCK = kernel_channel_block(["CPUExecutionProvider"])  # the default --round-to on this machine
+BLOCK = kernel_channel_block(["CPUExecutionProvider"])[0]  # the default --round-to on this machine
 
 
 def _cell(row) -> str:

@@ -4,7 +4,7 @@
                           [--repeat 1] [--name speed]
 
 For every model and rounding: the pruned model's FLOPs reduction, accuracy on the full
-test split and latency before/after at batch 1 and 32 (median over fresh interleaved
+test split and latency before/after at each of --batches (median over fresh interleaved
 sessions, as the report measures it; with --repeat N, the median of N such measurements).
 --latency-aware adds, for every rounding, the run whose allocation prices each step by
 the latency it saves. Writes bench/results/DATE-NAME.md.
@@ -24,10 +24,8 @@ from run_bench import HERE, MODELS, accuracy
 import onnxprune  # noqa: E402  (run_bench put the repository on sys.path)
 
 
-def _median_latency(model_path, result, calib, repeat):
-    """The report's latency rows, or per batch the median over ``repeat`` measurements."""
-    if repeat <= 1:
-        return result.report.latency
+def _median_latency(model_path, result, calib, repeat, batches):
+    """Per batch size, the median over ``repeat`` measurements like the report's."""
     import numpy as np
     import onnx
     from onnxprune import latency
@@ -37,10 +35,10 @@ def _median_latency(model_path, result, calib, repeat):
     opts = onnxprune.PruneOptions(flops=0.5)
     cal = load_calibration(calib, input_spec(original, opts), opts)
     sample = next(cal.batches(cal.fit[:1]))[0]
-    runs = [latency.measure(original, result.model, cal.spec.name, sample, [1, 32], ["CPUExecutionProvider"])
-            for _ in range(repeat)]
+    runs = [latency.measure(original, result.model, cal.spec.name, sample, batches, ["CPUExecutionProvider"])
+            for _ in range(max(1, repeat))]
     out = []
-    for i, batch in enumerate((1, 32)):
+    for i, batch in enumerate(batches):
         before = float(np.median([r[i].before_ms for r in runs]))
         after = float(np.median([r[i].after_ms for r in runs]))
         out.append(dict(batch=batch, before_ms=before, after_ms=after))
@@ -54,25 +52,27 @@ def main():
     p.add_argument("--round-to", default="1,4,8,16")
     p.add_argument("--latency-aware", action="store_true")
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--batches", default="1,32", help="batch sizes timed")
     p.add_argument("--name", default="speed")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     args = p.parse_args()
-    lines = ["| model | round-to | steps priced by | FLOPs removed | accuracy (base) | batch 1 ms before -> after | "
-             "speedup | batch 32 ms before -> after | speedup |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    batches = [int(b) for b in args.batches.split(",")]
+    lines = ["| model | round-to | steps priced by | FLOPs removed | accuracy (base) | " +
+             " | ".join(f"batch {b} ms before -> after | speedup" for b in batches) + " |",
+             "| --- | --- | --- | --- | --- | " + " | ".join("--- | ---" for _ in batches) + " |"]
     for name in args.models.split(","):
         model_path, calib, (x, y) = MODELS[name]()
         base = accuracy(model_path, x, y)
         for rt in (None if v == "auto" else int(v) for v in args.round_to.split(",")):
             for aware in ((False, True) if args.latency_aware else (False,)):
                 r = onnxprune.prune(model_path, calib, onnxprune.PruneOptions(flops=args.ratio, round_to=rt,
-                                                                              latency_aware=aware))
+                                                                              latency_aware=aware, latency=False))
                 acc = accuracy(r.model, x, y)
-                b1, b32 = _median_latency(model_path, r, calib, args.repeat)
-                row = (f"| {name} | {rt or 'auto: ' + r.report.rounding} | {'latency' if aware else 'FLOPs'} | {r.report.flops_reduction:.1%} | "
-                       f"{acc:.2%} ({base:.2%}) | "
-                       f"{b1['before_ms']:.3f} -> {b1['after_ms']:.3f} | {b1['before_ms'] / b1['after_ms']:.2f}x | "
-                       f"{b32['before_ms']:.2f} -> {b32['after_ms']:.2f} | {b32['before_ms'] / b32['after_ms']:.2f}x |")
+                timed = _median_latency(model_path, r, calib, args.repeat, batches)
+                row = (f"| {name} | {rt or 'default: ' + r.report.rounding} | {'latency' if aware else 'FLOPs'} | "
+                       f"{r.report.flops_reduction:.1%} | {acc:.2%} ({base:.2%}) | " +
+                       " | ".join(f"{t['before_ms']:.3f} -> {t['after_ms']:.3f} | {t['before_ms'] / t['after_ms']:.2f}x"
+                                  for t in timed) + " |")
                 print(row, flush=True)
                 lines.append(row)
     stamp = datetime.date.today().isoformat()
@@ -82,7 +82,8 @@ def main():
     with open(path, "w") as f:
         f.write(f"# Speed against --round-to, {stamp}\n\nMachine: {machine}; onnxruntime {ort.__version__}, CPU "
                 f"provider. Command: `python bench/speed.py --models {args.models} --ratio {args.ratio} "
-                f"--round-to {args.round_to}{' --latency-aware' if args.latency_aware else ''} --repeat {args.repeat}`"
+                f"--round-to {args.round_to}{' --latency-aware' if args.latency_aware else ''} --repeat {args.repeat} "
+                f"--batches {args.batches}`"
                 "\n\n" + "\n".join(lines) + "\n")
     print(f"wrote {path}")
 

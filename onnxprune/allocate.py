@@ -109,10 +109,14 @@ class MacModel:
         return int(round(self.macs_of_counts(self.counts(keep))))
 
 
-def allowed_counts(n: int, round_to: int) -> np.ndarray:
+def allowed_counts(n: int, round_to: int, narrow_unit: int = 0) -> np.ndarray:
     """The kept counts a group of ``n`` channels may have, ascending: multiples of ``round_to``
-    in groups at least that wide (any count in narrower ones), and the whole group."""
+    in groups at least that wide (any count in narrower ones), and the whole group. With
+    ``narrow_unit``, groups narrower than two ``round_to`` use multiples of it instead (so a
+    16-channel group can still be halved when the block is 16)."""
     unit = round_to if round_to > 1 and n >= round_to else 1
+    if narrow_unit > 1 and round_to <= n < 2 * round_to:
+        unit = narrow_unit
     return np.array(sorted(set(range(unit, n + 1, unit)) | {n}), dtype=np.int64)
 
 
@@ -177,12 +181,12 @@ def _cover_regions(analysis: Analysis, ranked: Dict[int, np.ndarray], chosen: Di
 
 class _Planner:
     def __init__(self, analysis: Analysis, ranked: Dict[int, np.ndarray], min_keep: float, round_to: int,
-                 essential: Optional[Dict[int, int]] = None, cost_model=None):
+                 essential: Optional[Dict[int, int]] = None, cost_model=None, narrow_unit: int = 0):
         self.analysis = analysis
         self.model = cost_model if cost_model is not None else MacModel(analysis)
         self.ranked = ranked  # group -> players, most important first
         self.size = {g: len(p) for g, p in ranked.items()}
-        self.allowed = {g: allowed_counts(n, round_to) for g, n in self.size.items()}
+        self.allowed = {g: allowed_counts(n, round_to, narrow_unit) for g, n in self.size.items()}
         essential = essential or {}
         self.floor = {g: self.round_up(g, max(1, essential.get(g, 1), math.ceil(min_keep * n - 1e-9)))
                       for g, n in self.size.items()}
@@ -232,7 +236,8 @@ def _check_reachable(plan: _Planner, before: int, target: int, flops: float, wha
 
 def allocate(analysis: Analysis, ranked: Dict[int, np.ndarray], flops: float, min_keep: float, round_to: int,
              mode: str = "uniform", loss: Optional[Dict[int, np.ndarray]] = None,
-             gates: Optional[Dict[int, np.ndarray]] = None, cost_model=None, rank_model=None) -> Allocation:
+             gates: Optional[Dict[int, np.ndarray]] = None, cost_model=None, rank_model=None,
+             narrow_unit: int = 0) -> Allocation:
     """``ranked``: per prunable group, its players most important first.
     ``loss`` (auto mode): per group, loss[k] = payoff lost when the k best are kept, loss[n] = 0.
     ``gates`` (threshold mode): per group, a gate (or any increasing function of it, such as its
@@ -241,7 +246,7 @@ def allocate(analysis: Analysis, ranked: Dict[int, np.ndarray], flops: float, mi
     :class:`onnxprune.latency_model.LatencyModel` for a latency target. The Allocation's
     ``macs_*`` fields are then in that model's units."""
     ranked, essential = essentials_first(analysis, ranked)
-    plan = _Planner(analysis, ranked, min_keep, round_to, essential, cost_model)
+    plan = _Planner(analysis, ranked, min_keep, round_to, essential, cost_model, narrow_unit)
     before = plan.model.macs(np.ones(analysis.num_players, dtype=bool))
     target = int(math.floor(before * (1.0 - flops)))
     _check_reachable(plan, before, target, flops, "FLOPs" if cost_model is None else "modelled latency")

@@ -119,7 +119,8 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
     providers, provider_text = choose_providers(opts.device)
     log(f"onnxruntime provider: {provider_text}")
     roundings = _roundings(opts, providers)
-    opts = opts.replace(round_to=roundings[0])
+    opts = opts.replace(round_to=roundings[0][0])
+    narrow = roundings[0][1]  # the rounding's unit in groups under two blocks (0: none)
     input_shapes = {spec.name: (1,) + cal.sample_shape}
     params_before = count_params(original)
     # A large model keeps one copy of its weights: the prepared model (which computes the
@@ -162,8 +163,9 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
         with progress("learning gates", 1) as update:
             ranked, loss, importance, gated = _gate(analysis, opts, stats)
             update(1)
-        alloc, opts = _allocate_rounded(roundings, opts, opts.flops, lambda r: allocate(
-            analysis, ranked, opts.flops, opts.min_keep, r, "threshold", loss, gates=gated.logits))
+        alloc, opts, narrow = _allocate_rounded(roundings, opts, opts.flops, lambda r, u: allocate(
+            analysis, ranked, opts.flops, opts.min_keep, r, "threshold", loss, gates=gated.logits,
+            narrow_unit=u))
     else:
         if opts.criterion == "snpfi" and opts.payoff == "output":
             with progress("sampling the output payoff", len(analysis.prunable_groups())) as update:
@@ -177,15 +179,15 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
         rank_model, share = None, opts.flops
         if opts.latency_target is not None or opts.latency_aware:
             t_lat = time.perf_counter()
-            timed = _latency_model(analysis, prepared, cal, opts, providers, progress)
+            timed = _latency_model(analysis, prepared, cal, opts, providers, progress, narrow)
             seconds["latency_model"] = time.perf_counter() - t_lat
             if opts.latency_target is not None:
                 cost_model, share = timed, opts.latency_target
             else:
                 rank_model = timed
-        alloc, opts = _allocate_rounded(roundings, opts, share, lambda r: allocate(
+        alloc, opts, narrow = _allocate_rounded(roundings, opts, share, lambda r, u: allocate(
             analysis, ranked, share, opts.min_keep, r, opts.allocation, loss, cost_model=cost_model,
-            rank_model=rank_model))
+            rank_model=rank_model, narrow_unit=u))
     seconds["score_allocate"] = time.perf_counter() - t
     recovery = None
     if opts.recover:
@@ -196,11 +198,10 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
 
     report = _describe(analysis, alloc, opts)
     report.round_to = opts.round_to
-    if opts.round_to > 1:
-        report.rounding = f"channels in multiples of {opts.round_to}"
-    if opts.round_to != roundings[0]:
+    report.rounding = _rounding_text(opts.round_to, narrow)
+    if (opts.round_to, narrow) != roundings[0]:
         report.rounding = (report.rounding or "channels not rounded") + (
-            f"; multiples of {roundings[0]}, the kernels' block, could not meet the target within a point")
+            f"; {_rounding_text(*roundings[0])}, the kernels' blocks, could not meet the target within a point")
     _add_curves(report, analysis, alloc, loss, importance)
     if sampled is not None:
         report.payoff_cost = dict(evaluations=sampled.evaluations, budget=sampled.budget, seconds=sampled.seconds,
@@ -325,44 +326,51 @@ def _rank(analysis: Analysis, opts: PruneOptions, stats, bn_scale=None):
     return ranked, loss, importance
 
 
-def _roundings(opts: PruneOptions, providers) -> List[int]:
-    """The --round-to values to try, in order: the one given, or by default the kernels' block
-    and then finer ones. The block is a preference: a narrow model whose groups are not much
-    wider than it could otherwise not be pruned far (a 16-channel group cannot lose a channel
-    in multiples of 16), nor land within a point of the target when its steps are coarse."""
+def _roundings(opts: PruneOptions, providers) -> List[Tuple[int, int]]:
+    """The (round_to, narrow unit) pairs to try, in order: the --round-to given, or by default
+    the kernels' blocks and then finer ones. The blocks are a preference: they can make a
+    target unreachable (when most groups are little wider than a block) or overshoot it by
+    more than a point when the steps are coarse."""
     if opts.round_to is not None:
-        return [opts.round_to]
-    return sorted({kernel_channel_block(providers), 8, 1}, reverse=True)
+        return [(opts.round_to, 0)]
+    return list(dict.fromkeys([kernel_channel_block(providers), (8, 0), (1, 0)]))
 
 
-def _allocate_rounded(roundings: List[int], opts: PruneOptions, target: float, attempt):
+def _rounding_text(round_to: int, narrow: int) -> str:
+    if round_to <= 1:
+        return ""
+    return f"channels in multiples of {round_to}" + (
+        f" (of {narrow} in groups under {2 * round_to})" if narrow > 1 else "")
+
+
+def _allocate_rounded(roundings: List[Tuple[int, int]], opts: PruneOptions, target: float, attempt):
     """The first allocation, over ``roundings``, that meets the target within one point; else
-    the closest one made; else the last rounding's error. Returns it and ``opts`` with the
-    rounding used."""
+    the closest one made; else the last rounding's error. Returns it, ``opts`` with the
+    --round-to used, and the narrow unit used."""
     best, error = None, None
-    for r in roundings:
+    for r, u in roundings:
         try:
-            alloc = attempt(r)
+            alloc = attempt(r, u)
         except TargetError as e:
             error = e
             continue
         if alloc.reduction <= target + 0.01:
-            return alloc, opts.replace(round_to=r)
+            return alloc, opts.replace(round_to=r), u
         if best is None or alloc.reduction < best[0].reduction:
-            best = (alloc, r)
+            best = (alloc, r, u)
     if best is None:
         raise error
-    return best[0], opts.replace(round_to=best[1])
+    return best[0], opts.replace(round_to=best[1]), best[2]
 
 
 def _latency_model(analysis: Analysis, prepared: onnx.ModelProto, cal: CalibrationSet, opts: PruneOptions,
-                   providers, progress):
+                   providers, progress, narrow: int = 0):
     from .latency_model import LatencyModel
 
     batch = cal.spec.fixed_batch or opts.latency_batch
     with progress("timing layers", len(analysis.mac_nodes)) as update:
         return LatencyModel(analysis, prepared, cal.spec.name, cal.first_sample(), batch, providers, opts.round_to,
-                            opts.min_keep, default_opset(prepared), progress=lambda n: update)
+                            opts.min_keep, default_opset(prepared), progress=lambda n: update, narrow_unit=narrow)
 
 
 def _gate(analysis: Analysis, opts: PruneOptions, stats):

@@ -45,7 +45,7 @@ def _seconds(model: onnx.ModelProto, feed: dict, providers: Sequence[str]) -> fl
 GRID_POINTS = 6  # widths timed per side of a layer, at most
 
 
-def _grid(full: int, prunable: bool, round_to: int, min_keep: float) -> List[int]:
+def _grid(full: int, prunable: bool, round_to: int, min_keep: float, narrow_unit: int = 0) -> List[int]:
     """The widths a layer is timed at: counts the allocation may choose (so that the steps
     of the kernels, such as a count between two blocks costing what the next block does, are
     measured rather than interpolated over), at most GRID_POINTS of them, evenly spread
@@ -53,7 +53,7 @@ def _grid(full: int, prunable: bool, round_to: int, min_keep: float) -> List[int
     if not prunable or full <= 1:
         return [full]
     floor = max(1, math.ceil(min_keep * full - 1e-9))
-    allowed = allowed_counts(full, round_to)
+    allowed = allowed_counts(full, round_to, narrow_unit)
     points = allowed[allowed >= floor]
     if len(points) == 0:
         points = allowed[-1:]
@@ -94,7 +94,8 @@ class LatencyModel(MacModel):
     Counts (``counts``, ``per_player``) are MacModel's; only their price differs."""
 
     def __init__(self, analysis: Analysis, whole_model: onnx.ModelProto, input_name: str, sample: np.ndarray,
-                 batch: int, providers: Sequence[str], round_to: int, min_keep: float, opset: int, progress=None):
+                 batch: int, providers: Sequence[str], round_to: int, min_keep: float, opset: int, progress=None,
+                 narrow_unit: int = 0):
         super().__init__(analysis)
         self.batch = batch
         prunable = self.per_player.sum(axis=1) > 0
@@ -104,7 +105,7 @@ class LatencyModel(MacModel):
         timed_rates = []
         update = progress(len(analysis.mac_nodes)) if progress else (lambda n: None)
         for node, factors, base in zip(analysis.mac_nodes, self.factors, self.base):
-            grids = [_grid(int(full[f]), bool(prunable[f]), round_to, min_keep) for f in factors]
+            grids = [_grid(int(full[f]), bool(prunable[f]), round_to, min_keep, narrow_unit) for f in factors]
             full_macs = float(base * np.prod([full[f] for f in factors]))
             table = np.zeros([len(g) for g in grids])
             ok = bool(factors) and len(factors) <= 2

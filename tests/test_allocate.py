@@ -74,12 +74,16 @@ def test_allowed_counts_are_multiples_and_the_whole_group():
     assert allowed_counts(12, 16).tolist() == list(range(1, 13))  # narrower than a block: any count
     assert allowed_counts(32, 8).tolist() == [8, 16, 24, 32]
     assert allowed_counts(5, 1).tolist() == [1, 2, 3, 4, 5]
+    # the narrow unit in groups under two blocks: a 16-channel group can be halved
+    assert allowed_counts(16, 16, 8).tolist() == [8, 16]
+    assert allowed_counts(24, 16, 8).tolist() == [8, 16, 24]
+    assert allowed_counts(32, 16, 8).tolist() == [16, 32]
 
 
 def test_default_rounding_is_the_cpu_kernels_block(monkeypatch):
     from onnxprune import runtime
     monkeypatch.setattr(runtime, "_cpu_has_avx512", lambda: True)
-    assert runtime.kernel_channel_block(["CPUExecutionProvider"]) == 16
-    assert runtime.kernel_channel_block(["CUDAExecutionProvider", "CPUExecutionProvider"]) == 8
+    assert runtime.kernel_channel_block(["CPUExecutionProvider"]) == (16, 8)
+    assert runtime.kernel_channel_block(["CUDAExecutionProvider", "CPUExecutionProvider"]) == (8, 0)
     monkeypatch.setattr(runtime, "_cpu_has_avx512", lambda: False)
-    assert runtime.kernel_channel_block(["CPUExecutionProvider"]) == 8
+    assert runtime.kernel_channel_block(["CPUExecutionProvider"]) == (8, 0)

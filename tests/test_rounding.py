@@ -19,23 +19,33 @@ def _prune(name, flops, **kw):
 @pytest.fixture
 def block_16(monkeypatch):
     # the same on every machine: as on a CPU with AVX-512
-    monkeypatch.setattr(api, "kernel_channel_block", lambda providers: 16)
+    monkeypatch.setattr(api, "kernel_channel_block", lambda providers: (16, 8))
 
 
 def test_kept_counts_are_multiples_of_the_block_by_default(block_16):
     report = _prune("mnist_cnn", 0.3)
-    assert report.rounding == "channels in multiples of 16"
+    assert report.rounding == "channels in multiples of 16 (of 8 in groups under 32)"
     assert 0.3 <= report.flops_reduction <= 0.31
     assert any(g.kept < g.channels for g in report.groups)
     for g in report.groups:
-        assert g.kept % 16 == 0 or g.kept == g.channels, (g.name, g.kept, g.channels)
+        unit = 8 if g.channels < 32 else 16
+        assert g.kept % unit == 0 or g.kept == g.channels, (g.name, g.kept, g.channels)
 
 
-def test_finer_rounding_where_the_block_cannot_reach_the_target(block_16):
-    # fmnist_resnet's first stage is 16 channels wide: in multiples of 16 at most 52% of its
-    # FLOPs can go; by default the target is reached in multiples of 8 instead, and said so
-    report = _prune("fmnist_resnet", 0.6)
-    assert 0.6 <= report.flops_reduction <= 0.61
-    assert "multiples of 8" in report.rounding and "could not meet the target" in report.rounding
+def test_narrow_groups_are_halved_in_half_blocks(block_16):
+    # fmnist_resnet's first stage is 16 channels wide: in multiples of 16 it could not lose a
+    # channel (at most 52% of the FLOPs could go); in half-blocks it reaches -80%
+    report = _prune("fmnist_resnet", 0.8)
+    assert 0.8 <= report.flops_reduction <= 0.81
+    assert "could not" not in report.rounding
+    assert any(g.channels == 16 and g.kept == 8 for g in report.groups)
     with pytest.raises(onnxprune.PruneError, match="at most 52"):
         _prune("fmnist_resnet", 0.6, round_to=16)  # asked for: a constraint, not a preference
+
+
+def test_finer_rounding_where_the_blocks_overshoot_the_target(block_16):
+    # at -85% the block steps of fmnist_resnet's wide groups land past 86%: by default the
+    # allocation is redone in multiples of 8, and the summary says so
+    report = _prune("fmnist_resnet", 0.85)
+    assert 0.85 <= report.flops_reduction <= 0.86
+    assert report.rounding.startswith("channels in multiples of 8;") and "could not meet the target" in report.rounding
