@@ -28,6 +28,7 @@ class SweepRow:
     latency: List[dict] = field(default_factory=list)  # batch, before_ms, after_ms
     seconds: float = 0.0
     message: str = ""
+    rounding: str = ""  # the kept counts the allocation used (the report's words)
 
 
 @dataclass
@@ -64,7 +65,7 @@ def run_sweep(model_path: str, calib, targets: Sequence[float], out_dir: str, op
         rows.append(SweepRow(
             target, True, path, r.flops_reduction, r.params_reduction, r.accuracy_before, r.accuracy_after,
             r.fidelity_top1_agreement, r.fidelity_relative_error, list(r.latency),
-            sum(v for k, v in r.seconds.items() if k != "latency")))
+            sum(v for k, v in r.seconds.items() if k != "latency"), rounding=r.rounding))
     sweep = Sweep(model_path, rows, os.path.join(out_dir, "sweep.md"), os.path.join(out_dir, "sweep.json"), None)
     _write_table(sweep, options)
     with open(sweep.json_path, "w") as f:
@@ -108,11 +109,17 @@ def format_table(sweep: Sweep) -> str:
     return "\n".join(lines)
 
 
+def _roundings_used(sweep: Sweep) -> str:
+    used = list(dict.fromkeys(r.rounding or "channels not rounded" for r in sweep.rows if r.reached))
+    if len(used) <= 1:
+        return used[0] if used else "no target reached"
+    return "; ".join(f"at {r.target:g}: {r.rounding or 'channels not rounded'}" for r in sweep.rows if r.reached)
+
+
 def _write_table(sweep: Sweep, options: PruneOptions) -> None:
     method = "bottleneck" if options.method == "bottleneck" else f"snpfi, criterion {options.criterion}"
     header = (f"# Sweep of {os.path.basename(sweep.model)}\n\nMethod {method}, recovery "
-              f"{'on' if options.recover else 'off'}, "
-              f"{'--round-to ' + str(options.round_to) if options.round_to else 'default --round-to (the kernel block)'}. Latency: median over fresh "
+              f"{'on' if options.recover else 'off'}, {_roundings_used(sweep)}. Latency: median over fresh "
               "onnxruntime sessions, before -> after (speedup).\n\n")
     with open(sweep.table_path, "w") as f:
         f.write(header + format_table(sweep) + "\n")
