@@ -109,10 +109,18 @@ def conv_pads(attrs: dict, in_hw, kernel, strides, dilations):
     return pads
 
 
+def _padded(x: np.ndarray, pads) -> np.ndarray:
+    """``x`` with its spatial padding, or ``x`` itself where there is none (1x1 convs): padding
+    copies the whole batch, which for a few sampled positions cost more than the sampling."""
+    if not any(pads):
+        return x
+    return np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+
+
 def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
     """(N, C, H, W) -> (N * H' * W', C * kh * kw), columns ordered like a Conv weight's."""
     n, c, h, w = x.shape
-    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    xp = _padded(x, pads)
     ho = (h + pads[0] + pads[2] - dilations[0] * (kernel[0] - 1) - 1) // strides[0] + 1
     wo = (w + pads[1] + pads[3] - dilations[1] * (kernel[1] - 1) - 1) // strides[1] + 1
     cols = np.empty((n, ho, wo, c, kernel[0], kernel[1]), dtype=x.dtype)
@@ -138,14 +146,18 @@ def sampled_patches(x: np.ndarray, kernel, strides, pads, dilations, per_image: 
 def gather_patches(x: np.ndarray, kernel, strides, pads, dilations, pos: np.ndarray) -> np.ndarray:
     n, c, h, w = x.shape
     wo = (w + pads[1] + pads[3] - dilations[1] * (kernel[1] - 1) - 1) // strides[1] + 1
-    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    oy, ox = (pos // wo) * strides[0], (pos % wo) * strides[1]  # (n, per_image)
+    oy, ox = (pos // wo) * strides[0], (pos % wo) * strides[1]  # (n, per_image), in padded coordinates
     ky = np.arange(kernel[0]) * dilations[0]
     kx = np.arange(kernel[1]) * dilations[1]
-    rows = oy[:, :, None, None] + ky[None, None, :, None]  # (n, p, kh, 1)
-    cols = ox[:, :, None, None] + kx[None, None, None, :]  # (n, p, 1, kw)
+    rows = oy[:, :, None, None] + ky[None, None, :, None] - pads[0]  # (n, p, kh, 1), in x
+    cols = ox[:, :, None, None] + kx[None, None, None, :] - pads[1]  # (n, p, 1, kw)
     batch = np.arange(n)[:, None, None, None]
-    patches = xp.transpose(0, 2, 3, 1)[batch, rows, cols]  # (n, p, kh, kw, c)
+    # taken from x itself, taps in the padding set to zero: padding a copy of the whole batch
+    # cost more than gathering the few sampled positions
+    patches = x.transpose(0, 2, 3, 1)[batch, np.clip(rows, 0, h - 1), np.clip(cols, 0, w - 1)]  # (n, p, kh, kw, c)
+    outside = (rows < 0) | (rows >= h) | (cols < 0) | (cols >= w)
+    if outside.any():
+        patches[np.broadcast_to(outside, patches.shape[:4])] = 0
     return patches.transpose(0, 1, 4, 2, 3).reshape(n * pos.shape[1], c * kernel[0] * kernel[1])
 
 
