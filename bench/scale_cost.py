@@ -1,0 +1,99 @@
+"""What a conversion costs at a realistic input size, in plain onnxruntime passes.
+
+The accuracy benchmark's networks read 28x28 images: a pass over 256 of them takes
+20-40 ms, and fixed costs (sessions, Python, the solves) dominate every ratio. This
+script times the same stages on ImageNet-sized torchvision networks (224x224, random
+weights and random inputs: the costs, not the accuracy, are the point):
+
+    /tmp/torchenv/bin/python bench/scale_cost.py --export     # torch + torchvision: writes the ONNX files
+    python bench/scale_cost.py [--images 256] [--ratio 0.5]   # onnxprune's venv: times them
+
+Models go to ``$ONNXPRUNE_BENCH/scale`` (default ``~/.cache/onnxprune-bench/scale``).
+For each model: a plain pass (a session over the calibration images, batch 32, as
+bench/run_bench.py times it), then the conversion with the local payoff and no
+recovery (calibrate + score: SNPFI's scoring cost) and the default conversion (with
+recovery), each stage as a multiple of the plain pass. Writes
+bench/results/DATE-scale-cost.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CACHE = os.path.join(os.environ.get("ONNXPRUNE_BENCH", os.path.expanduser("~/.cache/onnxprune-bench")), "scale")
+MODELS = ("resnet18", "mobilenet_v2")
+
+
+def export() -> None:
+    import torch
+    import torchvision
+
+    os.makedirs(CACHE, exist_ok=True)
+    torch.manual_seed(0)
+    for name in MODELS:
+        model = getattr(torchvision.models, name)(num_classes=1000).eval()
+        path = os.path.join(CACHE, f"{name}_224.onnx")
+        torch.onnx.export(model, torch.randn(1, 3, 224, 224), path, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "n"}}, opset_version=17, dynamo=False)
+        print(f"wrote {path}")
+
+
+def measure(images: int, ratio: float) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    sys.path.insert(0, os.path.dirname(HERE))
+    import onnxprune
+
+    rows = []
+    for name in MODELS:
+        path = os.path.join(CACHE, f"{name}_224.onnx")
+        cal = np.random.default_rng(0).random((images, 3, 224, 224), dtype=np.float32)
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        sess.run(None, {"x": cal[:32]})  # warm
+        start = time.perf_counter()
+        for s in range(0, images, 32):
+            sess.run(None, {"x": cal[s:s + 32]})
+        plain = time.perf_counter() - start
+        for recover in (False, True):
+            start = time.perf_counter()
+            r = onnxprune.prune(path, cal, onnxprune.PruneOptions(flops=ratio, recover=recover, latency=False))
+            wall = time.perf_counter() - start
+            s = r.report.seconds
+            row = (f"| {name} | {'on' if recover else 'off (local payoff)'} | {plain:.2f} s | "
+                   f"{(s.get('calibrate', 0) + s.get('score_allocate', 0)) / plain:.2f}x | "
+                   f"{s.get('refit', 0) / plain:.2f}x | {s.get('verify', 0) / plain:.2f}x | {wall / plain:.2f}x | "
+                   f"-{r.report.flops_reduction:.1%} |")
+            print(row, flush=True)
+            rows.append(row)
+    stamp = datetime.date.today().isoformat()
+    out = os.path.join(HERE, "results", f"{stamp}-scale-cost.md")
+    with open(out, "w") as f:
+        f.write(f"# Conversion cost at 224x224, {stamp}\n\nMachine: {platform.machine()}, {os.cpu_count()} cores; "
+                f"onnxruntime {ort.__version__}, CPU provider. Command: `python bench/scale_cost.py --images "
+                f"{images} --ratio {ratio}` (torchvision networks, random weights and inputs: costs only).\n\n"
+                "| model | recovery | plain pass | calibrate + score | refit | verify | whole conversion | FLOPs |\n"
+                "| --- | --- | --- | --- | --- | --- | --- | --- |\n" + "\n".join(rows) + "\n")
+    print(f"wrote {out}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--export", action="store_true", help="write the ONNX files (needs torch and torchvision)")
+    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--ratio", type=float, default=0.5)
+    args = p.parse_args()
+    if args.export:
+        export()
+    else:
+        measure(args.images, args.ratio)
+
+
+if __name__ == "__main__":
+    main()
