@@ -5,10 +5,11 @@ The accuracy benchmark's networks read 28x28 images: a pass over 256 of them tak
 script times the same stages on ImageNet-sized torchvision networks (224x224, random
 weights and random inputs: the costs, not the accuracy, are the point):
 
-    /tmp/torchenv/bin/python bench/scale_cost.py --export     # torch + torchvision: writes the ONNX files
+    python bench/scale_cost.py --export     # in a venv with torch + torchvision: writes the ONNX files
     python bench/scale_cost.py [--images 256] [--ratio 0.5]   # onnxprune's venv: times them
 
-Models go to ``$ONNXPRUNE_BENCH/scale`` (default ``~/.cache/onnxprune-bench/scale``).
+(The committed results used files exported with torch 2.15.0 and torchvision 0.29.2,
+the TorchScript exporter, opset 17.) Models go to ``$ONNXPRUNE_BENCH/scale`` (default ``~/.cache/onnxprune-bench/scale``).
 For each model: a plain pass (a session over the calibration images, batch 32, as
 bench/run_bench.py times it), then the conversion with the local payoff and no
 recovery (calibrate + score: SNPFI's scoring cost) and the default conversion (with
