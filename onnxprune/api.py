@@ -200,8 +200,9 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
     report.round_to = opts.round_to
     report.rounding = _rounding_text(opts.round_to, narrow)
     if (opts.round_to, narrow) != roundings[0]:
+        first = _rounding_text(*roundings[0]).replace("channels in ", "")
         report.rounding = (report.rounding or "channels not rounded") + (
-            f"; {_rounding_text(*roundings[0])}, the kernels' blocks, could not meet the target within a point")
+            f"; the kernels' blocks, {first}, could not meet the target within a point")
     _add_curves(report, analysis, alloc, loss, importance)
     if sampled is not None:
         report.payoff_cost = dict(evaluations=sampled.evaluations, budget=sampled.budget, seconds=sampled.seconds,
@@ -340,7 +341,7 @@ def _rounding_text(round_to: int, narrow: int) -> str:
     if round_to <= 1:
         return ""
     return f"channels in multiples of {round_to}" + (
-        f" (of {narrow} in groups under {2 * round_to})" if narrow > 1 else "")
+        f" ({narrow} in groups under {2 * round_to})" if narrow > 1 else "")
 
 
 def _allocate_rounded(roundings: List[Tuple[int, int]], opts: PruneOptions, target: float, attempt):

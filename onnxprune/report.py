@@ -134,7 +134,7 @@ class Report:
         target = f"FLOPs target -{self.flops_target:.0%}, achieved" if not self.latency_target else "FLOPs"
         add(f"{target} -{self.flops_reduction:.1%}; "
             f"{'method bottleneck, ' if self.method == 'bottleneck' else ''}criterion {self.criterion}{' (' + self.payoff + ' payoff)' if self.payoff else ''}, allocation {self.allocation}"
-            f"{' (' + self.rounding + ')' if self.rounding else ''}, "
+            f"{', ' + self.rounding if self.rounding else ''}, "
             f"recovery {'on (' + str(self.refitted_layers) + ' layers refitted)' if self.recovery else 'off'}; "
             f"{self.prunable_macs_share:.0%} of FLOPs sit in layers touching prunable groups")
         add("")

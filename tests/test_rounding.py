@@ -24,7 +24,7 @@ def block_16(monkeypatch):
 
 def test_kept_counts_are_multiples_of_the_block_by_default(block_16):
     report = _prune("mnist_cnn", 0.3)
-    assert report.rounding == "channels in multiples of 16 (of 8 in groups under 32)"
+    assert report.rounding == "channels in multiples of 16 (8 in groups under 32)"
     assert 0.3 <= report.flops_reduction <= 0.31
     assert any(g.kept < g.channels for g in report.groups)
     for g in report.groups:
