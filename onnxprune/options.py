@@ -106,8 +106,9 @@ class PruneOptions:
         "FLOPs target still decides how far pruning goes.", is_flag=True)
     round_to: Optional[int] = _opt(
         None, "Kept channel counts are multiples of N in groups of at least N channels; 1 turns rounding "
-        "off. Default: the channel block of the provider's convolution kernels, 16 on a CPU with AVX-512 "
-        "(a count between two multiples of 16 runs as slowly as the next one up) and 8 elsewhere "
+        "off. Default: the channel blocks of onnxruntime's CPU convolutions, where a count between two "
+        "blocks runs as slowly as the next one up: with AVX-512 multiples of 16 (of 8 in groups under 32), "
+        "elsewhere multiples of 8; relaxed to 8, then 1, where that cannot meet the target within a point "
         "(bench/results/*-speed.md).", metavar="N")
     min_keep: float = _opt(
         0.1, "Fraction of each channel group that always stays (at least one channel does).")
