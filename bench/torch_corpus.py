@@ -78,7 +78,7 @@ class Row:
     info: dict
     macs: Optional[int] = None
     prunable_share: Optional[float] = None
-    ceiling: Optional[float] = None  # most removable under the defaults (--round-to 8)
+    ceiling: Optional[float] = None  # most removable with --min-keep 0.1 and --round-to 8
     ceiling_fine: Optional[float] = None  # the same with --round-to 1
     n_prunable: Optional[int] = None
     n_blocked: Optional[int] = None
@@ -279,7 +279,7 @@ def markdown(rows: List[Row], args, started: datetime.datetime, elapsed: float) 
         "that a prunable group's channels enter or leave). Main blocking reason: the blocked group with the "
         "largest FLOPs share, its ops and first reason, leaving out groups blocked only because they are "
         "the network's outputs. Most removable: the FLOPs reduction with every prunable group at its floor "
-        "under the defaults (--min-keep 0.1, --round-to 8), and with --round-to 1: how much pruning can "
+        "with --min-keep 0.1 (the default) and --round-to 8, and with --round-to 1: how much pruning can "
         "actually take away (at these small widths a group of 8 channels cannot shrink at all under --round-to 8).",
         f"- dead channels: a third of each prunable group's channels killed (filters, biases, BN shifts set so "
         f"they compute 0) and exactly those pruned; one plan per prunable group plus all groups at once; max "
