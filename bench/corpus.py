@@ -311,6 +311,18 @@ def measure_analysis(row: Row, model: onnx.ModelProto) -> None:
                              key=lambda r: -r[0])
 
 
+def dead_channel_plans(analysis, seed: int, per_group: bool = True):
+    """Plans (group -> positions to drop) that drop a random third of each prunable group's
+    channels (one layer's channel spared): one plan per group and, last, all of them at once
+    (only that one without ``per_group``). Returns the plans and the all-at-once plan."""
+    rng = np.random.default_rng(seed)
+    singles = [{g.index: sorted(rng.choice(g.size, max(1, g.size // 3), replace=False).tolist())}
+               for g in analysis.prunable_groups()]
+    everything = spare_one_per_layer(analysis, {k: v for p in singles for k, v in p.items()})
+    plans = [spare_one_per_layer(analysis, p) for p in singles] + [everything] if per_group else [everything]
+    return plans, everything
+
+
 def measure_dead_channels(row: Row, model: onnx.ModelProto, x: np.ndarray, per_group: bool, seed: int) -> None:
     """Max relative output error when exactly the dead channels are pruned.
 
@@ -327,12 +339,9 @@ def measure_dead_channels(row: Row, model: onnx.ModelProto, x: np.ndarray, per_g
     if not groups:
         row.dead_mode = "no group"
         return
-    rng = np.random.default_rng(seed)
-    singles = [{g.index: sorted(rng.choice(g.size, max(1, g.size // 3), replace=False).tolist())} for g in groups]
-    everything = spare_one_per_layer(analysis, {k: v for p in singles for k, v in p.items()})
     # one plan per group is the test-suite's proof; on big models the one plan with
     # every group at once is kept (each plan costs two analyses and four runs)
-    plans = [spare_one_per_layer(analysis, p) for p in singles] + [everything] if per_group else [everything]
+    plans, everything = dead_channel_plans(analysis, seed, per_group)
     row.dead_mode = f"{len(plans)} plans" if per_group else "all groups at once"
     row.dropped = sum(len(v) for v in everything.values())
     row.killed_applicable = any(n.op_type in ACTIVATIONS for n in model.graph.node)

@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(ROOT, "models"))
 
 import onnxprune  # noqa: E402
 from onnxprune.runtime import kernel_channel_block  # noqa: E402
+from onnxprune.verify import accuracy as verify_accuracy  # noqa: E402
 
 BENCH_CACHE = os.path.expanduser(os.environ.get("ONNXPRUNE_BENCH", "~/.cache/onnxprune-bench"))
 
@@ -62,13 +63,10 @@ MODELS = {
 
 
 def accuracy(model, x, y) -> float:
-    data = model if isinstance(model, str) else model.SerializeToString()
-    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    correct = 0
-    for s in range(0, len(x), 500):
-        correct += int((sess.run(None, {name: x[s:s + 500]})[0].argmax(1) == y[s:s + 500]).sum())
-    return correct / len(x)
+    """Top-1 on (x, y) of a model or a model file, on the CPU provider."""
+    import onnx
+
+    return verify_accuracy(onnx.load(model) if isinstance(model, str) else model, x, y, ["CPUExecutionProvider"])
 
 
 def plain_pass_seconds(model_path: str, calib) -> float:

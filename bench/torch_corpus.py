@@ -52,8 +52,8 @@ import onnxprune  # noqa: E402
 from onnxprune.allocate import _Planner, essentials_first  # noqa: E402
 from onnxprune.api import analyze  # noqa: E402
 from onnxprune.save import save_atomic  # noqa: E402
-from corpus import _cpu_name, _git_rev, _guard, _md, _op_of, _tail, expose_logits  # noqa: E402
-from surgery import analysis_of, kill_players, outputs, prune_players, rel_error, spare_one_per_layer  # noqa: E402
+from corpus import _cpu_name, _git_rev, _guard, _md, _op_of, _tail, dead_channel_plans, expose_logits  # noqa: E402
+from surgery import analysis_of, kill_players, outputs, prune_players, rel_error  # noqa: E402
 
 CORPUS = os.path.join(ROOT, "models", "corpus")
 DEAD_LIMIT, NOOP_LIMIT = 1e-4, 1e-6
@@ -150,10 +150,7 @@ def measure_dead_channels(row: Row, model: onnx.ModelProto, x: np.ndarray, seed:
     groups = analysis.prunable_groups()
     if not groups:
         return
-    rng = np.random.default_rng(seed)
-    singles = [{g.index: sorted(rng.choice(g.size, max(1, g.size // 3), replace=False).tolist())} for g in groups]
-    everything = spare_one_per_layer(analysis, {k: v for p in singles for k, v in p.items()})
-    plans = [spare_one_per_layer(analysis, p) for p in singles] + [everything]
+    plans, everything = dead_channel_plans(analysis, seed)
     worst = 0.0
     for drop in plans:
         if not any(drop.values()):

@@ -174,9 +174,9 @@ def _check_headers(files: List[str], spec: InputSpec) -> List[str]:
             with Image.open(path) as img:
                 mode, (width, height) = img.mode, img.size
                 transparent = "A" in img.getbands() or "transparency" in img.info
+                grey = mode in GREY_MODES or (mode == "P" and _grey_palette(img.getpalette()))
         except Exception as e:
             raise InputError(f"cannot decode image {path!r}: {type(e).__name__}") from e
-        grey = mode in GREY_MODES or (mode == "P" and _grey_palette(path))
         if spec.channels == 3 and grey:
             to_rgb += 1
         elif spec.channels == 1 and not grey:
@@ -200,12 +200,9 @@ def _check_headers(files: List[str], spec: InputSpec) -> List[str]:
     return notes
 
 
-def _grey_palette(path: str) -> bool:
-    """Whether a palette image uses only grey colours (decodes the palette, not the pixels)."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        palette = img.getpalette() or []
+def _grey_palette(palette: Optional[List[int]]) -> bool:
+    """Whether a palette (flat R, G, B values) holds only grey colours."""
+    palette = palette or []
     rgb = np.asarray(palette[: len(palette) // 3 * 3]).reshape(-1, 3)
     return bool(len(rgb)) and bool((rgb == rgb[:, :1]).all())
 

@@ -113,7 +113,7 @@ def _load_external(model: onnx.ModelProto, folder: str, store: Optional[weights.
             if path not in handles:
                 handles[path] = open(path, "rb", buffering=0)
             f = handles[path]
-            values = np.empty(tuple(tensor.dims), dtype=weights._DTYPES[tensor.data_type])
+            values = np.empty(tuple(tensor.dims), dtype=weights.numpy_dtype(tensor))
             f.seek(offset)
             if _read_into(f, values) != need:
                 raise InputError(f"external data of tensor {tensor.name!r} is shorter than its shape needs")

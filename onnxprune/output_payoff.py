@@ -177,10 +177,9 @@ def output_games(model: onnx.ModelProto, analysis: Analysis, cal: CalibrationSet
         for _ in range(pairs):
             perm = rng.permutation(n)
             for order in (perm, perm[::-1]):
-                # coalitions along the permutation: the first j players of `order` removed
+                # coalitions along the permutation: row j has the first j players of `order` removed
                 masks = np.repeat(full_mask[None], n + 1, axis=0)
-                for j in range(1, n + 1):
-                    masks[j:, players[order[j - 1]]] = 0.0
+                masks[:, players[order]] = 1.0 - np.tri(n + 1, n, -1, dtype=np.float32)
                 v = payoff(masks)
                 # removing order[j-1] from the coalition costs v[j-1] - v[j]: its marginal value
                 phi[order] += v[:-1] - v[1:]

@@ -158,21 +158,19 @@ def ort_message(e: BaseException, limit: int = 300) -> str:
     return text[:limit]
 
 
-def run_feeds(sess: ort.InferenceSession, feeds: dict, outputs: Optional[List[str]] = None) -> List[np.ndarray]:
+def run_feeds(sess: ort.InferenceSession, feeds: dict, outputs: Optional[List[str]] = None,
+              batch_size: Optional[int] = None) -> List[np.ndarray]:
+    """``sess.run`` with onnxruntime's failures as one-line InputErrors (``batch_size``, where
+    known, goes into the out-of-memory message)."""
     try:
         return sess.run(outputs, feeds)
-    except Exception as e:
+    except Exception as e:  # onnxruntime raises its own exception types per failure
         text = ort_message(e)
         if "Failed to allocate" in text or "bad_alloc" in text:
-            raise InputError("out of memory running a batch: lower --batch-size") from e
+            of = f" of {batch_size}" if batch_size is not None else ""
+            raise InputError(f"out of memory running a batch{of}: lower --batch-size") from e
         raise InputError(f"onnxruntime failed to run the model: {text}") from e
 
 
 def run(sess: ort.InferenceSession, input_name: str, batch: np.ndarray, outputs: Optional[List[str]] = None) -> List[np.ndarray]:
-    try:
-        return sess.run(outputs, {input_name: batch})
-    except Exception as e:  # onnxruntime raises its own exception types per failure
-        text = ort_message(e)
-        if "Failed to allocate" in text or "bad_alloc" in text:
-            raise InputError(f"out of memory running a batch of {len(batch)}: lower --batch-size") from e
-        raise InputError(f"onnxruntime failed to run the model: {text}") from e
+    return run_feeds(sess, {input_name: batch}, outputs, len(batch))

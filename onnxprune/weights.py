@@ -146,6 +146,11 @@ def _key(tensor: TensorProto, store: Optional[WeightStore]) -> str:
     return key
 
 
+def numpy_dtype(tensor: TensorProto) -> np.dtype:
+    """The NumPy dtype whose bytes are this tensor's raw data (plain numeric types only)."""
+    return np.dtype(_DTYPES[tensor.data_type])
+
+
 def nbytes_of(tensor: TensorProto) -> int:
     dtype = _DTYPES.get(tensor.data_type)
     size = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
@@ -198,11 +203,15 @@ def array(tensor: TensorProto) -> np.ndarray:
     return numpy_helper.to_array(tensor)
 
 
+def _goes_to_store(values: np.ndarray) -> bool:
+    return values.nbytes >= STUB_BYTES and values.dtype in _ONNX_TYPE
+
+
 def make_tensor(values: np.ndarray, name: str) -> TensorProto:
     """An initializer holding ``values``: a stub in the active store when large, else inline."""
     values = np.asarray(values)
     store = active()
-    if store is not None and values.nbytes >= STUB_BYTES and values.dtype in _ONNX_TYPE:
+    if store is not None and _goes_to_store(values):
         return _stub(name, values.shape, _ONNX_TYPE[values.dtype], store, store.add(values))
     return numpy_helper.from_array(values, name)
 
@@ -212,8 +221,8 @@ def assign(tensor: TensorProto, values: np.ndarray, shared: Optional[set] = None
     rebound in place, so its old array goes at once; otherwise the tensor gets a new key."""
     store = active()
     values = np.asarray(values)
-    if (store is not None and shared is not None and is_stub(tensor) and values.dtype in _ONNX_TYPE
-            and _ONNX_TYPE[values.dtype] == tensor.data_type and values.nbytes >= STUB_BYTES):
+    if (store is not None and shared is not None and is_stub(tensor) and _goes_to_store(values)
+            and _ONNX_TYPE[values.dtype] == tensor.data_type):
         key = _key(tensor, store)
         if key not in shared:
             store.rebind(key, values)
@@ -223,7 +232,7 @@ def assign(tensor: TensorProto, values: np.ndarray, shared: Optional[set] = None
 
 
 def _array_of_inline(tensor: TensorProto) -> np.ndarray:
-    dtype = np.dtype(_DTYPES[tensor.data_type])
+    dtype = numpy_dtype(tensor)
     if tensor.HasField("raw_data"):
         data = tensor.raw_data  # one copy, as bytes: the array is a read-only view of it
         if len(data) != nbytes_of(tensor):
@@ -261,15 +270,18 @@ def detach(model: onnx.ModelProto) -> onnx.ModelProto:
     store = active()
     if store is None:
         return model
+    return _with_initializers(model, lambda t: _stub(t.name, t.dims, t.data_type, store,
+                                                     store.add(_array_of_inline(t)), t.doc_string)
+                              if storable(t) else t)
+
+
+def _with_initializers(model: onnx.ModelProto, convert: Callable[[TensorProto], TensorProto]) -> onnx.ModelProto:
+    """A copy of ``model`` with ``convert`` applied to each initializer: the rest of the
+    protobuf is copied field by field, so the initializers themselves are never copied twice."""
     out = onnx.ModelProto()
     copy_fields(model, out, lambda fd: fd.name != "graph")
     copy_fields(model.graph, out.graph, lambda fd: fd.name != "initializer")
-    for t in model.graph.initializer:
-        if storable(t):
-            out.graph.initializer.append(_stub(t.name, t.dims, t.data_type, store, store.add(_array_of_inline(t)),
-                                               t.doc_string))
-        else:
-            out.graph.initializer.append(t)
+    out.graph.initializer.extend(convert(t) for t in model.graph.initializer)
     return out
 
 
@@ -296,18 +308,16 @@ def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
     """A self-contained copy: every stub filled with its array's bytes (a copy of every weight)."""
     if not has_stubs(model):
         return model
-    out = onnx.ModelProto()
-    copy_fields(model, out, lambda fd: fd.name != "graph")
-    copy_fields(model.graph, out.graph, lambda fd: fd.name != "initializer")
-    for t in model.graph.initializer:
-        if is_stub(t):
-            filled = numpy_helper.from_array(np.asarray(array(t)), t.name)
-            if t.doc_string:
-                filled.doc_string = t.doc_string
-            out.graph.initializer.append(filled)
-        else:
-            out.graph.initializer.append(t)
-    return out
+
+    def filled(t: TensorProto) -> TensorProto:
+        if not is_stub(t):
+            return t
+        inline = numpy_helper.from_array(np.asarray(array(t)), t.name)
+        if t.doc_string:
+            inline.doc_string = t.doc_string
+        return inline
+
+    return _with_initializers(model, filled)
 
 
 def session_arrays(model: onnx.ModelProto) -> List[Tuple[str, np.ndarray]]:
@@ -343,9 +353,8 @@ def export_graph(graph: gs.Graph, **kwargs) -> onnx.ModelProto:
             if not isinstance(tensor, gs.Constant) or isinstance(tensor._values, gs.ir.tensor.LazyValues):
                 continue  # untouched stored values keep their key; other lazy values export as they are
             values = np.asarray(tensor._values)
-            if values.nbytes >= STUB_BYTES and values.dtype in _ONNX_TYPE:
-                stub = _stub(tensor.name, values.shape, _ONNX_TYPE[values.dtype], store, store.add(values))
-                tensor._values = StoredValues(stub)
+            if _goes_to_store(values):
+                tensor._values = StoredValues(make_tensor(values, tensor.name))  # a stub: the store is active
                 tensor.data_location = None
     kwargs.setdefault("do_type_check", False)
     return gs.export_onnx(graph, **kwargs)

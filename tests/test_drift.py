@@ -5,15 +5,14 @@ import os
 
 import onnxprune
 from onnxprune.api import load_labelled
+from onnxprune.verify import accuracy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, "models", "mnist_cnn")  # BatchNormalization left unfolded in the file
 
 
 def _accuracy(model, x, y):
-    import onnxruntime as ort
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return float((sess.run(None, {sess.get_inputs()[0].name: x})[0].argmax(1) == y).mean())
+    return accuracy(model, x, y, ["CPUExecutionProvider"])
 
 
 def test_bn_correct_rescues_pruning_without_recovery():

@@ -92,19 +92,7 @@ class ConvRule(Rule):
         return prod(out[2:]) if out is not None and None not in out[2:] else 1
 
     def resized(self, node: gs.Node, cin: Optional[int], cout: Optional[int]) -> Optional[Resized]:
-        w = const(node.inputs[1])
-        if w is None:
-            return None
-        group = int(attr(node, "group", 1))
-        full_in, full_out = w.shape[1] * group, w.shape[0]
-        if is_depthwise(group, full_in, full_out):  # one width: channel i in, channel i out
-            c = cout if cout is not None else (cin if cin is not None else full_out)
-            return Resized(c, c, (c, 1) + tuple(w.shape[2:]), {"group": c})
-        cin = full_in if cin is None else cin
-        cout = full_out if cout is None else cout
-        if cin % group or cout % group:
-            return None
-        return Resized(cin, cout, (cout, cin // group) + tuple(w.shape[2:]), {})
+        return _resized(node, cin, cout, transposed=False)
 
     def macs(self, node: gs.Node, ctx: CountContext) -> int:
         w = const(node.inputs[1])
@@ -181,19 +169,7 @@ class ConvTransposeRule(Rule):
         return prod(x[2:]) if x is not None and None not in x[2:] else 1
 
     def resized(self, node: gs.Node, cin: Optional[int], cout: Optional[int]) -> Optional[Resized]:
-        w = const(node.inputs[1])
-        if w is None:
-            return None
-        group = int(attr(node, "group", 1))
-        full_in, full_out = w.shape[0], w.shape[1] * group
-        if is_depthwise(group, full_in, full_out):
-            c = cout if cout is not None else (cin if cin is not None else full_out)
-            return Resized(c, c, (c, 1) + tuple(w.shape[2:]), {"group": c})
-        cin = full_in if cin is None else cin
-        cout = full_out if cout is None else cout
-        if cin % group or cout % group:
-            return None
-        return Resized(cin, cout, (cin, cout // group) + tuple(w.shape[2:]), {})
+        return _resized(node, cin, cout, transposed=True)
 
     def macs(self, node: gs.Node, ctx: CountContext) -> int:
         w = const(node.inputs[1])
@@ -213,3 +189,21 @@ def _set_weight(node: gs.Node, index: int, values: np.ndarray) -> None:
         node.inputs[index] = gs.Constant(f"{tensor.name}_{node.name}", values)
     else:
         tensor.values = values
+
+
+def _resized(node: gs.Node, cin: Optional[int], cout: Optional[int], transposed: bool) -> Optional[Resized]:
+    """A Conv (weight (out, in/g, ...)) or ConvTranspose (weight (in, out/g, ...)) at other widths."""
+    w = const(node.inputs[1])
+    if w is None:
+        return None
+    group = int(attr(node, "group", 1))
+    full_in, full_out = (w.shape[0], w.shape[1] * group) if transposed else (w.shape[1] * group, w.shape[0])
+    if is_depthwise(group, full_in, full_out):  # one width: channel i in, channel i out
+        c = cout if cout is not None else (cin if cin is not None else full_out)
+        return Resized(c, c, (c, 1) + tuple(w.shape[2:]), {"group": c})
+    cin = full_in if cin is None else cin
+    cout = full_out if cout is None else cout
+    if cin % group or cout % group:
+        return None
+    lead = (cin, cout // group) if transposed else (cout, cin // group)
+    return Resized(cin, cout, lead + tuple(w.shape[2:]), {})

@@ -90,7 +90,6 @@ class ReshapeRule(Rule):
         new[1] = int(keep.sum())
         ctx.set_constant(node, 1, new)
 
-
     @staticmethod
     def _rewrite_split(node: gs.Node, groups: int, per_group: int, ctx: RewriteContext) -> None:
         """(N, g, C/g, ...): C/g becomes the count every part keeps."""
