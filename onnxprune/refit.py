@@ -13,6 +13,9 @@ its output matches the original layer's output on its kept channels:
   fold the regression into the original weights. Exact for 1x1 convs and
   fully connected layers.
 
+PatchFit and DepthwiseFit also take an output-shaped offset added to the target:
+the error on the other input of a sum the layer feeds, which it then absorbs.
+
 The ridge is relative to the mean diagonal of the Gram matrix.
 """
 
@@ -178,7 +181,17 @@ class _ConvSampler:
         geometry = (self.kernel, self.strides, pads, self.dilations)
         p_new, pos = sampled_patches(x_new, *geometry, self.rows_per_image, self.rng)
         p_orig = im2col(x_orig, *geometry) if pos is None else gather_patches(x_orig, *geometry, pos)
+        self.pos = pos
         return p_orig, p_new
+
+    def at_patches(self, y: np.ndarray) -> np.ndarray:
+        """An output-shaped (N, K, H', W') array at the positions the last patches were taken
+        from, as (rows, K) like the layer's output over those patches."""
+        n, k = y.shape[:2]
+        y = y.reshape(n, k, -1)
+        if self.pos is None:
+            return y.transpose(0, 2, 1).reshape(-1, k)
+        return y[np.arange(n)[:, None], :, self.pos].reshape(-1, k)
 
 
 class PatchFit(_ConvSampler):
@@ -195,11 +208,13 @@ class PatchFit(_ConvSampler):
         self.gram = np.zeros((d, d))
         self.rhs = np.zeros((d, self.w32.shape[0]))
 
-    def add(self, x_orig: np.ndarray, x_new: np.ndarray) -> None:
+    def add(self, x_orig: np.ndarray, x_new: np.ndarray, offset: Optional[np.ndarray] = None) -> None:
         p_orig, p_new = self.patches(x_orig, x_new)
         # one batch's products in float32 (BLAS speed), accumulated across batches in float64
         a = _with_ones(np.ascontiguousarray(p_new, dtype=np.float32))
         target = p_orig.astype(np.float32) @ self.w32.T + self.b32  # the original layer's output
+        if offset is not None:
+            target += self.at_patches(offset)
         self.gram += a.T @ a
         self.rhs += a.T @ target
 
@@ -282,12 +297,14 @@ class DepthwiseFit(_ConvSampler):
         self.gram = np.zeros((k, taps + 1, taps + 1))
         self.rhs = np.zeros((k, taps + 1))
 
-    def add(self, x_orig: np.ndarray, x_new: np.ndarray) -> None:
+    def add(self, x_orig: np.ndarray, x_new: np.ndarray, offset: Optional[np.ndarray] = None) -> None:
         p_orig, p_new = self.patches(x_orig[:, self.keep], x_new)
         k, taps = self.w.shape
         a = p_new.astype(np.float32).reshape(-1, k, taps)
         a = np.concatenate([a, np.ones(a.shape[:2] + (1,), np.float32)], axis=2)  # (rows, K, taps + 1)
         target = np.einsum("rkt,kt->rk", p_orig.astype(np.float32).reshape(-1, k, taps), self.w) + self.b
+        if offset is not None:
+            target += self.at_patches(offset)
         self.gram += np.einsum("rki,rkj->kij", a, a)
         self.rhs += np.einsum("rki,rk->ki", a, target)
 

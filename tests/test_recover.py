@@ -125,3 +125,21 @@ def test_channel_fit_with_fewer_samples_than_channels_keeps_means_only():
     # kept channels keep their weights; removed ones contribute their mean through the bias
     np.testing.assert_allclose(f[:, :, 0], filters[keep, :, 0], atol=1e-9)
     np.testing.assert_allclose(b2, bias + x[:, ~keep].mean(axis=0) @ filters[~keep, :, 0], atol=1e-9)
+
+
+@pytest.mark.parametrize("rows_per_image", [36, 7])  # every position, and a sample of them
+def test_patch_fit_matches_a_sum_when_given_the_other_branch_error(rows_per_image):
+    """A residual block's last conv is fitted to the block's sum: the error the other branch
+    carries (here exactly what a second conv of the same input computes) is absorbed."""
+    rng = np.random.default_rng(6)
+    w, wd = rng.normal(size=(2, 4, 3, 3, 3))
+    b = rng.normal(size=4)
+    x = rng.normal(size=(16, 3, 6, 6))
+    attrs = {"pads": [1, 1, 1, 1], "strides": [1, 1]}
+    geometry = ([3, 3], [1, 1], [1, 1, 1, 1], [1, 1])
+    offset = (im2col(x, *geometry) @ wd.reshape(4, -1).T).reshape(16, 6, 6, 4).transpose(0, 3, 1, 2)
+    fit = PatchFit(w, b, attrs, np.ones(3, dtype=bool), rows_per_image=rows_per_image)
+    fit.add(x, x, offset)
+    w2, b2 = fit.solve(ridge=1e-12)
+    np.testing.assert_allclose(w2, w + wd, atol=1e-4)
+    np.testing.assert_allclose(b2, b, atol=1e-4)
