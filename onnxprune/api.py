@@ -185,9 +185,27 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
                 cost_model, share = timed, opts.latency_target
             else:
                 rank_model = timed
-        alloc, opts, narrow = _allocate_rounded(roundings, opts, share, lambda r, u: allocate(
-            analysis, ranked, share, opts.min_keep, r, opts.allocation, loss, cost_model=cost_model,
-            rank_model=rank_model, narrow_unit=u))
+        def allocate_at(share, opts=opts):
+            return _allocate_rounded(roundings, opts, share, lambda r, u: allocate(
+                analysis, ranked, share, opts.min_keep, r, opts.allocation, loss, cost_model=cost_model,
+                rank_model=rank_model, narrow_unit=u))
+
+        if opts.latency_target is not None:
+            t_steer = time.perf_counter()
+            with progress("measuring latency of candidate allocations", 1) as update:
+                batch = cal.spec.fixed_batch or opts.latency_batch
+
+                def measured_reduction(keep):
+                    lat = latency.measure(prepared, _trial_model(prepared, shapes, opts, keep), spec.name,
+                                          cal.first_sample(), [batch], providers)[0]
+                    return 1.0 - lat.after_ms / lat.before_ms
+
+                (alloc, opts, narrow), steered = steer_to_measured_latency(
+                    allocate_at, opts.latency_target, measured_reduction)
+                update(1)
+            seconds["latency_steer"] = time.perf_counter() - t_steer
+        else:
+            alloc, opts, narrow = allocate_at(share)
     seconds["score_allocate"] = time.perf_counter() - t
     recovery = None
     if opts.recover:
@@ -209,6 +227,11 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
                                   classifier=sampled.classifier)
     if cost_model is not None:
         report.latency_model = cost_model.describe(alloc)
+        report.latency_model["steps"] = steered
+        best = max(m for _, m in steered)
+        if best < opts.latency_target - STEER_TOLERANCE:
+            report.notes.append(f"latency target -{opts.latency_target:.0%} not reached: the fastest allocation "
+                                f"tried removes {best:.1%} of the measured latency")
     if gated is not None:
         report.gates = dict(steps=opts.gate_steps, soft_flops_ratio=gated.soft_flops_ratio,
                             fidelity_loss=gated.fidelity_loss, binary_share=gated.binary_share,
@@ -362,6 +385,50 @@ def _allocate_rounded(roundings: List[Tuple[int, int]], opts: PruneOptions, targ
     if best is None:
         raise error
     return best[0], opts.replace(round_to=best[1]), best[2]
+
+
+STEER_TRIES = 4  # allocations measured at most, for --latency
+STEER_TOLERANCE = 0.02  # measured reduction accepted this close to the target (timing noise is about this)
+
+
+def _trial_model(prepared: onnx.ModelProto, shapes, opts: PruneOptions, keep: np.ndarray) -> onnx.ModelProto:
+    """The pruned model of an allocation, without refitting (its speed does not depend on the
+    weights), from a fresh analysis: rewriting edits the analysis's graph."""
+    trial = analyse(weights.import_graph(prepared), shapes, default_opset(prepared), opts.ignore)
+    return rewrite(trial, keep, prepared)[0]
+
+
+def steer_to_measured_latency(allocate_at, target: float, measured_reduction):
+    """Allocate for ``target`` of the modelled latency, then correct by measurement.
+
+    The model sums layers timed one at a time; the whole network also spends time between
+    them (layout reorders, sums, activations that fuse differently at other widths), so an
+    allocation that removes the target share of the model can remove much less of the
+    measured time. Each try's pruned model is timed against the original by
+    ``measured_reduction(keep_player)``; the next asks the model for more or less by the
+    secant through the last two tries. The chosen allocation is the least pruned one measured
+    within STEER_TOLERANCE of the target or past it (else the fastest). Returns it (as
+    ``allocate_at`` does) and the tries as [asked, measured] pairs."""
+    tries = []  # (asked share of the model, measured reduction, allocation result)
+    share = target
+    for _ in range(STEER_TRIES):
+        result = allocate_at(share)
+        measured = measured_reduction(result[0].keep_player)
+        tries.append((share, measured, result))
+        if abs(measured - target) <= STEER_TOLERANCE:
+            break
+        if len(tries) >= 2 and abs(tries[-1][1] - tries[-2][1]) > 1e-3:
+            (s0, m0, _), (s1, m1, _) = tries[-2], tries[-1]
+            nxt = s1 + (target - m1) * (s1 - s0) / (m1 - m0)
+        else:
+            nxt = share + (target - measured)
+        nxt = float(np.clip(nxt, 0.01, 0.95))
+        if any(abs(nxt - s) < 1e-3 for s, _, _ in tries):
+            break  # the allocation cannot move further this way
+        share = nxt
+    met = [t for t in tries if t[1] >= target - STEER_TOLERANCE]
+    chosen = min(met, key=lambda t: t[1]) if met else max(tries, key=lambda t: t[1])
+    return chosen[2], [[round(s, 4), round(m, 4)] for s, m, _ in tries]
 
 
 def _latency_model(analysis: Analysis, prepared: onnx.ModelProto, cal: CalibrationSet, opts: PruneOptions,

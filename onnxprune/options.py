@@ -44,7 +44,8 @@ class PruneOptions:
     latency_target: Optional[float] = _opt(
         None, "Instead of --flops: fraction of the model's measured latency (at --latency-batch, on the "
         "chosen provider) to remove, in (0, 1). Each prunable layer is timed alone at candidate widths "
-        "and the allocation meets the target on that model of the latency.", flag="--latency", metavar="R")
+        "and the allocation meets the target on that model of the latency, then is corrected by timing "
+        "the whole pruned model (at most 4 tries, within 2 points).", flag="--latency", metavar="R")
     method: str = _opt(
         "snpfi", "How channels are chosen: snpfi (rank by --criterion, allocate by --allocation) or "
         "bottleneck (learn one gate per channel under the FLOPs target, keep the channels above one "

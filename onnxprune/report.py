@@ -131,6 +131,9 @@ class Report:
             add(f"latency target -{self.latency_target:.0%} at batch {lm['batch']}: modelled "
                 f"{lm['before_ms']:.2f} -> {lm['after_ms']:.2f} ms (-{lm['reduction']:.1%}) from "
                 f"{lm['layers_timed']} layers timed at candidate widths; measured above")
+            if lm.get("steps"):
+                add("  allocations timed whole (model share asked -> measured reduction): " + ", ".join(
+                    f"-{asked:.1%} -> -{measured:.1%}" for asked, measured in lm["steps"]))
         target = f"FLOPs target -{self.flops_target:.0%}, achieved" if not self.latency_target else "FLOPs"
         add(f"{target} -{self.flops_reduction:.1%}; "
             f"{'method bottleneck, ' if self.method == 'bottleneck' else ''}criterion {self.criterion}{' (' + self.payoff + ' payoff)' if self.payoff else ''}, allocation {self.allocation}"

@@ -1,4 +1,4 @@
-"""--latency R: the allocation meets a share of modelled latency built from per-layer timings."""
+"""--latency R: allocated on a model of per-layer timings, then steered by timing the whole pruned model."""
 
 import json
 import os
@@ -44,7 +44,8 @@ def test_cli_latency_target_is_met_on_the_modelled_latency(tmp_path, capsys):
     data = json.loads(report.read_text())
     lm = data["latency_model"]
     assert lm["batch"] == 8 and lm["layers_timed"] == 6 and lm["layers_costed_by_macs"] == []
-    assert lm["after_ms"] <= 0.6 * lm["before_ms"] + 1e-9
+    # the allocations tried, each timed whole: the first asks the model for the target itself
+    assert 1 <= len(lm["steps"]) <= 4 and lm["steps"][0][0] == 0.4
     assert data["latency_target"] == 0.4 and data["flops_reduction"] > 0
     assert [row["batch"] for row in data["latency"]] == [1, 8]  # measured too, beside the model
     assert "latency target -40% at batch 8" in capsys.readouterr().out
@@ -77,3 +78,29 @@ def test_latency_aware_needs_a_flops_target(tmp_path, capsys):
     code = run([BASE + ".onnx", str(tmp_path / "o.onnx"), "--calib", BASE + "_calib", "--latency", "0.3",
                 "--latency-aware"])
     assert code == 2 and "--latency-aware goes with --flops" in capsys.readouterr().err
+
+
+class _Alloc:
+    def __init__(self, share):
+        self.keep_player = share  # stands for the allocation made for this share
+
+
+@pytest.mark.parametrize("speed_per_share, reachable", [(0.7, True), (1.3, True), (None, False)])
+def test_latency_target_is_steered_by_measurement(speed_per_share, reachable):
+    from onnxprune.api import STEER_TOLERANCE, STEER_TRIES, steer_to_measured_latency
+
+    def measured(share):  # the whole model gains less (or more) than the layer model says; or saturates
+        return speed_per_share * share if speed_per_share else min(0.3, 0.5 * share)
+
+    asked = []
+
+    def allocate_at(share):
+        asked.append(share)
+        return _Alloc(share), None, 0
+
+    (chosen, _, _), steps = steer_to_measured_latency(allocate_at, 0.4, measured)
+    assert len(steps) <= STEER_TRIES and [s for s, _ in steps] == [round(a, 4) for a in asked]
+    if reachable:
+        assert abs(measured(chosen.keep_player) - 0.4) <= STEER_TOLERANCE
+    else:  # the fastest allocation tried, and the steps say how far it got
+        assert measured(chosen.keep_player) == max(m for _, m in steps) == 0.3
