@@ -306,7 +306,9 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
     if opts.flops is not None and abs(report.flops_reduction - opts.flops) > 0.01:
         report.notes.append(
             f"achieved reduction {report.flops_reduction:.1%} is more than 1 point from the target: "
-            "the smallest pruning step of some group is large; try --round-to 1")
+            + ("the smallest pruning step of some group is large; try --round-to 1"
+               if all(r > 1 for r, _ in roundings + [(opts.round_to, 0)]) else
+               "some groups can only be pruned in large steps even unrounded (coupled channels, --min-keep)"))
     if store.lean:
         report.notes.append(
             f"large model ({_gb(weights.stored_bytes(original))} of weights): one copy of the weights kept, so the "

@@ -2,6 +2,8 @@
 
 import os
 
+import numpy as np
+
 import pytest
 
 import onnxprune
@@ -49,3 +51,20 @@ def test_finer_rounding_where_the_blocks_overshoot_the_target(block_16):
     report = _prune("fmnist_resnet", 0.85)
     assert 0.85 <= report.flops_reduction <= 0.86
     assert report.rounding.startswith("channels in multiples of 8;") and "could not meet the target" in report.rounding
+
+
+@pytest.mark.parametrize("round_to, advice", [(8, "try --round-to 1"), (None, "even unrounded"), (1, "even unrounded")])
+def test_missed_target_note_advises_only_what_was_not_tried(round_to, advice):
+    """A two-channel group moves in steps of half its FLOPs: -20% cannot be met within a point.
+    The default rounding already falls back to unrounded counts, so it must not advise them."""
+    from tiny import Builder
+
+    b = Builder(seed=0)
+    x = b.relu(b.conv("input", 3, 2))
+    x = b.relu(b.conv(x, 2, 4))
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
+    model = b.model(b.gemm(x, 4, 3), ["N", 3])
+    cal = np.random.default_rng(0).normal(size=(16, 3, 8, 8)).astype(np.float32)
+    report = onnxprune.prune(model, cal, onnxprune.PruneOptions(flops=0.2, round_to=round_to, latency=False)).report
+    assert abs(report.flops_reduction - 0.2) > 0.01
+    assert any("more than 1 point from the target" in n and advice in n for n in report.notes)
