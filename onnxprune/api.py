@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from typing import List, Optional, Tuple, Union
 
@@ -111,7 +112,7 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
     """
     opts = (options or PruneOptions()).validate()
     seconds = {}
-    t = time.perf_counter()
+    t = start = time.perf_counter()
     loaded = load_model(model)
     original = loaded.model
     spec = input_spec(original, opts)
@@ -300,6 +301,8 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
     report.skipped_files = cal.skipped
     report.folded_batchnorms = len(prep_log.folded_batchnorms)
     report.seconds = seconds
+    report.wall_seconds = time.perf_counter() - start
+    report.peak_rss_bytes = peak_rss_bytes()
     if cal.skipped:
         report.notes.append(f"{cal.skipped} non-image files in the calibration folder were skipped")
     report.notes.extend(cal.notes)
@@ -315,6 +318,16 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
             "reference for fidelity, accuracy and latency is the prepared model (BatchNorm folded, the same function)")
     store.retain([pruned])  # the original's weights go now; the result keeps the pruned ones
     return PruneResult(pruned, report, store, external_data=loaded.external_data, input_files=loaded.files)
+
+
+def peak_rss_bytes() -> Optional[int]:
+    """The most resident memory this process has held so far (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # bytes on macOS, KiB elsewhere
 
 
 def _gb(n: int) -> str:

@@ -65,7 +65,9 @@ class Report:
     payoff_cost: Optional[dict] = None  # --payoff output: coalitions evaluated, seconds
     gates: Optional[dict] = None  # bottleneck: steps, soft FLOPs ratio, fidelity loss, binarised share
     latency: List[dict] = field(default_factory=list)  # batch, before_ms, after_ms per batch size
-    seconds: Dict[str, float] = field(default_factory=dict)
+    seconds: Dict[str, float] = field(default_factory=dict)  # per stage (latency_* inside score_allocate)
+    wall_seconds: Optional[float] = None  # the whole conversion, writing excepted
+    peak_rss_bytes: Optional[int] = None  # most resident memory of the process up to the end
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -157,9 +159,20 @@ class Report:
         if self.fidelity_top1_agreement is not None:
             fid += f", top-1 agreement {self.fidelity_top1_agreement:.2%}"
         add(fid)
+        if self.wall_seconds is not None:
+            stages = ", ".join(f"{_STAGE_NAMES.get(k, k)} {v:.1f}" for k, v in self.seconds.items()
+                               if k not in ("latency_model", "latency_steer") and v >= 0.05)
+            line = f"conversion {self.wall_seconds:.1f} s" + (f" ({stages})" if stages else "")
+            if self.peak_rss_bytes:
+                line += f"; peak memory {_bytes(self.peak_rss_bytes)} (resident, whole process)"
+            add(line)
         for note in self.notes:
             add(f"note: {note}")
         return "\n".join(lines)
+
+
+_STAGE_NAMES = {"load_prepare_analyse": "load", "score_allocate": "score and allocate",
+                "bn_correct": "BN drift", "latency": "latency measurement"}
 
 
 def _si(n: float) -> str:
