@@ -65,7 +65,7 @@ def run_sweep(model_path: str, calib, targets: Sequence[float], out_dir: str, op
         rows.append(SweepRow(
             target, True, path, r.flops_reduction, r.params_reduction, r.accuracy_before, r.accuracy_after,
             r.fidelity_top1_agreement, r.fidelity_relative_error, list(r.latency),
-            sum(v for k, v in r.seconds.items() if k != "latency"), rounding=r.rounding))
+            r.wall_seconds - r.seconds.get("latency", 0.0), rounding=r.rounding))  # the conversion proper
     sweep = Sweep(model_path, rows, os.path.join(out_dir, "sweep.md"), os.path.join(out_dir, "sweep.json"), None)
     _write_table(sweep, options)
     with open(sweep.json_path, "w") as f:
