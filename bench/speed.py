@@ -1,13 +1,15 @@
 """Measured onnxruntime CPU speed of pruned models against --round-to, to choose its default.
 
     python bench/speed.py [--models ...] [--ratio 0.5] [--round-to 1,4,8,16] [--latency-aware]
-                          [--repeat 1] [--name speed]
+                          [--latency-target R] [--repeat 1] [--name speed]
 
 For every model and rounding: the pruned model's FLOPs reduction, accuracy on the full
 test split and latency before/after at each of --batches (median over fresh interleaved
 sessions, as the report measures it; with --repeat N, the median of N such measurements).
 --latency-aware adds, for every rounding, the run whose allocation prices each step by
-the latency it saves. Writes bench/results/DATE-NAME.md.
+the latency it saves. --latency-target R prunes with --latency R instead of --flops (the
+share of measured latency at batch 32 to remove; 0.375 asks for 1.6x). Writes
+bench/results/DATE-NAME.md.
 """
 
 from __future__ import annotations
@@ -51,13 +53,14 @@ def main():
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--round-to", default="1,4,8,16")
     p.add_argument("--latency-aware", action="store_true")
+    p.add_argument("--latency-target", type=float, default=None, help="prune with --latency R instead of --flops")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--batches", default="1,32", help="batch sizes timed")
     p.add_argument("--name", default="speed")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    lines = ["| model | round-to | steps priced by | FLOPs removed | accuracy (base) | " +
+    lines = ["| model | round-to | target | FLOPs removed | accuracy (base) | " +
              " | ".join(f"batch {b} ms before -> after | speedup" for b in batches) + " |",
              "| --- | --- | --- | --- | --- | " + " | ".join("--- | ---" for _ in batches) + " |"]
     for name in args.models.split(","):
@@ -65,11 +68,14 @@ def main():
         base = accuracy(model_path, x, y)
         for rt in (None if v == "auto" else int(v) for v in args.round_to.split(",")):
             for aware in ((False, True) if args.latency_aware else (False,)):
-                r = onnxprune.prune(model_path, calib, onnxprune.PruneOptions(flops=args.ratio, round_to=rt,
-                                                                              latency_aware=aware, latency=False))
+                target = (dict(latency_target=args.latency_target) if args.latency_target
+                          else dict(flops=args.ratio, latency_aware=aware))
+                r = onnxprune.prune(model_path, calib, onnxprune.PruneOptions(round_to=rt, latency=False, **target))
                 acc = accuracy(r.model, x, y)
                 timed = _median_latency(model_path, r, calib, args.repeat, batches)
-                row = (f"| {name} | {rt or 'default: ' + r.report.rounding} | {'latency' if aware else 'FLOPs'} | "
+                priced = (f"--latency {args.latency_target}" if args.latency_target else
+                          f"--flops {args.ratio}" + (", steps priced by latency" if aware else ""))
+                row = (f"| {name} | {rt or 'default: ' + r.report.rounding} | {priced} | "
                        f"{r.report.flops_reduction:.1%} | {acc:.2%} ({base:.2%}) | " +
                        " | ".join(f"{t['before_ms']:.3f} -> {t['after_ms']:.3f} | {t['before_ms'] / t['after_ms']:.2f}x"
                                   for t in timed) + " |")
@@ -82,7 +88,8 @@ def main():
     with open(path, "w") as f:
         f.write(f"# Speed against --round-to, {stamp}\n\nMachine: {machine}; onnxruntime {ort.__version__}, CPU "
                 f"provider. Command: `python bench/speed.py --models {args.models} --ratio {args.ratio} "
-                f"--round-to {args.round_to}{' --latency-aware' if args.latency_aware else ''} --repeat {args.repeat} "
+                f"--round-to {args.round_to}{' --latency-aware' if args.latency_aware else ''}"
+                f"{f' --latency-target {args.latency_target}' if args.latency_target else ''} --repeat {args.repeat} "
                 f"--batches {args.batches}`"
                 "\n\n" + "\n".join(lines) + "\n")
     print(f"wrote {path}")
