@@ -27,6 +27,17 @@ the same-tap terms (the channel-level approximation), which needs only the
 For a quadratic game the Shapley value has a closed form: phi_i = (Q 1)_i,
 and the pairwise interaction index is -2 Q_ij. The utilisation curve of a
 group is the payoff retained when its k most important channels are kept.
+
+Which channels are the k most important is decided on the game itself, by
+backward elimination: each step removes the channel whose removal, next to
+those already removed, costs least (its own term plus twice its interactions
+with them). The Shapley value averages a channel's marginal contribution over
+every coalition; pruning meets one coalition, and where channels interact
+strongly it is not the average one. With removed channels set to zero, every
+post-ReLU channel shifts the consumer's output by its mean, and those shifts
+add up: ranked by Shapley value, mnist_cnn without recovery kept 29.9% at -50%
+FLOPs; eliminated on the interactions, 94.6% (bench/results). The Shapley
+values stay the reported importances.
 """
 
 from __future__ import annotations
@@ -133,10 +144,26 @@ def group_games(analysis: Analysis, stats: ChannelStats, centred: bool = True,
     games = {}
     for g, q in q_by_group.items():
         q = (q + q.T) / 2
-        phi = q.sum(axis=1)
-        order = np.lexsort((np.arange(len(phi)), -phi))
-        games[g] = GroupGame(members[g], q, phi, order, loss_curve(q, order))
+        order = elimination_order(q)
+        games[g] = GroupGame(members[g], q, q.sum(axis=1), order, loss_curve(q, order))
     return games
+
+
+def elimination_order(q: np.ndarray) -> np.ndarray:
+    """Positions most important first, by greedy backward elimination on v(S) = -(1 - s)^T Q (1 - s):
+    removing channel i after the set R costs Q_ii + 2 sum_{j in R} Q_ij more; the cheapest goes
+    first (ties: the later position). O(n^2) in all."""
+    n = len(q)
+    cost = np.diag(q).astype(np.float64).copy()
+    gone = np.zeros(n, dtype=bool)
+    removed = np.empty(n, dtype=np.int64)
+    for step in range(n):
+        masked = np.where(gone, np.inf, cost)
+        i = n - 1 - int(np.argmin(masked[::-1]))
+        removed[step] = i
+        gone[i] = True
+        cost += 2.0 * q[:, i]
+    return removed[::-1].copy()
 
 
 def loss_curve(q: np.ndarray, order: np.ndarray) -> np.ndarray:

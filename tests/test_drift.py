@@ -17,14 +17,15 @@ def _accuracy(model, x, y):
 
 def test_bn_correct_rescues_pruning_without_recovery():
     x, y = load_labelled(BASE + "_test.npz")
-    opts = onnxprune.PruneOptions(flops=0.5, recover=False, latency=False, max_images=128)
+    # L1 ranking: channels removed by magnitude leave the next layers' inputs shifted, and the
+    # model collapses (SNPFI's own ranking, eliminated on the interactions, already keeps 98%)
+    opts = onnxprune.PruneOptions(flops=0.5, recover=False, latency=False, max_images=128, criterion="l1")
     plain = onnxprune.prune(BASE + ".onnx", BASE + "_calib", opts)
     corrected = onnxprune.prune(BASE + ".onnx", BASE + "_calib", opts.replace(bn_correct=True))
     assert plain.report.macs_after == corrected.report.macs_after
     assert any("BN drift corrected on 4 layers" in n for n in corrected.report.notes)
     assert corrected.report.fidelity_relative_error < 0.5 * plain.report.fidelity_relative_error
-    # without correction this pruning leaves 75-85% (depending on the ranking); corrected, it is
-    # back near the original's 99%
+    # without correction this pruning leaves about 23%; corrected, it is back near the original's 99%
     assert _accuracy(corrected.model, x, y) > max(0.95, _accuracy(plain.model, x, y) + 0.1)
 
 
