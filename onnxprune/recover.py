@@ -155,6 +155,7 @@ class SequentialLog:
     channel: List[str] = field(default_factory=list)
     failed: List[str] = field(default_factory=list)
     unsupported: List[str] = field(default_factory=list)  # no refit for this layer kind (grouped convs)
+    summed: List[str] = field(default_factory=list)  # fitted to the residual sum they feed (see _sum_partner)
     seconds: float = 0.0
 
 
@@ -196,8 +197,7 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                 sess_o = make_session(seg_o.segment(original, start_o, seg_o.cuts[step], prev_live_o, live_o), providers)
                 sess_p = make_session(seg_p.segment(pruned, start_p, seg_p.cuts[step], prev_live_p, live_p), providers)
                 fit = _make_fit(original, node_o, o_inits, keep, repeat, n, seed + step)
-                partner = (_sum_partner(pruned, node_p, live_o, live_p, keep, shapes)
-                           if isinstance(fit, (PatchFit, DepthwiseFit)) else None)
+                partner = _sum_partner(pruned, node_p, live_o, live_p, keep, shapes) if isinstance(fit, PatchFit) else None
                 new_o, new_p = Frontier(folder, n), Frontier(folder, n)
                 for b0 in range(0, n, bs):
                     real = min(bs, n - b0)
@@ -228,6 +228,8 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                 else:
                     _apply(pruned, layer_index, solved, fit, shared)
                     (log.channel if isinstance(fit, ChannelFit) else log.patch).append(name)
+                    if getattr(fit, "fitted_sum", False):
+                        log.summed.append(name)
                 # a fit holds a copy of its layer's weights: let it go before the next is made
                 fit = solved = sess_o = sess_p = None
                 for f in (prev_o, prev_p):

@@ -127,19 +127,42 @@ def test_channel_fit_with_fewer_samples_than_channels_keeps_means_only():
     np.testing.assert_allclose(b2, bias + x[:, ~keep].mean(axis=0) @ filters[~keep, :, 0], atol=1e-9)
 
 
+def _conv_rows(x, w, geometry):
+    n, _, h, wd = x.shape
+    return (im2col(x, *geometry) @ w.reshape(w.shape[0], -1).T).reshape(n, h, wd, -1).transpose(0, 3, 1, 2)
+
+
 @pytest.mark.parametrize("rows_per_image", [36, 7])  # every position, and a sample of them
-def test_patch_fit_matches_a_sum_when_given_the_other_branch_error(rows_per_image):
+def test_patch_fit_matches_a_sum_when_the_other_branch_error_is_predictable(rows_per_image):
     """A residual block's last conv is fitted to the block's sum: the error the other branch
     carries (here exactly what a second conv of the same input computes) is absorbed."""
     rng = np.random.default_rng(6)
     w, wd = rng.normal(size=(2, 4, 3, 3, 3))
     b = rng.normal(size=4)
-    x = rng.normal(size=(16, 3, 6, 6))
     attrs = {"pads": [1, 1, 1, 1], "strides": [1, 1]}
     geometry = ([3, 3], [1, 1], [1, 1, 1, 1], [1, 1])
-    offset = (im2col(x, *geometry) @ wd.reshape(4, -1).T).reshape(16, 6, 6, 4).transpose(0, 3, 1, 2)
     fit = PatchFit(w, b, attrs, np.ones(3, dtype=bool), rows_per_image=rows_per_image)
-    fit.add(x, x, offset)
+    for _ in range(4):  # batches alternate between the two folds of the check
+        x = rng.normal(size=(8, 3, 6, 6))
+        fit.add(x, x, _conv_rows(x, wd, geometry))
     w2, b2 = fit.solve(ridge=1e-12)
+    assert fit.fitted_sum
     np.testing.assert_allclose(w2, w + wd, atol=1e-4)
     np.testing.assert_allclose(b2, b, atol=1e-4)
+
+
+def test_patch_fit_keeps_its_own_output_when_the_other_branch_error_is_noise():
+    """An error the layer's input says nothing about would only be fitted on the samples seen:
+    the two-fold check keeps the layer's own output as the target."""
+    rng = np.random.default_rng(8)
+    w = rng.normal(size=(4, 3, 3, 3))
+    b = rng.normal(size=4)
+    attrs = {"pads": [1, 1, 1, 1], "strides": [1, 1]}
+    fit = PatchFit(w, b, attrs, np.ones(3, dtype=bool), rows_per_image=4)  # few rows: noise would overfit
+    for _ in range(4):
+        x = rng.normal(size=(8, 3, 6, 6))
+        fit.add(x, x, 3.0 * rng.normal(size=(8, 4, 6, 6)))
+    w2, b2 = fit.solve(ridge=1e-9)
+    assert not fit.fitted_sum
+    np.testing.assert_allclose(w2, w, atol=1e-6)
+    np.testing.assert_allclose(b2, b, atol=1e-6)
