@@ -155,7 +155,6 @@ class SequentialLog:
     channel: List[str] = field(default_factory=list)
     failed: List[str] = field(default_factory=list)
     unsupported: List[str] = field(default_factory=list)  # no refit for this layer kind (grouped convs)
-    summed: List[str] = field(default_factory=list)  # fitted to the residual sum they feed (see _sum_partner)
     seconds: float = 0.0
 
 
@@ -174,7 +173,6 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
     layers = _refit_candidates(pruned, changed)
     if not layers:
         return log
-    shapes = _static_shapes(original)
     names = [pruned.graph.node[i].name for i in layers]
     o_nodes = {n.name: n for n in original.graph.node}
     o_inits = {t.name: weights.array(t) for t in original.graph.initializer}  # shared, not copied
@@ -197,7 +195,6 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                 sess_o = make_session(seg_o.segment(original, start_o, seg_o.cuts[step], prev_live_o, live_o), providers)
                 sess_p = make_session(seg_p.segment(pruned, start_p, seg_p.cuts[step], prev_live_p, live_p), providers)
                 fit = _make_fit(original, node_o, o_inits, keep, repeat, n, seed + step)
-                partner = _sum_partner(pruned, node_p, live_o, live_p, keep, shapes) if isinstance(fit, PatchFit) else None
                 new_o, new_p = Frontier(folder, n), Frontier(folder, n)
                 for b0 in range(0, n, bs):
                     real = min(bs, n - b0)
@@ -213,12 +210,7 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                     for frontier, outs in ((new_o, outs_o), (new_p, outs_p)):
                         for t, v in outs.items():
                             frontier.write(t, b0, v[:real])
-                    if partner is not None:
-                        other, mask = partner
-                        o_other = outs_o[other][:real]
-                        offset = (o_other if mask is None else o_other[:, mask]) - outs_p[other][:real]
-                        fit.add(outs_o[node_o.input[0]][:real], outs_p[node_p.input[0]][:real], offset)
-                    elif fit is not None:
+                    if fit is not None:
                         fit.add(outs_o[node_o.input[0]][:real], outs_p[node_p.input[0]][:real])
                 solved = fit.solve(ridge) if fit is not None else None
                 if fit is None:
@@ -228,8 +220,6 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                 else:
                     _apply(pruned, layer_index, solved, fit, shared)
                     (log.channel if isinstance(fit, ChannelFit) else log.patch).append(name)
-                    if getattr(fit, "fitted_sum", False):
-                        log.summed.append(name)
                 # a fit holds a copy of its layer's weights: let it go before the next is made
                 fit = solved = sess_o = sess_p = None
                 for f in (prev_o, prev_p):
@@ -244,39 +234,6 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
         shutil.rmtree(folder, ignore_errors=True)
     log.seconds = time.perf_counter() - start_time
     return log
-
-
-def _sum_partner(pruned: onnx.ModelProto, node: onnx.NodeProto, live_o, live_p, keep, shapes):
-    """Where ``node``'s output is only summed with one other tensor that is already computed
-    (a residual block's last conv and its shortcut), that tensor and its kept channels: the
-    fit then matches the sum, so the layer also absorbs the error the pruning left on the
-    other branch, which nothing else downstream could undo (an identity shortcut has no
-    weights). None where the sum broadcasts or the two are pruned differently."""
-    out = node.output[0]
-    if any(o.name == out for o in pruned.graph.output):
-        return None
-    users = [n for n in pruned.graph.node if out in n.input]
-    if len(users) != 1 or users[0].op_type != "Add" or len(users[0].input) != 2:
-        return None
-    other = users[0].input[1] if users[0].input[0] == out else users[0].input[0]
-    if other == out or other not in live_o or other not in live_p:
-        return None
-    shape_out, shape_other = shapes.get(out), shapes.get(other)
-    if shape_out is None or shape_out != shape_other or any(d is None for d in shape_out[1:]):
-        return None
-    mask_out, mask_other = keep(out), keep(other)
-    if (mask_out is None) != (mask_other is None) or (mask_out is not None and not np.array_equal(mask_out, mask_other)):
-        return None
-    return other, mask_other
-
-
-def _static_shapes(model: onnx.ModelProto) -> dict:
-    """Tensor name -> its dims (None where not a number) from ``model``'s value infos."""
-    out = {}
-    for vi in list(model.graph.value_info) + list(model.graph.output):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            out[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim)
-    return out
 
 
 def _in_order_of(model: onnx.ModelProto, reference: onnx.ModelProto) -> onnx.ModelProto:

@@ -13,9 +13,6 @@ its output matches the original layer's output on its kept channels:
   fold the regression into the original weights. Exact for 1x1 convs and
   fully connected layers.
 
-PatchFit also takes an output-shaped offset: the error on the other input of a sum
-the layer feeds, which it then absorbs where a two-fold check says that generalises.
-
 The ridge is relative to the mean diagonal of the Gram matrix.
 """
 
@@ -181,28 +178,11 @@ class _ConvSampler:
         geometry = (self.kernel, self.strides, pads, self.dilations)
         p_new, pos = sampled_patches(x_new, *geometry, self.rows_per_image, self.rng)
         p_orig = im2col(x_orig, *geometry) if pos is None else gather_patches(x_orig, *geometry, pos)
-        self.pos = pos
         return p_orig, p_new
-
-    def at_patches(self, y: np.ndarray) -> np.ndarray:
-        """An output-shaped (N, K, H', W') array at the positions the last patches were taken
-        from, as (rows, K) like the layer's output over those patches."""
-        n, k = y.shape[:2]
-        y = y.reshape(n, k, -1)
-        if self.pos is None:
-            return y.transpose(0, 2, 1).reshape(-1, k)
-        return y[np.arange(n)[:, None], :, self.pos].reshape(-1, k)
 
 
 class PatchFit(_ConvSampler):
-    """Exact refit of a dense 2-D Conv: new weights over the pruned input's patches.
-
-    Given an ``offset`` (the error on the other input of a sum this layer feeds), the layer
-    may instead be fitted to the sum, absorbing that error. Whether it should is measured:
-    batches alternate between two folds, each target is fitted on one fold and scored on the
-    other by its error on the sum, and the target that does better there is fitted on both.
-    Fitting the sum always wins on the samples it is fitted on, but where the other branch's
-    error cannot be predicted from this layer's input it only adds variance."""
+    """Exact refit of a dense 2-D Conv: new weights over the pruned input's patches."""
 
     def __init__(self, w_orig: np.ndarray, b_orig: np.ndarray, attrs: dict, keep_in: np.ndarray, rows_per_image: int,
                  seed: int = 0):
@@ -211,60 +191,24 @@ class PatchFit(_ConvSampler):
         self.w32 = w_orig.reshape(w_orig.shape[0], -1).astype(np.float32)
         self.b32 = b_orig.astype(np.float32)
         self.keep_in = keep_in
-        self.d = int(keep_in.sum()) * int(np.prod(self.kernel)) + 1
-        self.gram = np.zeros((self.d, self.d))
-        self.rhs = np.zeros((self.d, self.w32.shape[0]))
-        self.folds = None  # with offsets: per fold, [gram, rhs to the layer's output, rhs to the sum]
-        self.batches = 0
-        self.fitted_sum = False  # the choice solve() made
+        d = int(keep_in.sum()) * int(np.prod(self.kernel)) + 1
+        self.gram = np.zeros((d, d))
+        self.rhs = np.zeros((d, self.w32.shape[0]))
 
-    def add(self, x_orig: np.ndarray, x_new: np.ndarray, offset: Optional[np.ndarray] = None) -> None:
+    def add(self, x_orig: np.ndarray, x_new: np.ndarray) -> None:
         p_orig, p_new = self.patches(x_orig, x_new)
         # one batch's products in float32 (BLAS speed), accumulated across batches in float64
         a = _with_ones(np.ascontiguousarray(p_new, dtype=np.float32))
         target = p_orig.astype(np.float32) @ self.w32.T + self.b32  # the original layer's output
-        gram, rhs = a.T @ a, a.T @ target
-        if offset is None:
-            self.gram += gram
-            self.rhs += rhs
-            return
-        if self.folds is None:
-            self.folds = [[np.zeros_like(self.gram), np.zeros_like(self.rhs), np.zeros_like(self.rhs)] for _ in range(2)]
-        fold = self.folds[self.batches % 2]
-        self.batches += 1
-        fold[0] += gram
-        fold[1] += rhs
-        fold[2] += a.T @ (target + self.at_patches(offset))
+        self.gram += a.T @ a
+        self.rhs += a.T @ target
 
     def solve(self, ridge: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-        gram, rhs = self.gram, self.rhs
-        if self.folds is not None:
-            gram = gram + self.folds[0][0] + self.folds[1][0]
-            to_output = rhs + self.folds[0][1] + self.folds[1][1]
-            to_sum = rhs + self.folds[0][2] + self.folds[1][2]
-            self.fitted_sum = self._sum_generalises(ridge)
-            rhs = to_sum if self.fitted_sum else to_output
-        sol = _solve(gram, rhs, ridge)
+        sol = _solve(self.gram, self.rhs, ridge)
         if sol is None:
             return None
         k = int(self.keep_in.sum())
         return sol[:-1].T.reshape((self.w32.shape[0], k) + tuple(self.kernel)), sol[-1]
-
-    def _sum_generalises(self, ridge: float) -> bool:
-        """Two-fold check: is the fit to the sum also better on the sum for the fold it did not see?"""
-        if self.batches < 2:
-            return False  # nothing to check it on: the layer's own output, as without a sum
-        error = {"output": 0.0, "sum": 0.0}
-        for train, test in ((0, 1), (1, 0)):
-            g, r_out, r_sum = self.folds[train]
-            sol = _solve(g, np.hstack([r_out, r_sum]), ridge)
-            if sol is None:
-                return False
-            g_test, r_test = self.folds[test][0], self.folds[test][2]
-            for name, theta in (("output", sol[:, :r_out.shape[1]]), ("sum", sol[:, r_out.shape[1]:])):
-                # |A theta - t|^2 on the other fold, less |t|^2 (the same for both)
-                error[name] += float(np.sum(theta * (g_test @ theta)) - 2.0 * np.sum(theta * r_test))
-        return error["sum"] < error["output"]
 
 
 class ChannelFit:
