@@ -140,7 +140,7 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
     if opts.criterion == "bn-scale" and opts.method == "snpfi" and not prep_log.bn_scale:
         raise UsageError("--criterion bn-scale needs BatchNormalization after the convolutions; "
                          "this model has none (or they were folded before export)")
-    analysis = analyse(weights.import_graph(prepared), shapes, default_opset(prepared), opts.ignore)
+    analysis = _analysis_of(prepared, shapes, opts)
     seconds["load_prepare_analyse"] = time.perf_counter() - t
     if not analysis.prunable_groups():
         # quote the blocked group that holds the most FLOPs, not the image input's channels
@@ -160,6 +160,7 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
         seconds["calibrate"] = time.perf_counter() - t
     t = time.perf_counter()
     gated = sampled = cost_model = None
+    steered = []  # --latency: [asked share of the model, measured reduction] per allocation timed
     if opts.method == "bottleneck":
         with progress("learning gates", 1) as update:
             ranked, loss, importance, gated = _gate(analysis, opts, stats)
@@ -406,11 +407,15 @@ STEER_TRIES = 4  # allocations measured at most, for --latency
 STEER_TOLERANCE = 0.02  # measured reduction accepted this close to the target (timing noise is about this)
 
 
+def _analysis_of(prepared: onnx.ModelProto, shapes, opts: PruneOptions) -> Analysis:
+    """The channel groups of the prepared model (a graph of its own: rewriting edits it)."""
+    return analyse(weights.import_graph(prepared), shapes, default_opset(prepared), opts.ignore)
+
+
 def _trial_model(prepared: onnx.ModelProto, shapes, opts: PruneOptions, keep: np.ndarray) -> onnx.ModelProto:
     """The pruned model of an allocation, without refitting (its speed does not depend on the
     weights), from a fresh analysis: rewriting edits the analysis's graph."""
-    trial = analyse(weights.import_graph(prepared), shapes, default_opset(prepared), opts.ignore)
-    return rewrite(trial, keep, prepared)[0]
+    return rewrite(_analysis_of(prepared, shapes, opts), keep, prepared)[0]
 
 
 def steer_to_measured_latency(allocate_at, target: float, measured_reduction):
@@ -522,7 +527,7 @@ def analyze(model: ModelSource, options: Optional[PruneOptions] = None) -> Repor
         spec = input_spec(loaded.model, opts)
         prepared, _ = prepare(loaded.model, release=True)
         shapes = static_shapes(prepared, {spec.name: (1,) + tuple(int(d) for d in spec.shape[1:])})
-        analysis = analyse(weights.import_graph(prepared), shapes, default_opset(prepared), opts.ignore)
+        analysis = _analysis_of(prepared, shapes, opts)
         report = _describe(analysis, None, opts)
     report.input_path = loaded.path
     return report

@@ -155,14 +155,12 @@ def elimination_order(q: np.ndarray) -> np.ndarray:
     first (ties: the later position). O(n^2) in all."""
     n = len(q)
     cost = np.diag(q).astype(np.float64).copy()
-    gone = np.zeros(n, dtype=bool)
     removed = np.empty(n, dtype=np.int64)
     for step in range(n):
-        masked = np.where(gone, np.inf, cost)
-        i = n - 1 - int(np.argmin(masked[::-1]))
+        i = n - 1 - int(np.argmin(cost[::-1]))
         removed[step] = i
-        gone[i] = True
         cost += 2.0 * q[:, i]
+        cost[i] = np.inf  # gone: stays infinite whatever is added later
     return removed[::-1].copy()
 
 
