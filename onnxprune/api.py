@@ -32,6 +32,7 @@ from .recover import recover, refit_sequential
 from .score import NEEDS_STATS, score_players
 from .snpfi import loss_curve, group_games, refit_games
 from .bottleneck import GateSettings, learn_gates
+from .drift import correct_drift
 from .output_payoff import output_games
 from .shapes import static_shapes
 from .verify import accuracy, check_model, fidelity
@@ -259,8 +260,6 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
             report.notes.append("no refit for these layers (grouped convs), left as sliced: "
                                 + ", ".join(seq.unsupported))
     if opts.bn_correct and prep_log.bn_scale:
-        from .drift import correct_drift
-
         t = time.perf_counter()
         with progress("correcting BN drift", 1) as update:
             corrected = correct_drift(prepared, pruned, list(prep_log.bn_scale), keep_fn, cal, cal.fit, providers)
@@ -270,13 +269,33 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
 
     t = time.perf_counter()
     check_model(pruned, original, cal, providers, reference=reference)
+    # The refit must earn its place on images it never saw: the same channels merely sliced
+    # (as --no-recover would cut them) are measured beside it, and the better is written. Not for
+    # models kept lean, where a second pruned copy of the weights would break the memory bound.
+    candidates = [pruned]
+    if opts.recover and len(cal.holdout) and not store.lean:
+        sliced = _trial_model(prepared, shapes, opts, alloc.keep_player)
+        if opts.bn_correct and prep_log.bn_scale:
+            correct_drift(prepared, sliced, list(prep_log.bn_scale), keep_fn, cal, cal.fit, providers)
+        candidates.append(sliced)
+    fid, *without = fidelity(reference, candidates, cal, providers, progress)
+    if without:
+        report.fidelity_without_refit = dict(relative_error=without[0].relative_error,
+                                             top1_agreement=without[0].top1_agreement)
+        if without[0].relative_error < fid.relative_error:
+            report.notes.append(
+                f"the refit made the output error on the {fid.images} held-out images worse ({fid.relative_error:.4f} "
+                f"against {without[0].relative_error:.4f} without it), so the model is written without it; more "
+                "calibration images (--max-images) give the refit more to fit")
+            pruned, fid = candidates[1], without[0]
+            report.refit_rejected = True
+            check_model(pruned, original, cal, providers, reference=reference)
     report.macs_before = macs_before
     report.macs_after = count_macs(pruned, input_shapes)
     report.params_before, report.params_after = params_before, count_params(pruned)
     if report.macs_after > report.macs_before:
         from .errors import InternalError
         raise InternalError("the pruned model has more FLOPs than the original (nothing written)")
-    fid = fidelity(reference, pruned, cal, providers, progress)
     report.fidelity_top1_agreement, report.fidelity_relative_error = fid.top1_agreement, fid.relative_error
     report.fidelity_held_out, report.holdout_images = fid.held_out, fid.images
     if evaluate is not None:

@@ -58,6 +58,9 @@ class Report:
     fidelity_top1_agreement: Optional[float] = None
     fidelity_relative_error: Optional[float] = None
     fidelity_held_out: bool = True
+    # recovery on, images held out: the same allocation without the refit, measured beside it
+    fidelity_without_refit: Optional[dict] = None  # relative_error, top1_agreement
+    refit_rejected: bool = False  # the refit did worse on the held-out images and was not written
     accuracy_before: Optional[float] = None
     accuracy_after: Optional[float] = None
     eval_samples: int = 0
@@ -84,6 +87,13 @@ class Report:
         d["params_reduction"] = self.params_reduction
         d["flops_convention"] = "multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul, per sample"
         return d
+
+    def _recovery_text(self) -> str:
+        if not self.recovery:
+            return "off"
+        if self.refit_rejected:
+            return "on (the refit did worse on held-out images: written without it)"
+        return f"on ({self.refitted_layers} layers refitted)"
 
     def format_analysis(self) -> str:
         lines = [f"FLOPs: {_si(self.macs_before)} MACs per sample; "
@@ -140,7 +150,7 @@ class Report:
         add(f"{target} -{self.flops_reduction:.1%}; "
             f"{'method bottleneck, ' if self.method == 'bottleneck' else ''}criterion {self.criterion}{' (' + self.payoff + ' payoff)' if self.payoff else ''}, allocation {self.allocation}"
             f"{', ' + self.rounding if self.rounding else ''}, "
-            f"recovery {'on (' + str(self.refitted_layers) + ' layers refitted)' if self.recovery else 'off'}; "
+            f"recovery {self._recovery_text()}; "
             f"{self.prunable_macs_share:.0%} of FLOPs sit in layers touching prunable groups")
         add("")
         add(f"{'pruned channel group':40}{'kept':>12}{'payoff kept':>13}")
@@ -158,6 +168,11 @@ class Report:
         fid = f"fidelity on {self.holdout_images} {where}: relative output error {self.fidelity_relative_error:.4f}"
         if self.fidelity_top1_agreement is not None:
             fid += f", top-1 agreement {self.fidelity_top1_agreement:.2%}"
+        if self.fidelity_without_refit is not None:
+            w = self.fidelity_without_refit
+            fid += f"; without the refit {w['relative_error']:.4f}"
+            if w.get("top1_agreement") is not None:
+                fid += f", {w['top1_agreement']:.2%}"
         add(fid)
         if self.wall_seconds is not None:
             stages = ", ".join(f"{_STAGE_NAMES.get(k, k)} {v:.1f}" for k, v in self.seconds.items()

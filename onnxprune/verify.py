@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -73,34 +73,37 @@ def compared_tensors(model: onnx.ModelProto) -> List[str]:
     return names
 
 
-def fidelity(original: onnx.ModelProto, pruned: onnx.ModelProto, cal: CalibrationSet, providers: List[str],
-             progress: Progress = silent) -> Fidelity:
+def fidelity(original: onnx.ModelProto, candidates: Sequence[onnx.ModelProto], cal: CalibrationSet,
+             providers: List[str], progress: Progress = silent) -> List[Fidelity]:
+    """How closely each candidate follows ``original`` on the held-out calibration images (on
+    the fitting images where none are held out), in one pass: the original runs once per batch."""
     held_out = len(cal.holdout) > 0
     indices = cal.holdout if held_out else cal.fit
     names = compared_tensors(original)
     s_old = make_session(expose(original, names), providers)
-    s_new = make_session(expose(pruned, names), providers)
-    agree = total = 0
-    err = norm = 0.0
+    s_new = [make_session(expose(c, names), providers) for c in candidates]
+    agree = [0] * len(candidates)
+    err = [0.0] * len(candidates)
+    norm = 0.0
+    total = 0
     classifier = None
     with progress("measuring fidelity", len(indices)) as update:
         for b, batch in enumerate(cal.batches(indices)):
             real = cal.real_count(b, indices)
-            old = run(s_old, cal.spec.name, batch, names)
-            new = run(s_new, cal.spec.name, batch, names)
-            for a, c in zip(old, new):
-                a = np.asarray(a[:real], np.float64)
-                c = np.asarray(c[:real], np.float64)
-                err += float(((a - c) ** 2).sum())
-                norm += float((a ** 2).sum())
+            old = [np.asarray(a[:real], np.float64) for a in run(s_old, cal.spec.name, batch, names)]
+            norm += sum(float((a ** 2).sum()) for a in old)
             if classifier is None:
                 classifier = is_classifier(old[0])
-            if classifier:
-                agree += int((old[0][:real].argmax(1) == new[0][:real].argmax(1)).sum())
+            for i, sess in enumerate(s_new):
+                new = [np.asarray(c[:real], np.float64) for c in run(sess, cal.spec.name, batch, names)]
+                err[i] += sum(float(((a - c) ** 2).sum()) for a, c in zip(old, new))
+                if classifier:
+                    agree[i] += int((old[0].argmax(1) == new[0].argmax(1)).sum())
             total += real
             update(real)
-    return Fidelity(total, agree / total if classifier and total else None,
-                    float(np.sqrt(err / norm)) if norm > 0 else float(np.sqrt(err)), held_out)
+    return [Fidelity(total, a / total if classifier and total else None,
+                     float(np.sqrt(e / norm)) if norm > 0 else float(np.sqrt(e)), held_out)
+            for a, e in zip(agree, err)]
 
 
 def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, providers: List[str], batch_size: int = 256) -> float:

@@ -91,6 +91,61 @@ def test_recovery_cuts_held_out_error_on_real_model(ratio):
     assert on.fidelity_top1_agreement > off.fidelity_top1_agreement
 
 
+def _shipped(name):
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(root, "models", f"{name}.onnx"), os.path.join(root, "models", f"{name}_calib")
+
+
+def test_refit_is_measured_against_the_same_channels_sliced():
+    model, calib = _shipped("mnist_cnn")
+    report = onnxprune.prune(model, calib, onnxprune.PruneOptions(flops=0.5, max_images=128, latency=False)).report
+    assert not report.refit_rejected and report.refitted_layers > 0
+    without = report.fidelity_without_refit
+    assert without is not None and report.fidelity_relative_error < 0.5 * without["relative_error"]
+    assert "without the refit" in report.format_text()
+
+
+def test_refit_that_does_worse_on_held_out_images_is_not_written(monkeypatch):
+    """A refit that fits the fitting images but not the held-out ones (here: sabotaged, every
+    refitted Conv's weights negated) loses to the same channels sliced, which are written."""
+    import onnxprune.api as api
+
+    real = api.refit_sequential
+
+    def sabotaged(original, pruned, *args, **kwargs):
+        log = real(original, pruned, *args, **kwargs)
+        inits = {t.name: t for t in pruned.graph.initializer}
+        for node in pruned.graph.node:
+            if node.name in log.patch + log.channel and node.op_type == "Conv":
+                w = inits[node.input[1]]
+                w.CopyFrom(onnx.numpy_helper.from_array(-onnx.numpy_helper.to_array(w), w.name))
+        return log
+
+    monkeypatch.setattr(api, "refit_sequential", sabotaged)
+    model, calib = _shipped("mnist_cnn")
+    opts = onnxprune.PruneOptions(flops=0.5, max_images=128, latency=False)
+    result = onnxprune.prune(model, calib, opts)
+    report = result.report
+    assert report.refit_rejected
+    assert report.fidelity_relative_error == report.fidelity_without_refit["relative_error"]
+    assert any("written without it" in n for n in report.notes)
+    assert "did worse on held-out images" in report.format_text()
+    # each filter written is one of the original's (BatchNorm folded) sliced, never negated
+    from onnxprune.prepare import prepare
+
+    prepared, _ = prepare(onnx.load(model))
+    name = [n for n in result.model.graph.node if n.op_type == "Conv"][1].name  # its input lost channels
+    w_old, w_new = (_conv_weights(m, name) for m in (prepared, result.model))
+    for f in w_new:
+        assert any(all(any(np.array_equal(c, o) for o in g) for c in f) for g in w_old)
+
+
+def _conv_weights(model, node_name):
+    node = next(n for n in model.graph.node if n.name == node_name)
+    return next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == node.input[1])
+
+
 def test_sampled_patches_are_im2col_rows():
     from onnxprune.refit import sampled_patches
     rng = np.random.default_rng(5)
