@@ -129,7 +129,8 @@ def run_model(name: str, ratios, full: bool, log, only=None, round_to=None):
                              flops_reduction=r.flops_reduction, accuracy=acc, base_accuracy=base,
                              fidelity_error=r.fidelity_relative_error, fidelity_top1=r.fidelity_top1_agreement,
                              wall_seconds=wall, plain_pass_seconds=plain, seconds=r.seconds,
-                             round_to=r.round_to, block=round_to or BLOCK, latency=r.latency))
+                             round_to=r.round_to, block=round_to or BLOCK, latency=r.latency,
+                             refit_rejected=r.refit_rejected))
             log(f"  {ratio} {criterion:10} {allocation:7} {'rec' if recover else '   '} "
                 f"-{r.flops_reduction:.1%} acc {acc:.4f} ({(acc - base) * 100:+.2f}p) "
                 f"wall {wall:.1f}s = {wall / plain:.1f}x plain")
@@ -148,6 +149,8 @@ def _cell(row) -> str:
         extra.append(f"{big[0]['before_ms'] / big[0]['after_ms']:.2f}x")
     if row.get("round_to") and row["round_to"] != row.get("block"):
         extra.append(f"r{row['round_to']}")
+    if row.get("refit_rejected"):
+        extra.append("refit rejected")
     return f"{row['accuracy']:.2%} ({', '.join(extra)})"
 
 
@@ -209,8 +212,10 @@ def main():
               f"{' --round-to ' + str(args.round_to) if args.round_to else ''}"
               f"{' --name ' + args.name if args.name != 'accuracy' else ''}`\n\nCells: top-1 accuracy on the full test "
               "split (achieved FLOPs reduction, batch-32 CPU speedup from the report's latency measurement, and rN where "
-              "the default rounding fell back to multiples of N to meet the target within a point). Calibration: 256 "
-              "training-split images (51 held out).\n\n")
+              "the default rounding fell back to multiples of N to meet the target within a point; \"refit rejected\" "
+              "where the refit did worse on the held-out images than slicing and was not written). Calibration: 256 "
+              "training-split images (51 held out); bench/results/*-calib-draws.md shows how much other draws move "
+              "the default's numbers.\n\n")
     with open(base + ".md", "w") as f:
         f.write(header + table(results))
     with open(base + ".json", "w") as f:

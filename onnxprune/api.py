@@ -269,9 +269,9 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
 
     t = time.perf_counter()
     check_model(pruned, original, cal, providers, reference=reference)
-    # The refit must earn its place on images it never saw: the same channels merely sliced
-    # (as --no-recover would cut them) are measured beside it, and the better is written. Not for
-    # models kept lean, where a second pruned copy of the weights would break the memory bound.
+    # The refit must earn its place on images it never saw: the same channels merely sliced (no
+    # refit) are measured beside it, and the better is written. Not for models kept lean, where
+    # a second pruned copy of the weights would break the memory bound.
     candidates = [pruned]
     if opts.recover and len(cal.holdout) and not store.lean:
         sliced = _trial_model(prepared, shapes, opts, alloc.keep_player)
