@@ -100,7 +100,30 @@ def prune(model: ModelSource, calib: CalibSource, options: Optional[PruneOptions
           evaluate: Optional[Labelled] = None, progress: Progress = silent, log=lambda line: None) -> PruneResult:
     store = weights.WeightStore()
     with blas_single_thread(), weights.activate(store):
-        return _prune(model, calib, options, evaluate, progress, log, store)
+        result = _prune(model, calib, options, evaluate, progress, log, store)
+    if result.report.refit_rejected:
+        return _slicing_instead(result, model, calib, options, evaluate, progress, log)
+    return result
+
+
+def _slicing_instead(rejected: PruneResult, model, calib, options, evaluate, progress, log) -> PruneResult:
+    """The refit did worse on the held-out images than its channels merely sliced. Channels
+    chosen for slicing, as --no-recover chooses them (the local payoff with removed channels at
+    zero), may do better still: that conversion is run too (in its own weight store) and the
+    one with the lower held-out error is returned."""
+    plain = prune(model, calib, (options or PruneOptions()).replace(recover=False), evaluate=evaluate,
+                  progress=progress, log=log)
+    mine, theirs = rejected.report, plain.report
+    if theirs.fidelity_relative_error >= mine.fidelity_relative_error:
+        mine.notes.append(f"channels chosen for slicing, as --no-recover chooses them, did no better on the held-out "
+                          f"images ({theirs.fidelity_relative_error:.4f})")
+        return rejected
+    theirs.recovery = theirs.refit_rejected = True
+    theirs.notes = [n for n in mine.notes if n.startswith("the refit made")] + [
+        f"channels chosen for slicing, as --no-recover chooses them, did better still on the held-out images "
+        f"({theirs.fidelity_relative_error:.4f}): that model is written"] + theirs.notes
+    theirs.wall_seconds = (mine.wall_seconds or 0.0) + (theirs.wall_seconds or 0.0)
+    return plain
 
 
 def _prune(model, calib, options, evaluate, progress, log, store: weights.WeightStore) -> PruneResult:
@@ -285,8 +308,8 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
         if without[0].relative_error < fid.relative_error:
             report.notes.append(
                 f"the refit made the output error on the {fid.images} held-out images worse ({fid.relative_error:.4f} "
-                f"against {without[0].relative_error:.4f} without it), so the model is written without it; more "
-                "calibration images (--max-images) give the refit more to fit")
+                f"against {without[0].relative_error:.4f} with its channels merely sliced), so no refit is written; "
+                "more calibration images (--max-images) give the refit more to fit")
             pruned, fid = candidates[1], without[0]
             report.refit_rejected = True
             check_model(pruned, original, cal, providers, reference=reference)

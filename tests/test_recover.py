@@ -106,9 +106,9 @@ def test_refit_is_measured_against_the_same_channels_sliced():
     assert "without the refit" in report.format_text()
 
 
-def test_refit_that_does_worse_on_held_out_images_is_not_written(monkeypatch):
-    """A refit that fits the fitting images but not the held-out ones (here: sabotaged, every
-    refitted Conv's weights negated) loses to the same channels sliced, which are written."""
+def _sabotage_refit(monkeypatch):
+    """Make every refit negate the Conv weights it writes: a refit that fits nothing, as one
+    fitted to too few images can be on images it has not seen."""
     import onnxprune.api as api
 
     real = api.refit_sequential
@@ -123,15 +123,29 @@ def test_refit_that_does_worse_on_held_out_images_is_not_written(monkeypatch):
         return log
 
     monkeypatch.setattr(api, "refit_sequential", sabotaged)
+
+
+def test_refit_that_does_worse_on_held_out_images_is_not_written(monkeypatch):
+    """The refit loses on the held-out images; what is written is the better of its channels
+    sliced and the --no-recover conversion, never the refit."""
+    _sabotage_refit(monkeypatch)
     model, calib = _shipped("mnist_cnn")
     opts = onnxprune.PruneOptions(flops=0.5, max_images=128, latency=False)
     result = onnxprune.prune(model, calib, opts)
     report = result.report
-    assert report.refit_rejected
-    assert report.fidelity_relative_error == report.fidelity_without_refit["relative_error"]
-    assert any("written without it" in n for n in report.notes)
+    assert report.refit_rejected and report.recovery
+    assert any(n.startswith("the refit made the output error") for n in report.notes)
     assert "did worse on held-out images" in report.format_text()
-    # each filter written is one of the original's (BatchNorm folded) sliced, never negated
+    plain = onnxprune.prune(model, calib, opts.replace(recover=False))
+    x = np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32)
+    if report.payoff == "local":  # the --no-recover conversion won: it is what was written
+        assert report.fidelity_relative_error == plain.report.fidelity_relative_error
+        np.testing.assert_array_equal(outputs(result.model, x)[0], outputs(plain.model, x)[0])
+        assert any("did better still" in n for n in report.notes)
+    else:  # the refit's channels sliced won
+        assert report.fidelity_relative_error == report.fidelity_without_refit["relative_error"]
+        assert report.fidelity_relative_error <= plain.report.fidelity_relative_error
+    # whichever it was, no filter written is negated: each is one of the original's (BatchNorm folded), sliced
     from onnxprune.prepare import prepare
 
     prepared, _ = prepare(onnx.load(model))
@@ -139,6 +153,29 @@ def test_refit_that_does_worse_on_held_out_images_is_not_written(monkeypatch):
     w_old, w_new = (_conv_weights(m, name) for m in (prepared, result.model))
     for f in w_new:
         assert any(all(any(np.array_equal(c, o) for o in g) for c in f) for g in w_old)
+
+
+def test_sliced_refit_channels_are_written_when_they_beat_no_recover(monkeypatch):
+    """Force the --no-recover conversion to lose (its held-out error made worse than any), so
+    the rejected refit's channels, sliced, are what is written."""
+    import onnxprune.api as api
+
+    _sabotage_refit(monkeypatch)
+    real_prune = api.prune
+
+    def prune_with_bad_plain(model, calib, options=None, **kwargs):
+        result = real_prune(model, calib, options, **kwargs)
+        if options is not None and not options.recover:
+            result.report.fidelity_relative_error = float("inf")
+        return result
+
+    monkeypatch.setattr(api, "prune", prune_with_bad_plain)
+    model, calib = _shipped("mnist_cnn")
+    result = api.prune(model, calib, onnxprune.PruneOptions(flops=0.5, max_images=128, latency=False))
+    report = result.report
+    assert report.refit_rejected and report.payoff == "refit"
+    assert report.fidelity_relative_error == report.fidelity_without_refit["relative_error"]
+    assert any("did no better" in n for n in report.notes)
 
 
 def _conv_weights(model, node_name):
