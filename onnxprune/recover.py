@@ -37,7 +37,7 @@ from .ops.conv import is_depthwise
 from .progress import Progress, silent
 from .refit import PATCH_LIMIT, ROWS_PER_UNKNOWN, ChannelFit, DepthwiseFit, PatchFit
 from .runtime import blas_single_thread, make_session, run_feeds
-from .segments import Frontier, Segmenter
+from .segments import Frontier, MemoryBudget, Segmenter
 
 RIDGE = 1e-3  # relative to the mean variance of the kept channels
 
@@ -182,6 +182,7 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
     indices = np.asarray(indices)
     n = len(indices)
     folder = tempfile.mkdtemp(prefix="onnxprune-")
+    budget = MemoryBudget()
     prev_o = prev_p = None
     prev_live_o = prev_live_p = [cal.spec.name]
     try:
@@ -195,7 +196,7 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                 sess_o = make_session(seg_o.segment(original, start_o, seg_o.cuts[step], prev_live_o, live_o), providers)
                 sess_p = make_session(seg_p.segment(pruned, start_p, seg_p.cuts[step], prev_live_p, live_p), providers)
                 fit = _make_fit(original, node_o, o_inits, keep, repeat, n, seed + step)
-                new_o, new_p = Frontier(folder, n), Frontier(folder, n)
+                new_o, new_p = Frontier(folder, budget), Frontier(folder, budget)
                 for b0 in range(0, n, bs):
                     real = min(bs, n - b0)
                     if prev_o is None:

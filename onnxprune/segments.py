@@ -5,22 +5,22 @@ pruned model must be advanced one layer at a time while its earlier layers
 change. Cutting the graph before each layer to refit and storing the live
 tensors at the cut (the *frontier*) for every calibration image means each
 node runs once per image in total: the whole schedule costs about one pass
-of each model, not one pass per layer. Frontiers live in memory while small
-and in a temporary file beyond ``SPILL_BYTES``, so RAM does not grow with the
-number of calibration images.
+of each model, not one pass per layer. Frontiers live in memory while all of
+them together take at most ``SPILL_BYTES`` and in temporary files beyond, so RAM
+does not grow with the number of calibration images.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import onnx
 from onnx import helper
 
-SPILL_BYTES = 512 * 2 ** 20
+SPILL_BYTES = 512 * 2 ** 20  # all frontiers in memory together
 
 
 def _value_infos(model: onnx.ModelProto) -> Dict[str, onnx.ValueInfoProto]:
@@ -75,50 +75,84 @@ class Segmenter:
         return seg
 
 
-class Frontier:
-    """Per-image storage of the tensors at one cut. Batches are kept as onnxruntime
-    returned them (no copy) until their total passes ``SPILL_BYTES``; then every tensor
-    goes to a memory-mapped temporary file."""
+class MemoryBudget:
+    """Bytes of frontier tensors that may stay in memory, shared by all the frontiers alive at
+    once (the refit keeps four: the cut it reads and the one it writes, in each model)."""
 
-    def __init__(self, folder: str, images: int):
-        """``images``: how many images the whole frontier will hold (sizes the spill files)."""
+    def __init__(self, limit: Optional[int] = None):
+        self.limit = SPILL_BYTES if limit is None else limit
+        self.used = 0
+
+
+class _SpillFile:
+    """One tensor of a frontier on disk: image ``i`` at offset ``i * per_image`` bytes. Plain
+    reads and writes, not a memory map: mapped pages would count in the process's resident
+    memory as they are touched, which is the growth spilling is there to stop."""
+
+    def __init__(self, folder: str, like: np.ndarray):
+        fd, self.path = tempfile.mkstemp(dir=folder, suffix=".bin")
+        self.file = os.fdopen(fd, "w+b")
+        self.dtype, self.shape = like.dtype, like.shape[1:]
+        self.per_image = like[:1].nbytes
+
+    def write(self, start: int, values: np.ndarray) -> None:
+        self.file.seek(start * self.per_image)
+        np.ascontiguousarray(values, dtype=self.dtype).tofile(self.file)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        self.file.flush()
+        self.file.seek(start * self.per_image)
+        count = (stop - start) * (self.per_image // self.dtype.itemsize)
+        return np.fromfile(self.file, dtype=self.dtype, count=count).reshape((stop - start,) + self.shape)
+
+    def close(self) -> None:
+        self.file.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+class Frontier:
+    """Per-image storage of the tensors at one cut. Batches are kept as onnxruntime returned
+    them (no copy) while the frontiers together stay within their ``budget``; past it, this
+    frontier's tensors go to temporary files, so memory stays bounded however many
+    calibration images there are."""
+
+    def __init__(self, folder: str, budget: MemoryBudget):
         self.folder = folder
-        self.images = images
+        self.budget = budget
         self.batches: Dict[tuple, np.ndarray] = {}
-        self.maps: Dict[str, np.ndarray] = {}
-        self.total = 0
+        self.files: Dict[str, _SpillFile] = {}
+        self.held = 0  # bytes of this frontier's batches counted against the budget
 
     def write(self, name: str, start: int, values: np.ndarray) -> None:
-        if name in self.maps:
-            self.maps[name][start:start + len(values)] = values
+        if name not in self.files and self.budget.used + values.nbytes <= self.budget.limit:
+            self.batches[(name, start)] = values
+            self.held += values.nbytes
+            self.budget.used += values.nbytes
             return
-        self.batches[(name, start)] = values
-        self.total += values.nbytes
-        if self.total > SPILL_BYTES:
-            self._spill()
+        self._spill()
+        if name not in self.files:
+            self.files[name] = _SpillFile(self.folder, values)
+        self.files[name].write(start, values)
 
     def _spill(self) -> None:
-        for (name, start), values in list(self.batches.items()):
-            if name not in self.maps:
-                fd, path = tempfile.mkstemp(dir=self.folder, suffix=".npy")
-                os.close(fd)
-                self.maps[name] = np.lib.format.open_memmap(path, mode="w+", dtype=values.dtype,
-                                                            shape=(self.images,) + values.shape[1:])
-            self.maps[name][start:start + len(values)] = values
+        for (name, start), values in self.batches.items():
+            if name not in self.files:
+                self.files[name] = _SpillFile(self.folder, values)
+            self.files[name].write(start, values)
         self.batches = {}
-        self.total = 0
+        self.budget.used -= self.held
+        self.held = 0
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
-        if name in self.maps:
-            return np.ascontiguousarray(self.maps[name][start:stop])
+        if name in self.files:
+            return self.files[name].read(start, stop)
         return self.batches[(name, start)]
 
     def close(self) -> None:
-        for a in self.maps.values():
-            path = a.filename
-            del a
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-        self.maps, self.batches = {}, {}
+        for f in self.files.values():
+            f.close()
+        self.budget.used -= self.held
+        self.files, self.batches, self.held = {}, {}, 0

@@ -1,0 +1,59 @@
+"""Frontiers: the tensors at a cut, kept per image in memory within a shared budget and in
+temporary files beyond it, read back unchanged."""
+
+import os
+
+import numpy as np
+import onnxprune
+import pytest
+
+from onnxprune import segments
+from onnxprune.segments import Frontier, MemoryBudget
+from surgery import outputs
+
+
+def _batches(seed, shape, count, batch=4):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(batch,) + shape).astype(np.float32) for _ in range(count)]
+
+
+@pytest.mark.parametrize("limit", [0, 200, 10 ** 9])
+def test_frontier_reads_back_what_was_written_whatever_the_budget(tmp_path, limit):
+    budget = MemoryBudget(limit)
+    a, b = Frontier(str(tmp_path), budget), Frontier(str(tmp_path), budget)
+    xs, ys = _batches(0, (3, 5), 6), _batches(1, (2,), 6)
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        a.write("x", 4 * i, x)
+        a.write("y", 4 * i, y)
+        b.write("x", 4 * i, x + 1)
+    assert budget.used <= limit
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        np.testing.assert_array_equal(a.read("x", 4 * i, 4 * i + 4), x)
+        np.testing.assert_array_equal(a.read("y", 4 * i, 4 * i + 4), y)
+        np.testing.assert_array_equal(b.read("x", 4 * i, 4 * i + 4), x + 1)
+    spilled = bool(a.files or b.files)
+    assert spilled == (limit < 6 * (xs[0].nbytes * 2 + ys[0].nbytes))
+    a.close()
+    b.close()
+    assert budget.used == 0 and os.listdir(tmp_path) == []
+
+
+def test_a_frontier_past_the_budget_takes_no_more_memory(tmp_path):
+    budget = MemoryBudget(3 * 4 * 10 * 4)  # three batches of (4, 10) float32
+    f = Frontier(str(tmp_path), budget)
+    for i, x in enumerate(_batches(2, (10,), 8)):
+        f.write("t", 4 * i, x)
+        assert budget.used <= budget.limit
+    assert f.files and not f.batches and budget.used == 0
+
+
+def test_refit_through_spilled_frontiers_equals_refit_in_memory(monkeypatch):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    model = os.path.join(root, "models", "fmnist_resnet.onnx")
+    calib = os.path.join(root, "models", "fmnist_resnet_calib")
+    opts = onnxprune.PruneOptions(flops=0.5, max_images=64, latency=False)
+    in_memory = onnxprune.prune(model, calib, opts).model
+    monkeypatch.setattr(segments, "SPILL_BYTES", 0)  # every frontier goes to disk
+    spilled = onnxprune.prune(model, calib, opts).model
+    x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
+    np.testing.assert_array_equal(outputs(spilled, x)[0], outputs(in_memory, x)[0])
