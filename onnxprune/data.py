@@ -74,6 +74,9 @@ def input_spec(model, opts: PruneOptions) -> InputSpec:
     return spec
 
 
+FINITE_CHUNK = 64  # samples checked for NaN at a time: no mask the size of the whole array
+
+
 @dataclass
 class CalibrationSet:
     """The calibration items, split into a scoring part and a held-out part."""
@@ -208,7 +211,11 @@ def _grey_palette(palette: Optional[List[int]]) -> bool:
 
 
 def _load_array(path: str) -> np.ndarray:
+    """A .npy is mapped, not read: only the samples used (--max-images) are ever loaded, a
+    batch at a time, however large the file. An .npz (a zip) is read whole."""
     try:
+        if path.lower().endswith(".npy"):
+            return np.load(path, mmap_mode="r", allow_pickle=False)
         data = np.load(path, allow_pickle=False)
     except Exception as e:
         raise InputError(f"cannot read calibration tensors {path!r}: {e}") from e
@@ -272,15 +279,16 @@ def _from_array(array: np.ndarray, spec: InputSpec, opts: PruneOptions, what: st
     expected = tuple(int(d) for d in spec.shape[1:])
     if array.ndim == len(expected):
         array = array[None]
+    array = array[: opts.max_images]  # the samples used; the rest is never read
     if tuple(array.shape[1:]) != expected:
         raise InputError(f"{what} has shape {tuple(array.shape)}; the model expects (N, {', '.join(map(str, expected))})")
     if not np.issubdtype(array.dtype, np.floating) and np.issubdtype(spec.dtype, np.floating):
         raise InputError(f"{what} has dtype {array.dtype}; expected preprocessed floating-point tensors")
     if len(array) == 0:
         raise InputError(f"{what} holds no samples")
-    if not np.isfinite(array).all():
+    if not all(np.isfinite(array[i:i + FINITE_CHUNK]).all() for i in range(0, len(array), FINITE_CHUNK)):
         raise InputError(f"{what} contains NaN or infinite values")
-    return CalibrationSet(spec, opts, array=array[: opts.max_images])
+    return CalibrationSet(spec, opts, array=array)
 
 
 def _split(cal: CalibrationSet, opts: PruneOptions) -> None:

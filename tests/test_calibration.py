@@ -100,3 +100,20 @@ def test_a_single_image_or_fewer_than_a_batch(tmp_path, capsys, count):
         shutil.copy(os.path.join(calib, f), sub / f)
     out = _prune(GREY_MODEL, str(sub), tmp_path, capsys, "--batch-size", "32")
     assert f"fidelity on {count} calibration images (too few to hold any out)" in out
+
+
+def test_a_large_npy_is_read_only_as_far_as_max_images(tmp_path):
+    """Only the samples used are read: a NaN past --max-images is never seen, and the batches
+    are those of the same samples given as an array."""
+    x = np.random.default_rng(0).random((40, 1, 28, 28), dtype=np.float32)
+    x[30:] = np.nan  # beyond the samples used
+    np.save(tmp_path / "x.npy", x)
+    spec = input_spec(onnx.load(GREY_MODEL), PruneOptions(flops=0.5))
+    opts = PruneOptions(flops=0.5, max_images=24)
+    from_file = load_calibration(str(tmp_path / "x.npy"), spec, opts)
+    from_array = load_calibration(x[:24].copy(), spec, opts)
+    assert len(from_file) == 24
+    for a, b in zip(from_file.batches(from_file.fit), from_array.batches(from_array.fit)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(Exception, match="NaN or infinite"):
+        load_calibration(str(tmp_path / "x.npy"), spec, PruneOptions(flops=0.5, max_images=31))
