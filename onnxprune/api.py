@@ -96,6 +96,10 @@ def load_labelled(path: str) -> Labelled:
     return x.astype(np.float32, copy=False), y.astype(np.int64, copy=False)
 
 
+# notes about the refit, dropped when the refit is not what is written
+REFIT_NOTES = ("ill-conditioned refit, ", "no refit for these layers (grouped convs), left as sliced: ")
+
+
 def prune(model: ModelSource, calib: CalibSource, options: Optional[PruneOptions] = None, *,
           evaluate: Optional[Labelled] = None, progress: Progress = silent, log=lambda line: None) -> PruneResult:
     store = weights.WeightStore()
@@ -108,20 +112,25 @@ def prune(model: ModelSource, calib: CalibSource, options: Optional[PruneOptions
 
 def _slicing_instead(rejected: PruneResult, model, calib, options, evaluate, progress, log) -> PruneResult:
     """The refit did worse on the held-out images than its channels merely sliced. Channels
-    chosen for slicing, as --no-recover chooses them (the local payoff with removed channels at
-    zero), may do better still: that conversion is run too (in its own weight store) and the
-    one with the lower held-out error is returned."""
-    plain = prune(model, calib, (options or PruneOptions()).replace(recover=False), evaluate=evaluate,
-                  progress=progress, log=log)
+    chosen as --no-recover chooses them (for slicing) may do better still: that conversion is
+    run too (in its own weight store) and returned where its held-out error is lower and it
+    prunes at least as far toward the target. Not with --latency: that run would steer again on
+    fresh timings, and errors of differently fast models do not compare."""
+    opts = options or PruneOptions()
+    if opts.latency_target is not None:
+        return rejected
+    plain = prune(model, calib, opts.replace(recover=False), evaluate=evaluate, progress=progress, log=log)
     mine, theirs = rejected.report, plain.report
-    if theirs.fidelity_relative_error >= mine.fidelity_relative_error:
-        mine.notes.append(f"channels chosen for slicing, as --no-recover chooses them, did no better on the held-out "
-                          f"images ({theirs.fidelity_relative_error:.4f})")
+    as_far = theirs.flops_reduction >= min(mine.flops_reduction, opts.flops)
+    if theirs.fidelity_relative_error >= mine.fidelity_relative_error or not as_far:
+        mine.notes.append(f"channels chosen as --no-recover chooses them did no better on the held-out images "
+                          f"({theirs.fidelity_relative_error:.4f}, -{theirs.flops_reduction:.1%} FLOPs)")
         return rejected
     theirs.recovery = theirs.refit_rejected = True
+    theirs.fidelity_rejected_refit = mine.fidelity_rejected_refit
     theirs.notes = [n for n in mine.notes if n.startswith("the refit made")] + [
-        f"channels chosen for slicing, as --no-recover chooses them, did better still on the held-out images "
-        f"({theirs.fidelity_relative_error:.4f}): that model is written"] + theirs.notes
+        f"channels chosen as --no-recover chooses them did better still on the held-out images "
+        f"({theirs.fidelity_relative_error:.4f}): that model is written, channels and all"] + theirs.notes
     theirs.wall_seconds = (mine.wall_seconds or 0.0) + (theirs.wall_seconds or 0.0)
     return plain
 
@@ -265,7 +274,7 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
     if recovery is not None:
         report.refitted_layers = len(recovery.refitted)
         if recovery.mean_only:
-            report.notes.append("ill-conditioned refit, bias correction only: " + ", ".join(recovery.mean_only))
+            report.notes.append(REFIT_NOTES[0] + "bias correction only: " + ", ".join(recovery.mean_only))
     t = time.perf_counter()
     keep_fn = analysis.keep_fn(alloc.keep_player)
     repeat_fn = lambda name: flatten_repeat(analysis, name)  # noqa: E731
@@ -278,10 +287,9 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
         seconds["refit"] = time.perf_counter() - t
         report.refitted_layers += len(seq.patch) + len(seq.channel)
         if seq.failed:
-            report.notes.append("ill-conditioned refit, left as sliced: " + ", ".join(seq.failed))
+            report.notes.append(REFIT_NOTES[0] + "left as sliced: " + ", ".join(seq.failed))
         if seq.unsupported:
-            report.notes.append("no refit for these layers (grouped convs), left as sliced: "
-                                + ", ".join(seq.unsupported))
+            report.notes.append(REFIT_NOTES[1] + ", ".join(seq.unsupported))
     if opts.bn_correct and prep_log.bn_scale:
         t = time.perf_counter()
         with progress("correcting BN drift", 1) as update:
@@ -296,6 +304,10 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
     # refit) are measured beside it, and the better is written. Not for models kept lean, where
     # a second pruned copy of the weights would break the memory bound.
     candidates = [pruned]
+    if opts.recover and not len(cal.holdout):
+        report.notes.append("no calibration images held out (--holdout 0): the refit is not checked against slicing")
+    elif opts.recover and store.lean:
+        report.notes.append("model over 512 MiB of weights: the refit is not checked against slicing on held-out images")
     if opts.recover and len(cal.holdout) and not store.lean:
         sliced = _trial_model(prepared, shapes, opts, alloc.keep_player)
         if opts.bn_correct and prep_log.bn_scale:
@@ -306,10 +318,15 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
         report.fidelity_without_refit = dict(relative_error=without[0].relative_error,
                                              top1_agreement=without[0].top1_agreement)
         if without[0].relative_error < fid.relative_error:
+            # what is written is not refitted: the report must not say it is
+            report.notes = [n for n in report.notes if not n.startswith(REFIT_NOTES)]
             report.notes.append(
                 f"the refit made the output error on the {fid.images} held-out images worse ({fid.relative_error:.4f} "
                 f"against {without[0].relative_error:.4f} with its channels merely sliced), so no refit is written; "
                 "more calibration images (--max-images) give the refit more to fit")
+            report.fidelity_without_refit = None
+            report.fidelity_rejected_refit = dict(relative_error=fid.relative_error, top1_agreement=fid.top1_agreement)
+            report.refitted_layers = 0
             pruned, fid = candidates[1], without[0]
             report.refit_rejected = True
             check_model(pruned, original, cal, providers, reference=reference)

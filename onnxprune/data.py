@@ -279,9 +279,9 @@ def _from_array(array: np.ndarray, spec: InputSpec, opts: PruneOptions, what: st
     expected = tuple(int(d) for d in spec.shape[1:])
     if array.ndim == len(expected):
         array = array[None]
-    array = array[: opts.max_images]  # the samples used; the rest is never read
     if tuple(array.shape[1:]) != expected:
         raise InputError(f"{what} has shape {tuple(array.shape)}; the model expects (N, {', '.join(map(str, expected))})")
+    array = array[: opts.max_images]  # the samples used; the rest is never read
     if not np.issubdtype(array.dtype, np.floating) and np.issubdtype(spec.dtype, np.floating):
         raise InputError(f"{what} has dtype {array.dtype}; expected preprocessed floating-point tensors")
     if len(array) == 0:

@@ -183,7 +183,7 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
     n = len(indices)
     folder = tempfile.mkdtemp(prefix="onnxprune-")
     budget = MemoryBudget()
-    prev_o = prev_p = None
+    prev_o = prev_p = new_o = new_p = None
     prev_live_o = prev_live_p = [cal.spec.name]
     try:
         with progress("refitting layers", len(layers)) as update, blas_single_thread():
@@ -210,7 +210,9 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                     outs_p = dict(zip(live_p, run_feeds(sess_p, feeds_p, live_p)))
                     for frontier, outs in ((new_o, outs_o), (new_p, outs_p)):
                         for t, v in outs.items():
-                            frontier.write(t, b0, v[:real])
+                            # a padded last batch (fixed-batch models) is copied: a view would keep,
+                            # uncounted by the memory budget, the whole padded array alive
+                            frontier.write(t, b0, v if real == len(v) else v[:real].copy())
                     if fit is not None:
                         fit.add(outs_o[node_o.input[0]][:real], outs_p[node_p.input[0]][:real])
                 solved = fit.solve(ridge) if fit is not None else None
@@ -227,9 +229,12 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                     if f is not None:
                         f.close()
                 prev_o, prev_p, prev_live_o, prev_live_p = new_o, new_p, live_o, live_p
+                new_o = new_p = None
                 update(1)
     finally:
-        for f in (prev_o, prev_p):
+        # an error mid-step leaves the frontiers being written open too: close their files
+        # before the folder goes (an open file cannot be deleted everywhere)
+        for f in (prev_o, prev_p, new_o, new_p):
             if f is not None:
                 f.close()
         shutil.rmtree(folder, ignore_errors=True)

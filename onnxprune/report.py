@@ -61,6 +61,7 @@ class Report:
     # recovery on, images held out: the same allocation without the refit, measured beside it
     fidelity_without_refit: Optional[dict] = None  # relative_error, top1_agreement
     refit_rejected: bool = False  # the refit did worse on the held-out images and was not written
+    fidelity_rejected_refit: Optional[dict] = None  # then: the refit's own relative_error, top1_agreement
     accuracy_before: Optional[float] = None
     accuracy_after: Optional[float] = None
     eval_samples: int = 0
@@ -168,11 +169,12 @@ class Report:
         fid = f"fidelity on {self.holdout_images} {where}: relative output error {self.fidelity_relative_error:.4f}"
         if self.fidelity_top1_agreement is not None:
             fid += f", top-1 agreement {self.fidelity_top1_agreement:.2%}"
-        if self.fidelity_without_refit is not None:
-            w = self.fidelity_without_refit
-            fid += f"; without the refit {w['relative_error']:.4f}"
-            if w.get("top1_agreement") is not None:
-                fid += f", {w['top1_agreement']:.2%}"
+        for label, other in (("without the refit", self.fidelity_without_refit),
+                             ("with the rejected refit", self.fidelity_rejected_refit)):
+            if other is not None:
+                fid += f"; {label} {other['relative_error']:.4f}"
+                if other.get("top1_agreement") is not None:
+                    fid += f", {other['top1_agreement']:.2%}"
         add(fid)
         if self.wall_seconds is not None:
             stages = ", ".join(f"{_STAGE_NAMES.get(k, k)} {v:.1f}" for k, v in self.seconds.items()

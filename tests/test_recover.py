@@ -143,14 +143,20 @@ def test_refit_that_does_worse_on_held_out_images_is_not_written(monkeypatch):
         np.testing.assert_array_equal(outputs(result.model, x)[0], outputs(plain.model, x)[0])
         assert any("did better still" in n for n in report.notes)
     else:  # the refit's channels sliced won
-        assert report.fidelity_relative_error == report.fidelity_without_refit["relative_error"]
         assert report.fidelity_relative_error <= plain.report.fidelity_relative_error
-    # whichever it was, no filter written is negated: each is one of the original's (BatchNorm folded), sliced
+    assert report.refitted_layers == 0
+    assert report.fidelity_rejected_refit["relative_error"] > report.fidelity_relative_error
+    _assert_filters_are_sliced_originals(model, result.model)
+
+
+def _assert_filters_are_sliced_originals(model, written):
+    """No filter written is refitted (here: negated): each is one of the original's
+    (BatchNorm folded), sliced."""
     from onnxprune.prepare import prepare
 
     prepared, _ = prepare(onnx.load(model))
-    name = [n for n in result.model.graph.node if n.op_type == "Conv"][1].name  # its input lost channels
-    w_old, w_new = (_conv_weights(m, name) for m in (prepared, result.model))
+    name = [n for n in written.graph.node if n.op_type == "Conv"][1].name  # its input lost channels
+    w_old, w_new = (_conv_weights(m, name) for m in (prepared, written))
     for f in w_new:
         assert any(all(any(np.array_equal(c, o) for o in g) for c in f) for g in w_old)
 
@@ -174,8 +180,12 @@ def test_sliced_refit_channels_are_written_when_they_beat_no_recover(monkeypatch
     result = api.prune(model, calib, onnxprune.PruneOptions(flops=0.5, max_images=128, latency=False))
     report = result.report
     assert report.refit_rejected and report.payoff == "refit"
-    assert report.fidelity_relative_error == report.fidelity_without_refit["relative_error"]
     assert any("did no better" in n for n in report.notes)
+    # what is written is the refit's channels merely sliced: not refitted, and said so
+    assert report.refitted_layers == 0 and report.fidelity_without_refit is None
+    assert report.fidelity_rejected_refit["relative_error"] > report.fidelity_relative_error
+    assert "with the rejected refit" in report.format_text()
+    _assert_filters_are_sliced_originals(model, result.model)
 
 
 def _conv_weights(model, node_name):

@@ -57,3 +57,27 @@ def test_refit_through_spilled_frontiers_equals_refit_in_memory(monkeypatch):
     spilled = onnxprune.prune(model, calib, opts).model
     x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
     np.testing.assert_array_equal(outputs(spilled, x)[0], outputs(in_memory, x)[0])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists open files through /proc")
+def test_an_error_during_the_refit_leaves_no_spill_file_open(monkeypatch):
+    import onnxprune.recover as recover
+
+    real, calls = recover.run_feeds, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:  # mid-step, with frontiers being written
+            raise RuntimeError("simulated failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(segments, "SPILL_BYTES", 0)
+    monkeypatch.setattr(recover, "run_feeds", failing)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # the exception is kept (as a caller handling it would): its traceback holds the refit's frames
+    with pytest.raises(Exception, match="simulated failure") as caught:
+        onnxprune.prune(os.path.join(root, "models", "fmnist_resnet.onnx"), os.path.join(root, "models", "fmnist_resnet_calib"),
+                        onnxprune.PruneOptions(flops=0.5, max_images=64, latency=False))
+    open_files = [os.readlink(os.path.join("/proc/self/fd", fd)) for fd in os.listdir("/proc/self/fd")
+                  if os.path.islink(os.path.join("/proc/self/fd", fd))]
+    assert caught.value is not None and not [f for f in open_files if "onnxprune-" in f]
