@@ -300,36 +300,15 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
 
     t = time.perf_counter()
     check_model(pruned, original, cal, providers, reference=reference)
-    # The refit must earn its place on images it never saw: the same channels merely sliced (no
-    # refit) are measured beside it, and the better is written. Not for models kept lean, where
-    # a second pruned copy of the weights would break the memory bound.
-    candidates = [pruned]
-    if opts.recover and not len(cal.holdout):
-        report.notes.append("no calibration images held out (--holdout 0): the refit is not checked against slicing")
-    elif opts.recover and store.lean:
-        report.notes.append("model over 512 MiB of weights: the refit is not checked against slicing on held-out images")
-    if opts.recover and len(cal.holdout) and not store.lean:
-        sliced = _trial_model(prepared, shapes, opts, alloc.keep_player)
+
+    def sliced() -> onnx.ModelProto:  # the same channels, no refit
+        model = _trial_model(prepared, shapes, opts, alloc.keep_player)
         if opts.bn_correct and prep_log.bn_scale:
-            correct_drift(prepared, sliced, list(prep_log.bn_scale), keep_fn, cal, cal.fit, providers)
-        candidates.append(sliced)
-    fid, *without = fidelity(reference, candidates, cal, providers, progress)
-    if without:
-        report.fidelity_without_refit = dict(relative_error=without[0].relative_error,
-                                             top1_agreement=without[0].top1_agreement)
-        if without[0].relative_error < fid.relative_error:
-            # what is written is not refitted: the report must not say it is
-            report.notes = [n for n in report.notes if not n.startswith(REFIT_NOTES)]
-            report.notes.append(
-                f"the refit made the output error on the {fid.images} held-out images worse ({fid.relative_error:.4f} "
-                f"against {without[0].relative_error:.4f} with its channels merely sliced), so no refit is written; "
-                "more calibration images (--max-images) give the refit more to fit")
-            report.fidelity_without_refit = None
-            report.fidelity_rejected_refit = dict(relative_error=fid.relative_error, top1_agreement=fid.top1_agreement)
-            report.refitted_layers = 0
-            pruned, fid = candidates[1], without[0]
-            report.refit_rejected = True
-            check_model(pruned, original, cal, providers, reference=reference)
+            correct_drift(prepared, model, list(prep_log.bn_scale), keep_fn, cal, cal.fit, providers)
+        return model
+
+    pruned, fid = _checked_refit(pruned, sliced if opts.recover else None, report, original, reference, cal,
+                                 providers, progress, store.lean)
     report.macs_before = macs_before
     report.macs_after = count_macs(pruned, input_shapes)
     report.params_before, report.params_after = params_before, count_params(pruned)
@@ -378,6 +357,39 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
             "reference for fidelity, accuracy and latency is the prepared model (BatchNorm folded, the same function)")
     store.retain([pruned])  # the original's weights go now; the result keeps the pruned ones
     return PruneResult(pruned, report, store, external_data=loaded.external_data, input_files=loaded.files)
+
+
+def _checked_refit(refitted: onnx.ModelProto, make_sliced, report: Report, original, reference,
+                   cal: CalibrationSet, providers, progress, lean: bool):
+    """The model to write and its fidelity on the held-out images.
+
+    The refit must earn its place on images it never saw: the same channels merely sliced
+    (``make_sliced()``) are measured beside it in the same pass, and the better is written.
+    Not without held-out images, nor for models kept lean, where a second pruned copy of the
+    weights would break the memory bound; ``make_sliced`` None: no refit was made."""
+    if make_sliced is not None and (lean or not len(cal.holdout)):
+        report.notes.append("no calibration images held out: the refit is not checked against slicing"
+                            if not len(cal.holdout) else
+                            "model over 512 MiB of weights: the refit is not checked against slicing on held-out images")
+        make_sliced = None
+    if make_sliced is None:
+        return refitted, fidelity(reference, [refitted], cal, providers, progress)[0]
+    sliced = make_sliced()
+    fid, without = fidelity(reference, [refitted, sliced], cal, providers, progress)
+    if without.relative_error >= fid.relative_error:
+        report.fidelity_without_refit = dict(relative_error=without.relative_error, top1_agreement=without.top1_agreement)
+        return refitted, fid
+    # what is written is not refitted: the report must not say it is
+    report.notes = [n for n in report.notes if not n.startswith(REFIT_NOTES)]
+    report.notes.append(
+        f"the refit made the output error on the {fid.images} held-out images worse ({fid.relative_error:.4f} "
+        f"against {without.relative_error:.4f} with its channels merely sliced), so no refit is written; "
+        "more calibration images (--max-images) give the refit more to fit")
+    report.fidelity_rejected_refit = dict(relative_error=fid.relative_error, top1_agreement=fid.top1_agreement)
+    report.refitted_layers = 0
+    report.refit_rejected = True
+    check_model(sliced, original, cal, providers, reference=reference)
+    return sliced, without
 
 
 def peak_rss_bytes() -> Optional[int]:
@@ -491,7 +503,12 @@ def steer_to_measured_latency(allocate_at, target: float, measured_reduction):
     tries = []  # (asked share of the model, measured reduction, allocation result)
     share = target
     for _ in range(STEER_TRIES):
-        result = allocate_at(share)
+        try:
+            result = allocate_at(share)
+        except TargetError:
+            if not tries:
+                raise  # the target itself is out of the model's reach
+            break  # a correction (from noisy timings, or a model that saturates) asked for more than it can give
         measured = measured_reduction(result[0].keep_player)
         tries.append((share, measured, result))
         if abs(measured - target) <= STEER_TOLERANCE:

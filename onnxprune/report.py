@@ -165,7 +165,7 @@ class Report:
                 add(f"  {_cut(b.name, 38):38} {b.channels:>5} ch  {_cut(b.reasons[0], 80)}"
                     + (f" (+{len(b.reasons) - 1} more)" if len(b.reasons) > 1 else ""))
         add("")
-        where = "held-out calibration images" if self.fidelity_held_out else "calibration images (too few to hold any out)"
+        where = "held-out calibration images" if self.fidelity_held_out else "calibration images (none held out: the ones pruning used)"
         fid = f"fidelity on {self.holdout_images} {where}: relative output error {self.fidelity_relative_error:.4f}"
         if self.fidelity_top1_agreement is not None:
             fid += f", top-1 agreement {self.fidelity_top1_agreement:.2%}"

@@ -104,3 +104,20 @@ def test_latency_target_is_steered_by_measurement(speed_per_share, reachable):
         assert abs(measured(chosen.keep_player) - 0.4) <= STEER_TOLERANCE
     else:  # the fastest allocation tried, and the steps say how far it got
         assert measured(chosen.keep_player) == max(m for _, m in steps) == 0.3
+
+
+def test_steering_stops_where_a_correction_asks_more_than_the_model_can_give():
+    """Timings that say pruning barely helps drive the correction past what the model can
+    remove: steering stops there and keeps the fastest allocation tried, it does not fail."""
+    from onnxprune.api import steer_to_measured_latency
+    from onnxprune.errors import TargetError
+
+    def allocate_at(share):
+        if share > 0.6:
+            raise TargetError("cannot be reached")
+        return _Alloc(share), None, 0
+
+    (chosen, _, _), steps = steer_to_measured_latency(allocate_at, 0.4, lambda share: 0.2 * share)
+    assert steps[0] == [0.4, 0.08] and chosen.keep_player == max(s for s, _ in steps) <= 0.6
+    with pytest.raises(TargetError):  # the first try is the target itself: that error stands
+        steer_to_measured_latency(allocate_at, 0.7, lambda share: share)

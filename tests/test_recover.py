@@ -227,3 +227,12 @@ def test_channel_fit_with_fewer_samples_than_channels_keeps_means_only():
     # kept channels keep their weights; removed ones contribute their mean through the bias
     np.testing.assert_allclose(f[:, :, 0], filters[keep, :, 0], atol=1e-9)
     np.testing.assert_allclose(b2, bias + x[:, ~keep].mean(axis=0) @ filters[~keep, :, 0], atol=1e-9)
+
+
+def test_without_held_out_images_the_refit_is_kept_unchecked_and_said():
+    model, calib = _shipped("mnist_cnn")
+    report = onnxprune.prune(model, calib, onnxprune.PruneOptions(flops=0.5, max_images=64, holdout=0.0,
+                                                                  latency=False)).report
+    assert report.refitted_layers > 0 and not report.refit_rejected and report.fidelity_without_refit is None
+    assert any("not checked against slicing" in n for n in report.notes)
+    assert "fidelity on 64 calibration images (none held out: the ones pruning used)" in report.format_text()
