@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(ROOT, "models"))
 sys.path.insert(0, HERE)
 
 import onnxprune  # noqa: E402
-from run_bench import MODELS, accuracy  # noqa: E402
+from run_bench import MODELS, accuracy, preprocessed  # noqa: E402
 
 DATASET = {"mnist_cnn": "mnist", "alexnet_mnist": "mnist", "fmnist_resnet": "fashion_mnist",
            "mobilenetv1_fmnist": "fashion_mnist", "resnet20_fmnist": "fashion_mnist"}
@@ -42,13 +42,13 @@ IMAGES = 256
 
 
 def draws(dataset: str, count: int):
-    """``count`` sets of IMAGES training images, preprocessed as every benchmark model expects (pixel / 255)."""
+    """``count`` sets of IMAGES training images, preprocessed as every benchmark model expects."""
     import datasets
 
     x_train = datasets.LOADERS[dataset]()[0]
     for seed in range(count):
         idx = np.sort(np.random.default_rng(1000 + seed).choice(len(x_train), size=IMAGES, replace=False))
-        yield seed, x_train[idx][:, None].astype(np.float32) * np.float32(1 / 255)
+        yield seed, preprocessed(x_train[idx])
 
 
 def main():

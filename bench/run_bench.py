@@ -39,11 +39,16 @@ CRITERIA = ("snpfi", "l1", "l2", "random", "activation", "bn-scale")
 WITH_RECOVERY = (("snpfi", "auto"), ("snpfi", "uniform"), ("l1", "uniform"), ("l1", "auto"))
 
 
+def preprocessed(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, 28, 28) digits as every benchmark model takes them: float32 (N, 1, 28, 28), pixel / 255."""
+    return images[:, None].astype(np.float32) * np.float32(1 / 255)
+
+
 def _shipped(name: str, dataset: str):
     import datasets  # models/datasets.py: fetches MNIST / Fashion-MNIST offline
 
     _, _, x, y = datasets.load_mnist() if dataset == "mnist" else datasets.load_fashion_mnist()
-    test = (x[:, None].astype(np.float32) * np.float32(1 / 255), y)
+    test = (preprocessed(x), y)
     return os.path.join(ROOT, "models", f"{name}.onnx"), os.path.join(ROOT, "models", f"{name}_calib"), test
 
 

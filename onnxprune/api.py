@@ -290,10 +290,13 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
             report.notes.append(REFIT_NOTES[0] + "left as sliced: " + ", ".join(seq.failed))
         if seq.unsupported:
             report.notes.append(REFIT_NOTES[1] + ", ".join(seq.unsupported))
+    def drift_corrected(model: onnx.ModelProto) -> List[str]:
+        return correct_drift(prepared, model, list(prep_log.bn_scale), keep_fn, cal, cal.fit, providers)
+
     if opts.bn_correct and prep_log.bn_scale:
         t = time.perf_counter()
         with progress("correcting BN drift", 1) as update:
-            corrected = correct_drift(prepared, pruned, list(prep_log.bn_scale), keep_fn, cal, cal.fit, providers)
+            corrected = drift_corrected(pruned)
             update(1)
         seconds["bn_correct"] = time.perf_counter() - t
         report.notes.append(f"BN drift corrected on {len(corrected)} layers with folded BatchNormalization")
@@ -304,7 +307,7 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
     def sliced() -> onnx.ModelProto:  # the same channels, no refit
         model = _trial_model(prepared, shapes, opts, alloc.keep_player)
         if opts.bn_correct and prep_log.bn_scale:
-            correct_drift(prepared, model, list(prep_log.bn_scale), keep_fn, cal, cal.fit, providers)
+            drift_corrected(model)
         return model
 
     pruned, fid = _checked_refit(pruned, sliced if opts.recover else None, report, original, reference, cal,
@@ -367,10 +370,11 @@ def _checked_refit(refitted: onnx.ModelProto, make_sliced, report: Report, origi
     (``make_sliced()``) are measured beside it in the same pass, and the better is written.
     Not without held-out images, nor for models kept lean, where a second pruned copy of the
     weights would break the memory bound; ``make_sliced`` None: no refit was made."""
-    if make_sliced is not None and (lean or not len(cal.holdout)):
-        report.notes.append("no calibration images held out: the refit is not checked against slicing"
-                            if not len(cal.holdout) else
-                            "model over 512 MiB of weights: the refit is not checked against slicing on held-out images")
+    if make_sliced is not None and not len(cal.holdout):
+        report.notes.append("no calibration images held out: the refit is not checked against slicing")
+        make_sliced = None
+    elif make_sliced is not None and lean:
+        report.notes.append("model over 512 MiB of weights: the refit is not checked against slicing on held-out images")
         make_sliced = None
     if make_sliced is None:
         return refitted, fidelity(reference, [refitted], cal, providers, progress)[0]

@@ -94,11 +94,12 @@ def fidelity(original: onnx.ModelProto, candidates: Sequence[onnx.ModelProto], c
             norm += sum(float((a ** 2).sum()) for a in old)
             if classifier is None:
                 classifier = is_classifier(old[0])
+            top1 = old[0].argmax(1) if classifier else None
             for i, sess in enumerate(s_new):
                 new = [np.asarray(c[:real], np.float64) for c in run(sess, cal.spec.name, batch, names)]
                 err[i] += sum(float(((a - c) ** 2).sum()) for a, c in zip(old, new))
                 if classifier:
-                    agree[i] += int((old[0].argmax(1) == new[0].argmax(1)).sum())
+                    agree[i] += int((top1 == new[0].argmax(1)).sum())
             total += real
             update(real)
     return [Fidelity(total, a / total if classifier and total else None,
