@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -35,7 +35,7 @@ from .data import CalibrationSet
 from .ops import rule_for
 from .ops.conv import is_depthwise
 from .progress import Progress, silent
-from .refit import PATCH_LIMIT, ROWS_PER_UNKNOWN, ChannelFit, DepthwiseFit, PatchFit
+from .refit import PATCH_LIMIT, ROWS_PER_UNKNOWN, ChannelFit, PatchFit
 from .runtime import blas_single_thread, make_session, run_feeds
 from .segments import Frontier, MemoryBudget, Segmenter
 
@@ -136,17 +136,37 @@ def _write_back(model: onnx.ModelProto, index: int, graph: gs.Graph, shared: Opt
             a.i = int(node.attrs.get("group", a.i))
 
 
-def _refit_candidates(pruned: onnx.ModelProto, changed: set) -> List[int]:
-    """Dense layers whose input differs from the original's: downstream of any changed node."""
+def _group_of(node: onnx.NodeProto) -> int:
+    return next((int(a.i) for a in node.attribute if a.name == "group"), 1)
+
+
+def _refit_candidates(pruned: onnx.ModelProto, changed: set) -> Tuple[List[int], List[int]]:
+    """Layers whose input differs from the original's (downstream of any changed node): the
+    dense ones, which are refitted, and the grouped convs other than depthwise, which have no
+    refit and are reported.
+
+    Depthwise convs are neither: each output channel reads only its own input channel, which
+    pruning keeps, so the refit has no lost channel to make up for, only the small error left
+    upstream, and the dense layers on both sides are refitted anyway. Fitting them channel by
+    channel changed nothing measurable (mobilenetv1_fmnist: the same accuracy at -30% and -50%,
+    0.09 point at -70%) while the cut it needs, before the block's widest maps, made the refit of
+    MobileNetV2 at 224x224 cost 58% more."""
+    shapes = {t.name: tuple(t.dims) for t in pruned.graph.initializer}  # dims: stored weights too
     dirty_tensors = set()
-    out = []
+    dense, grouped = [], []
     for i, node in enumerate(pruned.graph.node):
         dirty_in = any(n in dirty_tensors for n in node.input)
         if dirty_in and node.op_type in ("Conv", "Gemm", "MatMul"):
-            out.append(i)
+            group = _group_of(node) if node.op_type == "Conv" else 1
+            if group == 1:
+                dense.append(i)
+            else:
+                shape = shapes.get(node.input[1]) if len(node.input) > 1 else None
+                if shape is None or not is_depthwise(group, shape[1] * group, shape[0]):
+                    grouped.append(i)
         if dirty_in or node.name in changed:
             dirty_tensors.update(o for o in node.output if o)
-    return out
+    return dense, grouped
 
 
 @dataclass
@@ -170,7 +190,8 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
     start_time = time.perf_counter()
     log = SequentialLog()
     original = onnx.shape_inference.infer_shapes(_in_order_of(original, pruned))
-    layers = _refit_candidates(pruned, changed)
+    layers, grouped = _refit_candidates(pruned, changed)
+    log.unsupported = [pruned.graph.node[i].name for i in grouped]
     if not layers:
         return log
     names = [pruned.graph.node[i].name for i in layers]
@@ -268,12 +289,8 @@ def _make_fit(original: onnx.ModelProto, node_o: onnx.NodeProto, inits, keep, re
     elif node_o.op_type == "Gemm":
         bias = np.broadcast_to(bias, (len(out_mask),)) * float(attrs.get("beta", 1.0))
     bias = bias[out_mask]
-    group = int(attrs.get("group", 1))
-    if node_o.op_type == "Conv" and w.ndim == 4 and group > 1:
-        if not is_depthwise(group, w.shape[1] * group, w.shape[0]):
-            return None  # grouped (not depthwise) convs are left as sliced
-        rows = ROWS_PER_UNKNOWN * (int(np.prod(w.shape[2:])) + 1)
-        return DepthwiseFit(w[out_mask], bias, attrs, out_mask, rows_per_image=_per_image(rows, images), seed=seed)
+    if node_o.op_type == "Conv" and int(attrs.get("group", 1)) > 1:
+        return None  # grouped convs are left as sliced (and not offered: see _refit_candidates)
     graph = _mini_graph(original, node_o)
     rule = rule_for(node_o.op_type, node_o.domain)
     filters = rule.input_filters(graph.nodes[0])
@@ -313,15 +330,11 @@ def _apply(pruned: onnx.ModelProto, index: int, solved, fit, shared: Optional[se
     g_node = graph.nodes[0]
     rule = rule_for(node.op_type, node.domain)
     new_w, bias = solved
-    if isinstance(fit, DepthwiseFit):  # (C, 1, kh, kw), written as it is
-        w = g_node.inputs[1]
-        w.values = new_w.astype(w.values.dtype)
+    if isinstance(fit, PatchFit):  # (out, in, kh, kw) -> input filters (in, out, taps)
+        new_w = np.moveaxis(new_w, 1, 0).reshape(new_w.shape[1], new_w.shape[0], -1)
     else:
-        if isinstance(fit, PatchFit):  # (out, in, kh, kw) -> input filters (in, out, taps)
-            new_w = np.moveaxis(new_w, 1, 0).reshape(new_w.shape[1], new_w.shape[0], -1)
-        else:
-            new_w = from_channel_view(new_w, fit.repeat)
-        rule.set_input_filters(g_node, new_w)
+        new_w = from_channel_view(new_w, fit.repeat)
+    rule.set_input_filters(g_node, new_w)
     rule.add_bias(g_node, bias - _current_bias(g_node, len(bias)), graph)
     _write_back(pruned, index, graph, shared)
 

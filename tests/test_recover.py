@@ -205,7 +205,9 @@ def test_sampled_patches_are_im2col_rows():
     np.testing.assert_array_equal(picked, full[rows])
 
 
-def test_depthwise_layers_are_refitted_too():
+def test_depthwise_convs_keep_their_filters_and_the_layers_around_them_are_refitted():
+    # a depthwise conv's kept outputs read only kept channels: it stays as sliced, with no cut
+    # of its own, and the dense layers before and after it are refitted
     import tiny
     model = tiny.residual_cnn()
     x = np.random.default_rng(0).normal(size=(96, 3, 8, 8)).astype(np.float32)
@@ -213,6 +215,31 @@ def test_depthwise_layers_are_refitted_too():
     off = onnxprune.prune(model, x, onnxprune.PruneOptions(flops=0.4, latency=False, recover=False, round_to=1))
     assert not any("no refit" in n or "ill-conditioned" in n for n in on.report.notes)
     assert on.report.fidelity_relative_error < off.report.fidelity_relative_error
+
+    def depthwise_filters(m):
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+        node = next(n for n in m.graph.node if n.op_type == "Conv"
+                    and any(a.name == "group" and a.i > 1 for a in n.attribute))
+        return inits[node.input[1]]
+
+    before, after = depthwise_filters(model), depthwise_filters(on.model)
+    assert len(after) < len(before)  # the group was pruned
+    rows = [int(np.flatnonzero((before == f).all(axis=(1, 2, 3)))[0]) for f in after]
+    assert rows == sorted(rows) and len(set(rows)) == len(rows)  # each a kept original filter, in order
+
+
+def test_grouped_convs_are_named_as_left_sliced_and_the_rest_is_refitted():
+    import tiny
+    model = tiny.grouped_cnn()
+    x = np.random.default_rng(1).normal(size=(96, 3, 8, 8)).astype(np.float32)
+    on = onnxprune.prune(model, x, onnxprune.PruneOptions(flops=0.3, latency=False, round_to=1, holdout=0.0))
+    note = next(n for n in on.report.notes if n.startswith("no refit for these layers (grouped convs)"))
+    grouped = [n.name for n in on.model.graph.node if n.op_type == "Conv"
+               and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    named = note.split(": ", 1)[1].split(", ")
+    assert named and set(named) <= set(grouped)
+    assert on.report.refitted_layers > 0  # the Gemm head at least
+    onnx.checker.check_model(on.model, full_check=True)
 
 
 def test_channel_fit_with_fewer_samples_than_channels_keeps_means_only():
