@@ -90,6 +90,18 @@ def filter_factor(gram: np.ndarray) -> np.ndarray:
     return v * np.sqrt(np.maximum(w, 0.0))
 
 
+def consumer_factor(consumer: Consumer, grams: Optional[Dict[str, np.ndarray]] = None) -> np.ndarray:
+    """A factor of a consumer's F F^T with as few columns as exact: F itself, (C, out x taps)
+    in float64, where the layer has fewer weights per channel than channels (a 1x1 conv that
+    narrows, as MobileNets' projections do: rank out, not C), else the square L of
+    :func:`filter_factor`. Every product in the refit payoff's elimination has one dimension of
+    this size."""
+    f = consumer.channel_filters()
+    if f.shape[1] * f.shape[2] < f.shape[0]:
+        return f.reshape(f.shape[0], -1).astype(np.float64)
+    return filter_factor(_consumer_gram(consumer, grams))
+
+
 def _consumer_gram(consumer: Consumer, grams: Optional[Dict[str, np.ndarray]]) -> np.ndarray:
     """F F^T of a consumer, once per consumer when ``grams`` is a cache shared between calls."""
     if grams is None:
@@ -249,7 +261,7 @@ def refit_games(analysis: Analysis, stats: ChannelStats, games: Dict[int, GroupG
     The costs depend on the consumers' weights F only through F F^T, so F (channels x all
     the consumer's weights) is replaced by a square factor L of F F^T (:func:`filter_factor`):
     the same arithmetic, with neither time nor memory growing with the size of the
-    consumers. (Carrying B B^T instead of B would be cheaper still, but its downdates
+    consumers (or F itself where it is narrower: :func:`consumer_factor`). (Carrying B B^T instead of B would be cheaper still, but its downdates
     cancel squared magnitudes, and the smallest costs, which decide the order, lost
     several digits in a test.)
     """
@@ -274,7 +286,7 @@ def refit_games(analysis: Analysis, stats: ChannelStats, games: Dict[int, GroupG
                 covs[consumer.tensor] = s.covariance()
             cov = covs[consumer.tensor]
             if consumer.node.name not in factors:
-                factors[consumer.node.name] = filter_factor(_consumer_gram(consumer, grams))
+                factors[consumer.node.name] = consumer_factor(consumer, grams)
             f = factors[consumer.node.name] * np.sqrt(consumer.pixels(analysis))
             energy = float(np.einsum("ij,ik,jk->", cov, f, f, optimize=True))
             if not np.isfinite(energy) or energy <= 0:
