@@ -204,6 +204,7 @@ def _eliminate(n: int, fits):
     time over full-size matrices cost n^3 per consumer; this is about 32 n^2.
     """
     alive = np.ones(n, dtype=bool)
+    in_batch = np.zeros(n, dtype=bool)
     removed, costs = [], []
     while alive.any():
         cost = np.zeros(n)
@@ -212,29 +213,36 @@ def _eliminate(n: int, fits):
                 continue
             diag = np.diag(fit["p"])
             live = diag > 0
-            cost[fit["index"][live]] += (fit["b"][live] ** 2).sum(axis=1) / diag[live] / fit["energy"]
+            norms = np.einsum("ij,ij->i", fit["b"], fit["b"])  # |B_j|^2, no copy of B's live rows
+            cost[fit["index"][live]] += norms[live] / diag[live] / fit["energy"]
         candidates = np.flatnonzero(alive)
         take = max(1, len(candidates) // ELIMINATION_SHARE)
         batch = candidates[np.argsort(cost[candidates], kind="stable")[:take]]
+        in_batch[batch] = True
         joint = 0.0
         for fit in fits:
-            hit = np.isin(fit["index"], batch)
+            hit = in_batch[fit["index"]]
             if not hit.any():
                 continue
             r, keep = np.flatnonzero(hit), np.flatnonzero(~hit)
             p, b = fit["p"], fit["b"]
             prr = p[np.ix_(r, r)]
+            rhs = np.hstack([p[r][:, keep], b[r]])
             try:
                 # the Schur downdate for the removed rows: inverse Gram and coefficients of the
                 # regression on the channels left
-                solved = np.linalg.solve(prr, np.hstack([p[np.ix_(r, keep)], b[r]]))
+                solved = np.linalg.solve(prr, rhs)
             except np.linalg.LinAlgError:
-                solved = np.linalg.pinv(prr) @ np.hstack([p[np.ix_(r, keep)], b[r]])
-            pkr = p[np.ix_(keep, r)]
+                solved = np.linalg.pinv(prr) @ rhs
+            pkr = p[keep][:, r]
             joint += float((b[r] * solved[:, len(keep):]).sum()) / fit["energy"]
-            fit["p"] = p[np.ix_(keep, keep)] - pkr @ solved[:, :len(keep)]
-            fit["b"] = b[keep] - pkr @ solved[:, len(keep):]
-            fit["index"] = fit["index"][keep]
+            # (taken rows then columns: one copy of what is kept, updated in place)
+            new_p = p[keep][:, keep]
+            new_p -= pkr @ solved[:, :len(keep)]
+            new_b = b[keep]
+            new_b -= pkr @ solved[:, len(keep):]
+            fit["p"], fit["b"], fit["index"] = new_p, new_b, fit["index"][keep]
+        in_batch[batch] = False
         own = np.maximum(cost[batch], 0.0)
         share = own / own.sum() if own.sum() > 0 else np.full(len(batch), 1.0 / len(batch))
         for j, c in zip(batch.tolist(), (max(joint, 0.0) * share).tolist()):
