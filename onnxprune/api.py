@@ -85,7 +85,8 @@ class PruneResult:
 
 
 def load_labelled(path: str) -> Labelled:
-    """A labelled test set for --eval: an .npz with arrays ``x`` (preprocessed inputs) and ``y`` (class ids)."""
+    """A labelled test set for --eval: an .npz with arrays ``x`` (preprocessed float inputs) and ``y``
+    (class ids, or one-hot rows)."""
     try:
         data = np.load(path, allow_pickle=False)
         x, y = data["x"], data["y"]
@@ -93,6 +94,18 @@ def load_labelled(path: str) -> Labelled:
         raise InputError(f"cannot read labelled data {path!r}: expected an .npz with arrays 'x' and 'y'") from e
     if len(x) != len(y) or len(x) == 0:
         raise InputError(f"labelled data {path!r}: 'x' and 'y' must have the same, non-zero length")
+    if not np.issubdtype(x.dtype, np.floating):
+        # as for calibration arrays: raw 8-bit pixels would be fed unscaled
+        raise InputError(f"labelled data {path!r}: 'x' is {x.dtype}; give preprocessed float inputs, "
+                         "as the model takes them")
+    if y.ndim == 2 and np.issubdtype(y.dtype, np.number):
+        y = y.argmax(axis=1)  # one-hot (or per-class scores) rows
+    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or
+                           (np.issubdtype(y.dtype, np.floating) and np.array_equal(y, np.round(y)))):
+        raise InputError(f"labelled data {path!r}: 'y' must hold integer class ids (or one-hot rows), "
+                         f"got {y.dtype} of shape {y.shape}")
+    if y.min() < 0:
+        raise InputError(f"labelled data {path!r}: 'y' holds negative class ids")
     return x.astype(np.float32, copy=False), y.astype(np.int64, copy=False)
 
 
@@ -265,7 +278,7 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
         report.latency_model["steps"] = steered
         best = max(m for _, m in steered)
         if best < opts.latency_target - STEER_TOLERANCE:
-            report.notes.append(f"latency target -{opts.latency_target:.0%} not reached: the fastest allocation "
+            report.notes.append(f"latency target -{opts.latency_target:.1%} not reached: the fastest allocation "
                                 f"tried removes {best:.1%} of the measured latency")
     if gated is not None:
         report.gates = dict(steps=opts.gate_steps, soft_flops_ratio=gated.soft_flops_ratio,
@@ -319,7 +332,8 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
         from .errors import InternalError
         raise InternalError("the pruned model has more FLOPs than the original (nothing written)")
     report.fidelity_top1_agreement, report.fidelity_relative_error = fid.top1_agreement, fid.relative_error
-    report.fidelity_held_out, report.holdout_images = fid.held_out, fid.images
+    report.fidelity_held_out, report.fidelity_images = fid.held_out, fid.images
+    report.holdout_images = fid.images if fid.held_out else 0
     if evaluate is not None:
         x, y = evaluate
         report.accuracy_before = accuracy(reference, x, y, providers)

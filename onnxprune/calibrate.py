@@ -123,7 +123,8 @@ def collect_stats(model: onnx.ModelProto, tensors: Dict[str, int], cal: Calibrat
                 x = value[:real]
                 if tensors[name] > 1:
                     x = x.reshape(x.shape[0], -1, tensors[name])
-                stats.tensors[name].add(x)
+                with np.errstate(over="ignore", invalid="ignore"):  # reported below as one line, not as warnings
+                    stats.tensors[name].add(x)
                 # a NaN or infinity anywhere carries into the running sums (no pass of its own)
                 if not np.isfinite(stats.tensors[name].sum).all():
                     raise InputError(f"the model computes NaN or infinite values at {name!r} on the calibration data")

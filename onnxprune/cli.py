@@ -6,7 +6,6 @@ Every pruning flag is generated from :class:`onnxprune.options.PruneOptions`.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -102,7 +101,7 @@ def _on_sigterm(signum, frame):
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
                epilog=PREPROCESSING_HELP)
 @click.argument("model_in", metavar="IN", type=click.Path(dir_okay=False))
-@click.argument("model_out", metavar="OUT", type=click.Path(dir_okay=False), required=False)
+@click.argument("model_out", metavar="OUT", type=click.Path(), required=False)
 @click.option("--analyze", is_flag=True,
               help="Only print the channel groups of IN: which can be pruned, their FLOPs share, and "
                    "why the others cannot. Needs no OUT and no --calib.")
@@ -129,14 +128,19 @@ def main(model_in, model_out, analyze, calib, sweep_targets, eval_path, report_p
     """
     from .api import analyze as analyze_model
     from .api import load_labelled, prune
-    from .save import check_output_path
+    from .save import check_output_path, check_report_path, data_path, save_json_atomic
 
+    if report_path:
+        if sweep_targets is not None:
+            raise UsageError("--report does not apply to --sweep: the sweep folder's sweep.json holds every "
+                             "conversion's report")
+        outputs = [model_out, data_path(model_out)] if model_out and not analyze else []
+        check_report_path(report_path, [model_in] + outputs)
     if analyze:
         report = analyze_model(model_in, PruneOptions(**option_values))
         click.echo(report.format_analysis())
         if report_path:
-            with open(report_path, "w") as f:
-                json.dump(report.to_dict(), f, indent=2)
+            save_json_atomic(report.to_dict(), report_path)
         return
     if sweep_targets is not None:
         return _sweep(model_in, model_out, calib, sweep_targets, eval_path, option_values)
@@ -153,8 +157,7 @@ def main(model_in, model_out, analyze, calib, sweep_targets, eval_path, report_p
     result.report.file_size_after = result.save(model_out)
     click.echo(result.report.format_text())
     if report_path:
-        with open(report_path, "w") as f:
-            json.dump(result.report.to_dict(), f, indent=2)
+        save_json_atomic(result.report.to_dict(), report_path)
     click.echo(f"wrote {model_out}", err=True)
 
 
@@ -164,8 +167,10 @@ def _sweep(model_in, out_dir, calib, targets_text, eval_path, option_values):
 
     if option_values.get("flops") is not None:
         raise UsageError("give either --flops or --sweep, not both")
+    if option_values.get("latency_target") is not None:
+        raise UsageError("--sweep takes FLOPs targets; it does not combine with --latency")
     try:
-        targets = [float(t) for t in targets_text.split(",") if t.strip()]
+        targets = sorted({float(t) for t in targets_text.split(",") if t.strip()})
     except ValueError:
         raise UsageError(f"--sweep takes comma-separated FLOPs targets in (0, 1), got {targets_text!r}") from None
     if not targets or any(not 0 < t < 1 for t in targets):

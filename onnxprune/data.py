@@ -156,9 +156,11 @@ class CalibrationSet:
 def _list_images(folder: str) -> Tuple[List[str], int]:
     found, skipped = [], 0
     for root, dirs, files in os.walk(folder):
-        dirs.sort()
+        # hidden files and folders (.DS_Store, macOS's ._name resource forks, .git) are not
+        # calibration images, whatever their extension
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for f in sorted(files):
-            if f.lower().endswith(IMAGE_EXTENSIONS):
+            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
                 found.append(os.path.join(root, f))
             else:
                 skipped += 1

@@ -123,6 +123,10 @@ class PruneOptions:
 
     def validate(self) -> "PruneOptions":
         """Raise UsageError on any value a user could get wrong; return self."""
+        if not isinstance(self.latency, bool):
+            # the API's names: latency is the measuring switch, the target is latency_target
+            raise UsageError("latency switches the latency measurement on or off (True/False); "
+                             "a latency target is latency_target=R (--latency R)")
         if self.flops is None and self.latency_target is None:
             raise UsageError("--flops R (or --latency R) is required")
         if self.flops is not None and self.latency_target is not None:
@@ -163,6 +167,12 @@ class PruneOptions:
             raise UsageError(f"--holdout must be in [0, 1), got {self.holdout}")
         if self.round_to is not None and self.round_to < 1:
             raise UsageError("--round-to must be at least 1")
+        if self.latency_batch < 1:
+            raise UsageError("--latency-batch must be at least 1")
+        if self.seed < 0:
+            raise UsageError("--seed must be a non-negative integer")
+        if not self.scale > 0:
+            raise UsageError(f"--scale must be positive, got {self.scale}")
         if not (0.0 <= self.min_keep < 1.0):
             raise UsageError(f"--min-keep must be in [0, 1), got {self.min_keep}")
         return self

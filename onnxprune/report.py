@@ -54,7 +54,8 @@ class Report:
     blocked: List[BlockedRow] = field(default_factory=list)
     calibration_images: int = 0
     skipped_files: int = 0
-    holdout_images: int = 0
+    holdout_images: int = 0  # calibration images kept away from scoring and fitting
+    fidelity_images: int = 0  # the images fidelity was measured on: the held-out ones, or all when none are
     fidelity_top1_agreement: Optional[float] = None
     fidelity_relative_error: Optional[float] = None
     fidelity_held_out: bool = True
@@ -141,13 +142,14 @@ class Report:
             add(f"output payoff: {pc['evaluations']} coalitions evaluated in {pc['seconds']:.1f} s")
         if self.latency_model:
             lm = self.latency_model
-            add(f"latency target -{self.latency_target:.0%} at batch {lm['batch']}: modelled "
+            measured = "measured above" if self.latency else "the whole model not measured (--no-latency)"
+            add(f"latency target -{_share(self.latency_target)} at batch {lm['batch']}: modelled "
                 f"{lm['before_ms']:.2f} -> {lm['after_ms']:.2f} ms (-{lm['reduction']:.1%}) from "
-                f"{lm['layers_timed']} layers timed at candidate widths; measured above")
+                f"{lm['layers_timed']} layers timed at candidate widths; {measured}")
             if lm.get("steps"):
                 add("  allocations timed whole (model share asked -> measured reduction): " + ", ".join(
                     f"-{asked:.1%} -> -{measured:.1%}" for asked, measured in lm["steps"]))
-        target = f"FLOPs target -{self.flops_target:.0%}, achieved" if not self.latency_target else "FLOPs"
+        target = f"FLOPs target -{_share(self.flops_target)}, achieved" if not self.latency_target else "FLOPs"
         add(f"{target} -{self.flops_reduction:.1%}; "
             f"{'method bottleneck, ' if self.method == 'bottleneck' else ''}criterion {self.criterion}{' (' + self.payoff + ' payoff)' if self.payoff else ''}, allocation {self.allocation}"
             f"{', ' + self.rounding if self.rounding else ''}, "
@@ -166,7 +168,7 @@ class Report:
                     + (f" (+{len(b.reasons) - 1} more)" if len(b.reasons) > 1 else ""))
         add("")
         where = "held-out calibration images" if self.fidelity_held_out else "calibration images (none held out: the ones pruning used)"
-        fid = f"fidelity on {self.holdout_images} {where}: relative output error {self.fidelity_relative_error:.4f}"
+        fid = f"fidelity on {self.fidelity_images} {where}: relative output error {self.fidelity_relative_error:.4f}"
         if self.fidelity_top1_agreement is not None:
             fid += f", top-1 agreement {self.fidelity_top1_agreement:.2%}"
         for label, other in (("without the refit", self.fidelity_without_refit),
@@ -199,8 +201,13 @@ def _si(n: float) -> str:
     return str(int(n))
 
 
+def _share(r: float) -> str:
+    """A target as the user gave it: 30%, 29.9%."""
+    return f"{r:.0%}" if abs(r * 100 - round(r * 100)) < 1e-9 else f"{r:.1%}"
+
+
 def _bytes(n: int) -> str:
-    for unit, div in (("GB", 2 ** 30), ("MB", 2 ** 20), ("kB", 2 ** 10)):
+    for unit, div in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
         if n >= div:
             return f"{n / div:.2f} {unit}"
     return f"{n} B"

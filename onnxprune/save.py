@@ -15,6 +15,7 @@ saving never builds a second copy of the model in memory.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import tempfile
@@ -49,6 +50,26 @@ def check_output_path(out_path: str, in_path: str | None) -> None:
         raise UsageError(f"output folder {folder!r} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"output folder {folder!r} is not writable")
+
+
+def check_report_path(report_path: str, protected: Iterable[str]) -> None:
+    """Fail early if the JSON report cannot be written, or would replace IN, OUT or OUT's data."""
+    report_abs = os.path.abspath(report_path)
+    folder = os.path.dirname(report_abs)
+    if os.path.isdir(report_abs):
+        raise UsageError(f"--report {report_path!r} is a folder; give a file name")
+    if _is_one_of(report_abs, [f for f in protected if f]):
+        raise UsageError(f"--report {report_path!r} is the input or output model; give another file")
+    if not os.path.isdir(folder):
+        raise UsageError(f"--report folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--report folder {folder!r} is not writable")
+
+
+def save_json_atomic(obj, path: str) -> None:
+    """``obj`` as indented JSON at ``path``, replacing it whole or not at all."""
+    text = json.dumps(obj, indent=2).encode()
+    _commit([(os.path.abspath(path), lambda f: f.write(text))])
 
 
 def _is_one_of(path: str, files: Iterable[str]) -> bool:

@@ -10,7 +10,7 @@ import onnx
 
 from . import weights
 from .data import CalibrationSet
-from .errors import InternalError
+from .errors import InputError, InternalError
 from .progress import Progress, silent
 from .runtime import expose, make_session, run
 
@@ -108,11 +108,22 @@ def fidelity(original: onnx.ModelProto, candidates: Sequence[onnx.ModelProto], c
 
 
 def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, providers: List[str], batch_size: int = 256) -> float:
-    """Top-1 accuracy of the first output against integer labels."""
+    """Top-1 accuracy of the first output against integer labels. A model with a fixed batch
+    size is run at that size, its last batch padded (the padding's outputs are dropped)."""
     sess = make_session(model, providers)
-    name = sess.get_inputs()[0].name
+    first = sess.get_inputs()[0]
+    name = first.name
+    fixed = first.shape[0] if first.shape and isinstance(first.shape[0], int) and first.shape[0] > 0 else None
+    step = fixed or batch_size
     correct = 0
-    for start in range(0, len(x), batch_size):
-        out = run(sess, name, np.ascontiguousarray(x[start:start + batch_size]))[0]
-        correct += int((out.argmax(1) == y[start:start + batch_size]).sum())
+    for start in range(0, len(x), step):
+        batch = np.ascontiguousarray(x[start:start + step])
+        real = len(batch)
+        if fixed and real < fixed:
+            batch = np.concatenate([batch, np.repeat(batch[-1:], fixed - real, axis=0)])
+        out = run(sess, name, batch)[0][:real]
+        if start == 0 and (out.ndim != 2 or int(y.max()) >= out.shape[1]):
+            raise InputError(f"--eval: the labels go up to {int(y.max())}, but the model's first output "
+                             f"{tuple(out.shape[1:])} is not one score per class for them")
+        correct += int((out.argmax(1) == y[start:start + real]).sum())
     return correct / len(x)

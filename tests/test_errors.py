@@ -9,11 +9,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+import onnxprune
 from onnxprune.cli import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "models", "mnist_cnn.onnx")
 CALIB = os.path.join(ROOT, "models", "mnist_cnn_calib")
+EVAL = os.path.join(ROOT, "models", "mnist_cnn_test.npz")
 
 
 @pytest.fixture
@@ -372,7 +374,7 @@ def test_output_that_is_a_folder(work, capsys):
     before = os.listdir(work / "out")
     assert run(_prune_args(work, out=work / "out" / "d.onnx")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("onnxprune: error: ") and "is a directory" in err[-1]  # click says it first
+    assert err[-1].startswith("onnxprune: error: ") and "is a folder; give a file name" in err[-1]
     assert os.listdir(work / "out") == before and os.listdir(work / "out" / "d.onnx") == []
 
 
@@ -398,3 +400,82 @@ def test_method_option_usage_errors(work, capsys, extra, words):
 def test_labels_without_class_folders(work, capsys):
     _expect_error(work, capsys, _prune_args(work) + ["--payoff", "output", "--labels"], 3,
                   ["--labels", "one subfolder per class"])
+
+
+# -- the report file, the sweep folder and checks found by a new user's review -------------------
+
+@pytest.mark.parametrize("target", ["in", "out", "missing_folder", "folder"])
+def test_report_path_is_checked_before_any_work(work, capsys, target):
+    (work / "rdir").mkdir()
+    path = {"in": work / "in.onnx", "out": work / "out" / "o.onnx",
+            "missing_folder": work / "nowhere" / "r.json", "folder": work / "rdir"}[target]
+    words = {"in": ["is the input or output model"], "out": ["is the input or output model"],
+             "missing_folder": ["--report folder", "does not exist"], "folder": ["is a folder"]}[target]
+    _expect_error(work, capsys, _prune_args(work) + ["--report", str(path)], 2, words)
+
+
+def test_analyze_report_cannot_replace_the_model(work, capsys):
+    _expect_error(work, capsys, [str(work / "in.onnx"), "--analyze", "--report", str(work / "in.onnx")], 2,
+                  ["is the input or output model"])
+
+
+@pytest.mark.parametrize("flag,value,words", [
+    ("--latency-batch", "0", ["--latency-batch must be at least 1"]),
+    ("--seed", "-1", ["--seed must be a non-negative integer"]),
+    ("--scale", "0", ["--scale must be positive"]),
+])
+def test_numeric_options_out_of_range(work, capsys, flag, value, words):
+    _expect_error(work, capsys, _prune_args(work) + [flag, value], 2, words)
+
+
+def test_api_latency_switch_is_not_a_target():
+    with pytest.raises(onnxprune.UsageError, match="latency_target=R"):
+        onnxprune.PruneOptions(flops=None, latency=0.3).validate()
+
+
+def test_sweep_with_latency_target_is_refused(work, capsys):
+    args = [str(work / "in.onnx"), str(work / "out" / "sw"), "--calib", str(CALIB), "--sweep", "0.3", "--latency", "0.3"]
+    _expect_error(work, capsys, args, 2, ["does not combine with --latency"])
+
+
+def test_sweep_report_is_refused(work, capsys):
+    args = [str(work / "in.onnx"), str(work / "out" / "sw"), "--calib", str(CALIB), "--sweep", "0.3",
+            "--report", str(work / "r.json")]
+    _expect_error(work, capsys, args, 2, ["--report does not apply to --sweep"])
+
+
+@pytest.mark.parametrize("case,words", [
+    ("uint8", ["'x' is uint8", "preprocessed float inputs"]),
+    ("strings", ["'y' must hold integer class ids"]),
+    ("too_many_classes", ["the labels go up to 99"]),
+])
+def test_bad_eval_data(work, capsys, case, words):
+    x = np.load(EVAL)["x"][:20]
+    y = np.load(EVAL)["y"][:20]
+    if case == "uint8":
+        x = (x * 255).astype(np.uint8)
+    elif case == "strings":
+        y = np.array([str(v) for v in y])
+    else:
+        y = y.copy()
+        y[3] = 99
+    np.savez(work / "eval.npz", x=x, y=y)
+    _expect_error(work, capsys, _prune_args(work) + ["--eval", str(work / "eval.npz"), "--no-latency"],
+                  3, words)
+
+
+def test_eval_takes_one_hot_labels(tmp_path):
+    from onnxprune.api import load_labelled
+    x, y = np.load(EVAL)["x"][:10], np.load(EVAL)["y"][:10]
+    np.savez(tmp_path / "e.npz", x=x, y=np.eye(10, dtype=np.float32)[y])
+    np.testing.assert_array_equal(load_labelled(str(tmp_path / "e.npz"))[1], y)
+
+
+def test_hidden_files_in_the_calibration_folder_are_skipped(tmp_path):
+    from onnxprune.data import _list_images
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "._a.png").write_bytes(b"junk")  # a macOS resource fork
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "b.png").write_bytes(b"")
+    files, skipped = _list_images(str(tmp_path))
+    assert [os.path.basename(f) for f in files] == ["a.png"] and skipped == 1
