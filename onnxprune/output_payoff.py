@@ -2,9 +2,10 @@
 
 The local payoff (:mod:`onnxprune.snpfi`) looks one layer ahead. The output
 payoff measures the whole network: v(S) is the mean log-probability the model
-gives its own original top-1 class when only the channels in S are kept (for
-outputs that are not class scores: minus the squared distance to the original
-outputs, relative to their energy). It has no closed form, so:
+gives its own original top-1 class when only the channels in S are kept (for a
+model whose one output is not class scores, or that has several outputs: minus
+the squared distance to the original outputs, each relative to its energy,
+averaged over the outputs). It has no closed form, so:
 
 - The prepared model gets a gate after every layer that produces prunable
   channels, ``y = x * gate + offset``, with the gate and offset fed per sample;
@@ -99,9 +100,10 @@ def output_games(model: onnx.ModelProto, analysis: Analysis, cal: CalibrationSet
                  budget: Optional[int], seed: int = 0, progress=None) -> OutputGames:
     start = time.perf_counter()
     gated, gates = _gated_model(model, analysis)
-    scores = compared_tensors(gated)[0]  # the first output's scores, before a final Softmax
-    if scores not in {o.name for o in gated.graph.output}:
-        gated.graph.output.extend([helper.make_tensor_value_info(scores, TensorProto.FLOAT, None)])
+    scores = compared_tensors(gated)  # every output's scores, before a final Softmax
+    present = {o.name for o in gated.graph.output}
+    gated.graph.output.extend([helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
+                               for t in dict.fromkeys(scores) if t not in present])
     for _, _, _, _, ungated in gates:
         gated.graph.output.extend([helper.make_tensor_value_info(ungated, TensorProto.FLOAT, None)])
     sess = make_session(gated, providers)
@@ -116,17 +118,23 @@ def output_games(model: onnx.ModelProto, analysis: Analysis, cal: CalibrationSet
     for gate, offset, atoms, rank, _ in gates:
         shape = (m, len(atoms)) + (1,) * (rank - 2)
         feed[gate], feed[offset] = np.ones(shape, np.float32), np.zeros(shape, np.float32)
-    outs = sess.run([scores] + [u for *_, u in gates], feed)
-    reference = outs[0].astype(np.float64)
-    means = [o.mean(axis=(0,) + tuple(range(2, o.ndim))) if centred else np.zeros(o.shape[1]) for o in outs[1:]]
-    classifier = is_classifier(reference)
+    outs = sess.run(scores + [u for *_, u in gates], feed)
+    references = [o.astype(np.float64) for o in outs[:len(scores)]]
+    means = [o.mean(axis=(0,) + tuple(range(2, o.ndim))) if centred else np.zeros(o.shape[1])
+             for o in outs[len(scores):]]
+    # log-probabilities only for a model whose one output is class scores; a detector's boxes
+    # and scores, or any several outputs, are compared by distance
+    classifier = len(references) == 1 and is_classifier(references[0])
+    if cal.labels is not None and not classifier:
+        raise UsageError("--labels needs a model with one output of class scores")
     if classifier:
-        reference = reference.reshape(m, -1)
+        references[0] = references[0].reshape(m, -1)
         # the class whose log-probability is the payoff: the label where given, else the model's own
-        top1 = reference.argmax(axis=1) if cal.labels is None else cal.labels[indices][:m]
-        if top1.max() >= reference.shape[1] or top1.min() < 0:
-            raise InputError(f"--labels: class ids reach {int(top1.max())}; the model has {reference.shape[1]} classes")
-    energy = float((reference ** 2).sum()) or 1.0
+        top1 = references[0].argmax(axis=1) if cal.labels is None else cal.labels[indices][:m]
+        if top1.max() >= references[0].shape[1] or top1.min() < 0:
+            raise InputError(f"--labels: class ids reach {int(top1.max())}; the model has "
+                             f"{references[0].shape[1]} classes")
+    energies = [float((r ** 2).sum()) or 1.0 for r in references]
     evaluations = 0
 
     def payoff(masks: np.ndarray) -> np.ndarray:
@@ -143,15 +151,17 @@ def output_games(model: onnx.ModelProto, analysis: Analysis, cal: CalibrationSet
                 gv = np.repeat(keep, m, axis=0).reshape((k * m, len(atoms)) + (1,) * (rank - 2))
                 f[gate] = gv
                 f[offset] = ((1.0 - gv) * mu.reshape((1, -1) + (1,) * (rank - 2))).astype(np.float32)
-            y = sess.run([scores], f)[0].astype(np.float64).reshape((k, m) + reference.shape[1:])
+            ys = [y.astype(np.float64).reshape((k, m) + r.shape[1:])
+                  for y, r in zip(sess.run(scores, f), references)]
             for j in range(k):
                 if classifier:
-                    z = y[j].reshape(m, -1)
+                    z = ys[0][j].reshape(m, -1)
                     z = z - z.max(axis=1, keepdims=True)
                     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
                     out[s + j] = float(logp[np.arange(m), top1].mean())
                 else:
-                    out[s + j] = -float(((y[j] - reference) ** 2).sum()) / energy
+                    out[s + j] = -sum(float(((y[j] - r) ** 2).sum()) / e
+                                      for y, r, e in zip(ys, references, energies)) / len(references)
         evaluations += len(masks)
         return out
 

@@ -93,7 +93,9 @@ def fidelity(original: onnx.ModelProto, candidates: Sequence[onnx.ModelProto], c
             old = [np.asarray(a[:real], np.float64) for a in run(s_old, cal.spec.name, batch, names)]
             norm += sum(float((a ** 2).sum()) for a in old)
             if classifier is None:
-                classifier = is_classifier(old[0])
+                # top-1 agreement only where the model's one output is class scores (the first of
+                # several outputs, such as a detector's boxes, is not)
+                classifier = len(old) == 1 and is_classifier(old[0])
             top1 = old[0].argmax(1) if classifier else None
             for i, sess in enumerate(s_new):
                 new = [np.asarray(c[:real], np.float64) for c in run(sess, cal.spec.name, batch, names)]

@@ -89,3 +89,32 @@ def test_labels_need_class_subfolders(tmp_path, capsys):
                 "--payoff", "output", "--labels"])
     assert code == 3
     assert "--labels" in capsys.readouterr().err and not (tmp_path / "o.onnx").exists()
+
+
+def _two_headed():
+    """A stem, then two heads each with its own conv: class scores and a 4-value box."""
+    from onnx import TensorProto, helper
+    from tiny import Builder
+    b = Builder(seed=3)
+    x = b.relu(b.conv("input", 3, 8))
+    heads = []
+    for width, out in ((8, 5), (8, 4)):
+        y = b.relu(b.conv(x, 8, width))
+        y = b.node("Flatten", [b.node("GlobalAveragePool", [y])], axis=1)
+        heads.append(b.gemm(y, width, out))
+    model = b.model(heads[0], ["N", 5])
+    model.graph.output.append(helper.make_tensor_value_info(heads[1], TensorProto.FLOAT, ["N", 4]))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_every_output_is_scored_and_a_first_output_is_not_taken_for_class_scores():
+    model = _two_headed()
+    prepared, analysis = analysis_of(model)
+    games = output_games(prepared, analysis, _calibration(model), choose_providers("cpu")[0], centred=True,
+                         budget=None, seed=0)
+    assert not games.classifier  # two outputs: compared by distance, not by top-1
+    # removing a whole group costs something for every group, the second head's conv included
+    # (only the first output was scored before, and that group's curve was flat at zero)
+    assert len(games.games) == 3
+    assert all(game.loss[0] > 0 for game in games.games.values()), [g.loss[0] for g in games.games.values()]
