@@ -13,6 +13,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .errors import UsageError
 from .ops import MAC_OPS, ChannelState, CountContext, rule_for
 from .shapes import Shape, channel_count
 
@@ -138,14 +139,23 @@ class _Named:
 
 def _block_ignored(st: ChannelState, nodes: Iterable[gs.Node], ignore: Sequence[str]) -> None:
     wanted = set(ignore)
+    found = set()
     for node in nodes:
         if node.name in wanted:
+            found.add(node.name)
             for t in list(node.inputs) + list(node.outputs):
                 if t.name in st.cmap:
                     st.block(st.cmap[t.name], node, "left whole by --ignore")
+        found.update(t.name for t in list(node.inputs) + list(node.outputs) if t.name in wanted)
     for name, atoms in st.cmap.items():
         if name in wanted:
             st.block(atoms, _Named(name, "tensor"), "left whole by --ignore")
+    missing = [n for n in ignore if n not in found]
+    if missing:
+        # a typo would otherwise prune the layer the user meant to keep
+        raise UsageError(f"--ignore {missing[0]!r}: no node or tensor of that name in the model as analysed "
+                         "(BatchNormalization and constant-folded nodes are merged into the layer before "
+                         "them: name that layer; onnxprune IN --analyze lists the groups)")
 
 
 def _build(graph: gs.Graph, shapes, st: ChannelState, nodes) -> Analysis:

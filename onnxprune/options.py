@@ -139,6 +139,11 @@ class PruneOptions:
             raise UsageError("--latency-aware goes with --flops and the default --method snpfi --allocation auto")
         if self.latency_target is not None and self.method == "bottleneck":
             raise UsageError("--latency works with --method snpfi; the bottleneck's soft cost is FLOPs")
+        if self.labels and (self.payoff != "output" or self.method != "snpfi"):
+            raise UsageError("--labels is read by --payoff output only; add --payoff output or leave it out")
+        if self.method == "bottleneck" and (self.criterion, self.payoff, self.allocation) != ("snpfi", "auto", "auto"):
+            raise UsageError("--method bottleneck learns its own gates and threshold: --criterion, --payoff and "
+                             "--allocation do not apply to it")
         if self.method not in METHODS:
             raise UsageError(f"--method must be one of {', '.join(METHODS)}")
         if self.gate_steps < 1 or self.gate_lr <= 0 or self.gate_flops_weight < 0 or self.gate_binary_weight < 0:

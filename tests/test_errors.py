@@ -479,3 +479,16 @@ def test_hidden_files_in_the_calibration_folder_are_skipped(tmp_path):
     (tmp_path / ".cache" / "b.png").write_bytes(b"")
     files, skipped = _list_images(str(tmp_path))
     assert [os.path.basename(f) for f in files] == ["a.png"] and skipped == 1
+
+
+def test_ignore_of_a_name_not_in_the_model(work, capsys):
+    _expect_error(work, capsys, _prune_args(work) + ["--ignore", "Conv_typo"], 2,
+                  ["--ignore 'Conv_typo': no node or tensor of that name"])
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--labels"], ["--labels is read by --payoff output only"]),
+    (["--method", "bottleneck", "--criterion", "l1"], ["do not apply to it"]),
+])
+def test_options_that_would_be_ignored_are_refused(work, capsys, extra, words):
+    _expect_error(work, capsys, _prune_args(work) + extra, 2, words)
