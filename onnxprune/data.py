@@ -90,9 +90,12 @@ class CalibrationSet:
     holdout: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     notes: List[str] = field(default_factory=list)  # conversions made, one line each, for the report
     labels: Optional[np.ndarray] = None  # class id per item, with --labels
+    rows: Optional[np.ndarray] = None  # the rows of ``array`` used (None: all of them)
 
     def __len__(self) -> int:
-        return len(self.files) if self.files is not None else len(self.array)
+        if self.files is not None:
+            return len(self.files)
+        return len(self.rows) if self.rows is not None else len(self.array)
 
     @property
     def batch_size(self) -> int:
@@ -123,7 +126,8 @@ class CalibrationSet:
 
     def _load(self, chunk: np.ndarray) -> np.ndarray:
         if self.array is not None:
-            return np.ascontiguousarray(self.array[chunk], dtype=self.spec.dtype)
+            rows = self.rows[chunk] if self.rows is not None else chunk
+            return np.ascontiguousarray(self.array[rows], dtype=self.spec.dtype)
         return np.stack([self._image(self.files[i]) for i in chunk]).astype(self.spec.dtype, copy=False)
 
     def _image(self, path: str) -> np.ndarray:
@@ -243,7 +247,7 @@ def load_calibration(source: Union[str, os.PathLike, np.ndarray], spec: InputSpe
                 raise InputError(f"calibration folder {path!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             if spec.channels not in (1, 3):
                 raise InputError(f"input {spec.name!r} has {spec.channels} channels; images give 1 or 3: pass a .npy file")
-            files = files[: opts.max_images]
+            files = [files[i] for i in spread(len(files), opts.max_images)]
             notes = _check_headers(files, spec)
             cal = CalibrationSet(spec, opts, files=files, skipped=skipped, notes=notes)
             if opts.labels:
@@ -251,7 +255,7 @@ def load_calibration(source: Union[str, os.PathLike, np.ndarray], spec: InputSpe
         elif path.lower().endswith((".npy", ".npz")):
             cal = _from_array(_load_array(path), spec, opts, repr(path))
             if opts.labels:
-                cal.labels = _array_labels(path, len(cal))
+                cal.labels = _array_labels(path, cal)
         else:
             raise InputError(f"calibration path {path!r} is neither a folder of images nor a .npy/.npz file")
     _split(cal, opts)
@@ -267,14 +271,23 @@ def _folder_labels(folder: str, files: List[str]) -> np.ndarray:
     return np.array([classes.index(t[0]) for t in tops], dtype=np.int64)
 
 
-def _array_labels(path: str, count: int) -> np.ndarray:
+def spread(n: int, limit: int) -> np.ndarray:
+    """Which of ``n`` items (sorted files, array rows) to use when at most ``limit`` may be:
+    evenly spaced over all of them, so that a folder or an array ordered by class is not
+    cut down to its first classes."""
+    if n <= limit:
+        return np.arange(n)
+    return (np.arange(limit) * n) // limit
+
+
+def _array_labels(path: str, cal: CalibrationSet) -> np.ndarray:
     data = np.load(path, allow_pickle=False) if path.lower().endswith(".npz") else None
     if data is None or "y" not in data:
         raise InputError(f"--labels: {path!r} must be an .npz with an array 'y' of class ids beside 'x'")
     y = np.asarray(data["y"])
-    if y.ndim != 1 or len(y) < count or not np.issubdtype(y.dtype, np.integer):
+    if y.ndim != 1 or len(y) < len(cal.array) or not np.issubdtype(y.dtype, np.integer):
         raise InputError(f"--labels: 'y' in {path!r} must be one integer class id per sample")
-    return y[:count].astype(np.int64)
+    return (y[cal.rows] if cal.rows is not None else y[:len(cal.array)]).astype(np.int64)
 
 
 def _from_array(array: np.ndarray, spec: InputSpec, opts: PruneOptions, what: str) -> CalibrationSet:
@@ -283,14 +296,17 @@ def _from_array(array: np.ndarray, spec: InputSpec, opts: PruneOptions, what: st
         array = array[None]
     if tuple(array.shape[1:]) != expected:
         raise InputError(f"{what} has shape {tuple(array.shape)}; the model expects (N, {', '.join(map(str, expected))})")
-    array = array[: opts.max_images]  # the samples used; the rest is never read
     if not np.issubdtype(array.dtype, np.floating) and np.issubdtype(spec.dtype, np.floating):
         raise InputError(f"{what} has dtype {array.dtype}; expected preprocessed floating-point tensors")
     if len(array) == 0:
         raise InputError(f"{what} holds no samples")
-    if not all(np.isfinite(array[i:i + FINITE_CHUNK]).all() for i in range(0, len(array), FINITE_CHUNK)):
+    # the samples used are kept as row numbers: the array (maybe a memory map) is not copied,
+    # and the rows not used are never read
+    rows = spread(len(array), opts.max_images) if len(array) > opts.max_images else None
+    used = rows if rows is not None else np.arange(len(array))
+    if not all(np.isfinite(array[used[i:i + FINITE_CHUNK]]).all() for i in range(0, len(used), FINITE_CHUNK)):
         raise InputError(f"{what} contains NaN or infinite values")
-    return CalibrationSet(spec, opts, array=array)
+    return CalibrationSet(spec, opts, array=array, rows=rows)
 
 
 def _split(cal: CalibrationSet, opts: PruneOptions) -> None:

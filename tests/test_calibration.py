@@ -102,18 +102,34 @@ def test_a_single_image_or_fewer_than_a_batch(tmp_path, capsys, count):
     assert f"fidelity on {count} calibration images (none held out: the ones pruning used)" in out
 
 
-def test_a_large_npy_is_read_only_as_far_as_max_images(tmp_path):
-    """Only the samples used are read: a NaN past --max-images is never seen, and the batches
-    are those of the same samples given as an array."""
+def test_a_large_npy_is_read_only_where_max_images_samples_are_taken(tmp_path):
+    """The samples used are spread evenly over the file and only they are read: a NaN in a row
+    not used is never seen, and the batches are those of the same rows given as an array."""
+    from onnxprune.data import spread
     x = np.random.default_rng(0).random((40, 1, 28, 28), dtype=np.float32)
-    x[30:] = np.nan  # beyond the samples used
+    used = spread(40, 24)
+    assert used[0] == 0 and used[-1] >= 36 and len(set(used.tolist())) == 24  # first to last, no repeats
+    unused = np.setdiff1d(np.arange(40), used)
+    x[unused] = np.nan
     np.save(tmp_path / "x.npy", x)
     spec = input_spec(onnx.load(GREY_MODEL), PruneOptions(flops=0.5))
     opts = PruneOptions(flops=0.5, max_images=24)
     from_file = load_calibration(str(tmp_path / "x.npy"), spec, opts)
-    from_array = load_calibration(x[:24].copy(), spec, opts)
+    from_array = load_calibration(x[used].copy(), spec, opts)
     assert len(from_file) == 24 and isinstance(from_file.array, np.memmap)  # mapped, not read
     for a, b in zip(from_file.batches(from_file.fit), from_array.batches(from_array.fit)):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(Exception, match="NaN or infinite"):
-        load_calibration(str(tmp_path / "x.npy"), spec, PruneOptions(flops=0.5, max_images=31))
+        load_calibration(str(tmp_path / "x.npy"), spec, PruneOptions(flops=0.5, max_images=40))
+
+
+def test_max_images_spreads_over_a_folder_sorted_by_class(tmp_path):
+    from PIL import Image
+    for c in range(4):
+        (tmp_path / f"class{c}").mkdir()
+        for i in range(5):
+            Image.fromarray(np.full((28, 28), 40 * c + i, np.uint8)).save(tmp_path / f"class{c}" / f"{i}.png")
+    spec = input_spec(onnx.load(GREY_MODEL), PruneOptions(flops=0.5))
+    cal = load_calibration(str(tmp_path), spec, PruneOptions(flops=0.5, max_images=8))
+    assert len(cal) == 8
+    assert sorted({os.path.basename(os.path.dirname(f)) for f in cal.files}) == [f"class{c}" for c in range(4)]
