@@ -161,7 +161,7 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
     t = start = time.perf_counter()
     loaded = load_model(model)
     original = loaded.model
-    spec = input_spec(original, opts)
+    spec = input_spec(original, opts, calib)
     cal = load_calibration(calib, spec, opts)
     providers, provider_text = choose_providers(opts.device)
     log(f"onnxruntime provider: {provider_text}")

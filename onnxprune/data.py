@@ -42,7 +42,36 @@ class InputSpec:
         return self.shape[0]
 
 
-def input_spec(model, opts: PruneOptions) -> InputSpec:
+def _array_shape(calib) -> Optional[Tuple[int, ...]]:
+    """The shape of calibration tensors given as an array, a .npy or an .npz (read from the
+    file's header, not its data); None for a folder or anything unreadable."""
+    if isinstance(calib, np.ndarray):
+        return calib.shape
+    if not isinstance(calib, (str, os.PathLike)):
+        return None
+    path = os.fspath(calib)
+    try:
+        if path.lower().endswith(".npy"):
+            return np.load(path, mmap_mode="r", allow_pickle=False).shape
+        if path.lower().endswith(".npz"):
+            import zipfile
+            with zipfile.ZipFile(path) as z:
+                names = [n for n in z.namelist() if n.endswith(".npy")]
+                name = "x.npy" if "x.npy" in names else (names[0] if names else None)
+                if name is None:
+                    return None
+                with z.open(name) as f:
+                    major, _ = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                    return read(f)[0]
+    except Exception:  # load_calibration says what is wrong with the file
+        return None
+    return None
+
+
+def input_spec(model, opts: PruneOptions, calib=None) -> InputSpec:
+    """The model's image input. Dynamic spatial axes take --input-size, or the size of the
+    calibration tensors where ``calib`` is an array or an .npy/.npz file."""
     from onnx import helper
 
     from .prepare import data_inputs
@@ -64,9 +93,14 @@ def input_spec(model, opts: PruneOptions) -> InputSpec:
     spec = InputSpec(vi.name, dims, channels_last, dtype)
     h, w = spec.spatial
     if h is None or w is None:
-        if opts.input_size is None:
+        size = opts.input_size
+        shape = _array_shape(calib) if size is None else None
+        if shape is not None and len(shape) in (3, 4):
+            sample = shape[-3:]
+            size = tuple(int(d) for d in (sample[0:2] if channels_last else sample[1:3]))
+        if size is None:
             raise UsageError(f"the spatial axes of input {vi.name!r} are dynamic: give --input-size H,W")
-        h, w = opts.input_size
+        h, w = size
         dims = (dims[0], h, w, dims[3]) if channels_last else (dims[0], dims[1], h, w)
         spec = InputSpec(vi.name, dims, channels_last, dtype)
     if spec.channels is None:

@@ -82,7 +82,8 @@ class PruneOptions:
         "was folded the mean and spread it had in the original, measured on the calibration images "
         "(adaptive BN).", flag="--bn-correct/--no-bn-correct")
     input_size: Optional[Tuple[int, int]] = _opt(
-        None, "H,W to resize calibration images to where the model's spatial axes are dynamic.",
+        None, "H,W to resize calibration images to where the model's spatial axes are dynamic "
+        "(calibration arrays give their own size).",
         metavar="H,W")
     mean: Tuple[float, ...] = _opt(
         (0.0,), "Per-channel mean subtracted after scaling (one value or one per channel). "

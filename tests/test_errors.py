@@ -149,6 +149,21 @@ def test_dynamic_spatial_axes_need_input_size(work, capsys):
     _expect_error(work, capsys, _prune_args(work, model=work / "dyn.onnx"), 2, ["--input-size"])
 
 
+def test_dynamic_spatial_axes_take_the_size_of_a_calibration_array(work, capsys):
+    import tiny
+    b = tiny.Builder(channels=1)
+    b.input = onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 1, "H", "W"])
+    x = b.relu(b.conv("input", 1, 8))
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [b.relu(b.conv(x, 8, 8))])], axis=1)
+    onnx.save(b.model(b.gemm(x, 8, 4), ["N", 4]), work / "dyn.onnx")
+    np.save(work / "x.npy", np.random.default_rng(0).random((32, 1, 12, 20), dtype=np.float32))
+    args = _prune_args(work, model=work / "dyn.onnx", calib=work / "x.npy", flops="0.3") + ["--no-latency"]
+    assert run(args) == 0, capsys.readouterr().err
+    pruned = onnx.load(work / "out" / "o.onnx")
+    dims = [d.dim_param or d.dim_value for d in pruned.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["N", 1, "H", "W"]  # still dynamic: the array only sized the calibration
+
+
 def test_opset_older_than_supported(work, capsys):
     import tiny
     model = tiny.plain_cnn(opset=9)
