@@ -18,6 +18,7 @@ from .options import PruneOptions
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # PIL modes with one channel (+ alpha)
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # how PIL opens 16-bit PNGs
 
 
 @dataclass
@@ -172,7 +173,12 @@ class CalibrationSet:
         try:
             with Image.open(path) as img, warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # PIL's note on palette transparency: the report says it
-                img = img.convert("L" if spec.channels == 1 else "RGB")
+                if img.mode in SIXTEEN_BIT_MODES:
+                    # to the 8-bit scale that --scale and --mean assume (65535 -> 255), as floats:
+                    # PIL's own conversion to 8 bits clips every value above 255
+                    img = Image.fromarray(np.asarray(img, dtype=np.float32) / np.float32(257.0), mode="F")
+                else:
+                    img = img.convert("L" if spec.channels == 1 else "RGB")
                 scale = max(h / img.height, w / img.width)
                 size = (max(w, round(img.width * scale)), max(h, round(img.height * scale)))
                 if size != img.size:
@@ -183,7 +189,7 @@ class CalibrationSet:
         except Exception as e:
             raise InputError(f"cannot decode image {path!r}: {e}") from e
         if pixels.ndim == 2:
-            pixels = pixels[:, :, None]
+            pixels = np.repeat(pixels[:, :, None], spec.channels, axis=2)
         if opts.bgr and pixels.shape[2] == 3:
             pixels = pixels[:, :, ::-1]
         x = pixels * np.float32(opts.scale)
@@ -211,11 +217,12 @@ def _check_headers(files: List[str], spec: InputSpec) -> List[str]:
     from PIL import Image
 
     h, w = (int(d) for d in spec.spatial)
-    to_rgb = to_grey = alpha = smaller = 0
+    to_rgb = to_grey = alpha = smaller = wide = 0
     for path in files:
         try:
             with Image.open(path) as img:
                 mode, (width, height) = img.mode, img.size
+                wide += mode in SIXTEEN_BIT_MODES
                 transparent = "A" in img.getbands() or "transparency" in img.info
                 grey = mode in GREY_MODES or (mode == "P" and _grey_palette(img.getpalette()))
         except Exception as e:
@@ -229,6 +236,9 @@ def _check_headers(files: List[str], spec: InputSpec) -> List[str]:
         if width < w or height < h:
             smaller += 1
     notes = []
+    if wide:
+        notes.append(f"read {wide} 16-bit calibration image{'s' * (wide != 1)} on the 8-bit scale "
+                     "(value / 257) that --scale and --mean apply to")
     if to_rgb:
         notes.append(f"converted {to_rgb} grey calibration image{'s' * (to_rgb != 1)} to RGB "
                      "(the model takes 3 channels)")

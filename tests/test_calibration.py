@@ -133,3 +133,15 @@ def test_max_images_spreads_over_a_folder_sorted_by_class(tmp_path):
     cal = load_calibration(str(tmp_path), spec, PruneOptions(flops=0.5, max_images=8))
     assert len(cal) == 8
     assert sorted({os.path.basename(os.path.dirname(f)) for f in cal.files}) == [f"class{c}" for c in range(4)]
+
+
+def test_sixteen_bit_pngs_keep_their_range(tmp_path):
+    # PIL's own 8-bit conversion clips everything above 255: a 16-bit white must stay white
+    levels = np.array([[0, 257 * 100, 65535]], np.uint16).repeat(28, 0)[:, :28].repeat(10, 1)[:, :28]
+    Image.fromarray(levels).save(tmp_path / "wide.png")
+    assert Image.open(tmp_path / "wide.png").mode in ("I;16", "I")
+    spec = input_spec(onnx.load(GREY_MODEL), PruneOptions(flops=0.5))
+    cal = load_calibration(str(tmp_path), spec, PruneOptions(flops=0.5, holdout=0.0))
+    x = next(cal.batches(cal.fit))[0, 0]
+    np.testing.assert_allclose(x, levels / 65535.0, atol=1e-5)
+    assert any("16-bit" in n for n in cal.notes)
