@@ -103,7 +103,14 @@ def save_atomic(model: onnx.ModelProto, out_path: str, external_data: Optional[b
         if os.path.isdir(target):
             raise UsageError(f"output {target!r} is a folder; give a file name")
     if not external:
+        stale = _own_data_file(out_abs)
         _commit([(out_abs, lambda f: _write_single(model, f))])
+        if stale is not None and not _is_one_of(stale, protect):
+            # the replaced OUT's weights: nothing reads them any more
+            try:
+                os.unlink(stale)
+            except OSError:
+                pass
     else:
         location = os.path.basename(targets[1])
         header = weights.skeleton(model)
@@ -124,6 +131,23 @@ def save_atomic(model: onnx.ModelProto, out_path: str, external_data: Optional[b
         # the data first: the model's header records where each tensor landed
         _commit([(targets[1], write_data), (out_abs, lambda f: f.write(header.SerializeToString()))])
     return sum(os.path.getsize(t) for t in targets)
+
+
+def _own_data_file(out_abs: str) -> Optional[str]:
+    """OUT.data, where the model now at OUT (about to be replaced) keeps its weights in it."""
+    data = data_path(out_abs)
+    if not (os.path.isfile(out_abs) and os.path.isfile(data)):
+        return None
+    try:
+        old = onnx.load(out_abs, load_external_data=False)
+    except Exception:  # not a model we can read: leave its neighbours alone
+        return None
+    name = os.path.basename(data)
+    for t in old.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL and any(
+                e.key == "location" and e.value == name for e in t.external_data):
+            return data
+    return None
 
 
 def _point_at(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:

@@ -93,6 +93,19 @@ def test_external_data_round_trip_and_alignment(small_stubs, tmp_path):
     np.testing.assert_array_equal(sess.run(None, {"input": _x()})[0], expected.run(None, {"input": _x()})[0])
 
 
+def test_a_single_file_over_an_external_data_out_removes_its_old_data_file(small_stubs, tmp_path):
+    result = onnxprune.prune(MODEL, CALIB, onnxprune.PruneOptions(flops=0.4, latency=False, max_images=32))
+    result.save(str(tmp_path / "o.onnx"), external_data=True)
+    (tmp_path / "unrelated.onnx.data").write_bytes(b"keep me")
+    result.save(str(tmp_path / "o.onnx"), external_data=False)
+    assert sorted(os.listdir(tmp_path)) == ["o.onnx", "unrelated.onnx.data"]  # the stale o.onnx.data is gone
+    onnx.checker.check_model(onnx.load(str(tmp_path / "o.onnx")), full_check=True)
+    # a data file the replaced model did not use is left alone
+    (tmp_path / "o.onnx.data").write_bytes(b"not ours")
+    result.save(str(tmp_path / "o.onnx"), external_data=False)
+    assert (tmp_path / "o.onnx.data").read_bytes() == b"not ours"
+
+
 def test_a_model_too_big_for_one_protobuf_goes_to_external_data(monkeypatch, tmp_path):
     result = onnxprune.prune(MODEL, CALIB, onnxprune.PruneOptions(flops=0.4, latency=False, max_images=32))
     monkeypatch.setattr(save, "TWO_GB", 100_000)  # pretend the limit is 100 kB
