@@ -93,6 +93,9 @@ def input_spec(model, opts: PruneOptions, calib=None) -> InputSpec:
     channels_last = dims[1] not in (1, 3) and dims[3] in (1, 3)
     spec = InputSpec(vi.name, dims, channels_last, dtype)
     h, w = spec.spatial
+    if opts.input_size is not None and h is not None and w is not None and tuple(opts.input_size) != (h, w):
+        raise UsageError(f"--input-size {opts.input_size[0]},{opts.input_size[1]}: input {vi.name!r} has a fixed "
+                         f"size {h}x{w}; --input-size is for models whose spatial axes are dynamic")
     if h is None or w is None:
         size = opts.input_size
         shape = _array_shape(calib) if size is None else None

@@ -507,3 +507,8 @@ def test_ignore_of_a_name_not_in_the_model(work, capsys):
 ])
 def test_options_that_would_be_ignored_are_refused(work, capsys, extra, words):
     _expect_error(work, capsys, _prune_args(work) + extra, 2, words)
+
+
+def test_input_size_against_a_fixed_size_model(work, capsys):
+    _expect_error(work, capsys, _prune_args(work) + ["--input-size", "32,32"], 2,
+                  ["has a fixed size 28x28", "dynamic"])
