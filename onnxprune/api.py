@@ -98,7 +98,9 @@ def load_labelled(path: str) -> Labelled:
         # as for calibration arrays: raw 8-bit pixels would be fed unscaled
         raise InputError(f"labelled data {path!r}: 'x' is {x.dtype}; give preprocessed float inputs, "
                          "as the model takes them")
-    if y.ndim == 2 and np.issubdtype(y.dtype, np.number):
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]  # a column of class ids
+    elif y.ndim == 2 and np.issubdtype(y.dtype, np.number):
         y = y.argmax(axis=1)  # one-hot (or per-class scores) rows
     if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or
                            (np.issubdtype(y.dtype, np.floating) and np.array_equal(y, np.round(y)))):
@@ -178,6 +180,8 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
     if store.lean:
         store.retain([prepared])
         reference = prepared
+    # the original's accuracy first: labels the model cannot score fail before any work
+    accuracy_before = accuracy(reference, *evaluate, providers) if evaluate is not None else None
     # counted on the prepared model, the same network with its shape arithmetic folded: shape
     # inference can lose the shapes behind a run-time Slice or Reshape of the original, and
     # layers of unknown shape count no MACs
@@ -336,7 +340,7 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
     report.holdout_images = fid.images if fid.held_out else 0
     if evaluate is not None:
         x, y = evaluate
-        report.accuracy_before = accuracy(reference, x, y, providers)
+        report.accuracy_before = accuracy_before
         report.accuracy_after = accuracy(pruned, x, y, providers)
         report.eval_samples = len(y)
     seconds["verify"] = time.perf_counter() - t

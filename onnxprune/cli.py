@@ -135,7 +135,7 @@ def main(model_in, model_out, analyze, calib, sweep_targets, eval_path, report_p
             raise UsageError("--report does not apply to --sweep: the sweep folder's sweep.json holds every "
                              "conversion's report")
         outputs = [model_out, data_path(model_out)] if model_out and not analyze else []
-        check_report_path(report_path, [model_in] + outputs)
+        check_report_path(report_path, [model_in, calib, eval_path] + outputs)
     if analyze:
         report = analyze_model(model_in, PruneOptions(**option_values))
         click.echo(report.format_analysis())
@@ -153,6 +153,8 @@ def main(model_in, model_out, analyze, calib, sweep_targets, eval_path, report_p
     labelled = load_labelled(eval_path) if eval_path else None
     result = prune(model_in, calib, opts, evaluate=labelled, progress=_bar,
                    log=lambda line: click.echo(line, err=True))
+    if report_path:  # the input's own data files are known once it is read
+        check_report_path(report_path, list(result.input_files))
     result.report.output_path = model_out
     result.report.file_size_after = result.save(model_out)
     click.echo(result.report.format_text())

@@ -310,12 +310,13 @@ def load_calibration(source: Union[str, os.PathLike, np.ndarray], spec: InputSpe
 
 
 def _folder_labels(folder: str, files: List[str]) -> np.ndarray:
-    """Class subfolders, numbered in sorted order (as torchvision's ImageFolder does)."""
+    """Class subfolders, numbered in sorted order over all of them, as torchvision's
+    ImageFolder does (not over those the --max-images picks happen to reach)."""
     tops = [os.path.relpath(f, folder).split(os.sep) for f in files]
     if any(len(t) < 2 for t in tops):
         raise InputError(f"--labels: {folder!r} must hold one subfolder per class, with the images inside")
-    classes = sorted({t[0] for t in tops})
-    return np.array([classes.index(t[0]) for t in tops], dtype=np.int64)
+    number = {name: i for i, name in enumerate(sorted(e.name for e in os.scandir(folder) if e.is_dir()))}
+    return np.array([number[t[0]] for t in tops], dtype=np.int64)
 
 
 def spread(n: int, limit: int) -> np.ndarray:

@@ -37,33 +37,34 @@ def data_path(out_path: str) -> str:
     return os.path.abspath(out_path) + ".data"
 
 
+def _check_writable_file(path: str, what: str) -> None:
+    """``path`` names a file (not a folder) in a folder that exists and can be written."""
+    path_abs = os.path.abspath(path)
+    folder = os.path.dirname(path_abs)
+    if os.path.isdir(path_abs):
+        raise UsageError(f"{what} {path!r} is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise UsageError(f"{what} folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} folder {folder!r} is not writable")
+
+
 def check_output_path(out_path: str, in_path: str | None) -> None:
     """Fail early, before any work, if OUT cannot be written or is IN."""
     out_abs = os.path.abspath(out_path)
-    folder = os.path.dirname(out_abs)
-    if os.path.isdir(out_abs):
-        raise UsageError(f"output {out_path!r} is a folder; give a file name")
-    if in_path is not None:
+    if in_path is not None and not os.path.isdir(out_abs):
         if out_abs == os.path.abspath(in_path) or (os.path.exists(out_abs) and os.path.samefile(out_abs, in_path)):
             raise UsageError("output is the input model; refusing to write over it")
-    if not os.path.isdir(folder):
-        raise UsageError(f"output folder {folder!r} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"output folder {folder!r} is not writable")
+    _check_writable_file(out_path, "output")
 
 
 def check_report_path(report_path: str, protected: Iterable[str]) -> None:
-    """Fail early if the JSON report cannot be written, or would replace IN, OUT or OUT's data."""
-    report_abs = os.path.abspath(report_path)
-    folder = os.path.dirname(report_abs)
-    if os.path.isdir(report_abs):
-        raise UsageError(f"--report {report_path!r} is a folder; give a file name")
-    if _is_one_of(report_abs, [f for f in protected if f]):
-        raise UsageError(f"--report {report_path!r} is the input or output model; give another file")
-    if not os.path.isdir(folder):
-        raise UsageError(f"--report folder {folder!r} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"--report folder {folder!r} is not writable")
+    """Fail if the JSON report cannot be written, or would replace a file this run reads or
+    writes (``protected``: the model and its data files, OUT and OUT.data, --calib, --eval)."""
+    if _is_one_of(os.path.abspath(report_path), [f for f in protected if f]):
+        raise UsageError(f"--report {report_path!r} is a file this run reads or writes (the model or its "
+                         "data, OUT, --calib or --eval); give another file")
+    _check_writable_file(report_path, "--report")
 
 
 def save_json_atomic(obj, path: str) -> None:

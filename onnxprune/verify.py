@@ -124,6 +124,8 @@ def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, providers: Li
         if fixed and real < fixed:
             batch = np.concatenate([batch, np.repeat(batch[-1:], fixed - real, axis=0)])
         out = run(sess, name, batch)[0][:real]
+        if is_classifier(out):
+            out = out.reshape(len(out), -1)  # (N, K, 1, 1) from a fully convolutional classifier
         if start == 0 and (out.ndim != 2 or int(y.max()) >= out.shape[1]):
             raise InputError(f"--eval: the labels go up to {int(y.max())}, but the model's first output "
                              f"{tuple(out.shape[1:])} is not one score per class for them")

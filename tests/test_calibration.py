@@ -145,3 +145,15 @@ def test_sixteen_bit_pngs_keep_their_range(tmp_path):
     x = next(cal.batches(cal.fit))[0, 0]
     np.testing.assert_allclose(x, levels / 65535.0, atol=1e-5)
     assert any("16-bit" in n for n in cal.notes)
+
+
+def test_labels_number_every_class_folder_whatever_max_images_picks(tmp_path):
+    from PIL import Image
+    for c in range(10):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(5):
+            Image.fromarray(np.full((28, 28), 20 * c + i, np.uint8)).save(tmp_path / f"c{c}" / f"{i}.png")
+    spec = input_spec(onnx.load(GREY_MODEL), PruneOptions(flops=0.5))
+    cal = load_calibration(str(tmp_path), spec, PruneOptions(flops=0.5, max_images=4, labels=True, payoff="output"))
+    folders = [int(os.path.basename(os.path.dirname(f))[1:]) for f in cal.files]
+    assert folders != [0, 1, 2, 3] and list(cal.labels) == folders  # the folder's own class id

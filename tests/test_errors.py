@@ -424,14 +424,14 @@ def test_report_path_is_checked_before_any_work(work, capsys, target):
     (work / "rdir").mkdir()
     path = {"in": work / "in.onnx", "out": work / "out" / "o.onnx",
             "missing_folder": work / "nowhere" / "r.json", "folder": work / "rdir"}[target]
-    words = {"in": ["is the input or output model"], "out": ["is the input or output model"],
+    words = {"in": ["is a file this run reads or writes"], "out": ["is a file this run reads or writes"],
              "missing_folder": ["--report folder", "does not exist"], "folder": ["is a folder"]}[target]
     _expect_error(work, capsys, _prune_args(work) + ["--report", str(path)], 2, words)
 
 
 def test_analyze_report_cannot_replace_the_model(work, capsys):
     _expect_error(work, capsys, [str(work / "in.onnx"), "--analyze", "--report", str(work / "in.onnx")], 2,
-                  ["is the input or output model"])
+                  ["is a file this run reads or writes"])
 
 
 @pytest.mark.parametrize("flag,value,words", [
@@ -484,6 +484,8 @@ def test_eval_takes_one_hot_labels(tmp_path):
     x, y = np.load(EVAL)["x"][:10], np.load(EVAL)["y"][:10]
     np.savez(tmp_path / "e.npz", x=x, y=np.eye(10, dtype=np.float32)[y])
     np.testing.assert_array_equal(load_labelled(str(tmp_path / "e.npz"))[1], y)
+    np.savez(tmp_path / "c.npz", x=x, y=y[:, None])  # a column of ids, not one-hot rows
+    np.testing.assert_array_equal(load_labelled(str(tmp_path / "c.npz"))[1], y)
 
 
 def test_hidden_files_in_the_calibration_folder_are_skipped(tmp_path):
@@ -512,3 +514,15 @@ def test_options_that_would_be_ignored_are_refused(work, capsys, extra, words):
 def test_input_size_against_a_fixed_size_model(work, capsys):
     _expect_error(work, capsys, _prune_args(work) + ["--input-size", "32,32"], 2,
                   ["has a fixed size 28x28", "dynamic"])
+
+
+def test_report_cannot_replace_the_inputs_data_file_or_the_calibration(work, capsys):
+    model = onnx.load(MODEL)
+    onnx.save(model, str(work / "ext.onnx"), save_as_external_data=True, location="ext.onnx.data",
+              size_threshold=0)
+    for target in (work / "ext.onnx.data",):
+        _expect_error(work, capsys, _prune_args(work, model=work / "ext.onnx") + ["--report", str(target)], 2,
+                      ["is a file this run reads or writes"])
+    np.save(work / "x.npy", np.zeros((4, 1, 28, 28), np.float32))
+    _expect_error(work, capsys, _prune_args(work, calib=work / "x.npy") + ["--report", str(work / "x.npy")], 2,
+                  ["is a file this run reads or writes"])
