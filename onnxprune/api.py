@@ -164,6 +164,9 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
     loaded = load_model(model)
     original = loaded.model
     spec = input_spec(original, opts, calib)
+    if opts.payoff == "output" and spec.fixed_batch:
+        raise UsageError("--payoff output runs many coalitions in one batch: it needs a model whose batch "
+                         "axis is dynamic")
     cal = load_calibration(calib, spec, opts)
     providers, provider_text = choose_providers(opts.device)
     log(f"onnxruntime provider: {provider_text}")

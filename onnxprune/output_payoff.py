@@ -40,7 +40,7 @@ from .data import CalibrationSet
 from .errors import InputError, UsageError
 from .runtime import make_session
 from .snpfi import GroupGame
-from .verify import compared_tensors, is_classifier
+from .verify import compared_tensors, one_class_score
 
 EVAL_IMAGES = 32  # images every coalition is evaluated on
 ROWS_PER_RUN = 512  # images x coalitions per onnxruntime run
@@ -119,12 +119,16 @@ def output_games(model: onnx.ModelProto, analysis: Analysis, cal: CalibrationSet
         shape = (m, len(atoms)) + (1,) * (rank - 2)
         feed[gate], feed[offset] = np.ones(shape, np.float32), np.zeros(shape, np.float32)
     outs = sess.run(scores + [u for *_, u in gates], feed)
-    references = [o.astype(np.float64) for o in outs[:len(scores)]]
     means = [o.mean(axis=(0,) + tuple(range(2, o.ndim))) if centred else np.zeros(o.shape[1])
              for o in outs[len(scores):]]
-    # log-probabilities only for a model whose one output is class scores; a detector's boxes
-    # and scores, or any several outputs, are compared by distance
-    classifier = len(references) == 1 and is_classifier(references[0])
+    # outputs without a batch axis (constant anchors, say) do not change with the channels
+    per_sample = [i for i, o in enumerate(outs[:len(scores)]) if o.ndim and o.shape[0] == m]
+    if not per_sample:
+        raise InputError("--payoff output: no output of the model has one row per image")
+    scores = [scores[i] for i in per_sample]
+    references = [outs[i].astype(np.float64) for i in per_sample]
+    # log-probabilities only for a model whose one output is class scores
+    classifier = one_class_score(references)
     if cal.labels is not None and not classifier:
         raise UsageError("--labels needs a model with one output of class scores")
     if classifier:

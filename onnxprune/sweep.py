@@ -138,9 +138,12 @@ def _plot(sweep: Sweep, path: str) -> str:
         axes[0].plot(x, [100 * r.accuracy_after for r in rows], "o-", label="pruned")
         axes[0].axhline(100 * rows[0].accuracy_before, color="grey", ls="--", label="original")
         axes[0].set_ylabel("top-1 accuracy (%)")
-    else:
+    elif any(r.fidelity_top1 is not None for r in rows):
         axes[0].plot(x, [100 * (r.fidelity_top1 or 0) for r in rows], "o-", label="pruned")
         axes[0].set_ylabel("top-1 agreement with the original (%)")
+    else:  # not one output of class scores: no top-1 to plot
+        axes[0].plot(x, [r.fidelity_error for r in rows], "o-", label="pruned")
+        axes[0].set_ylabel("relative output error")
     axes[0].legend()
     for i, lat in enumerate(rows[0].latency if rows else []):
         axes[1].plot(x, [r.latency[i]["after_ms"] / r.latency[i]["before_ms"] for r in rows], "o-",

@@ -62,15 +62,33 @@ def is_classifier(out: np.ndarray) -> bool:
     return out.ndim >= 2 and out.shape[1] > 1 and all(d == 1 for d in out.shape[2:])
 
 
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+
+
 def compared_tensors(model: onnx.ModelProto) -> List[str]:
-    """What fidelity compares: each output, or the input of the Softmax that makes it. A
-    saturated softmax hides changes in the scores that a later calibration may expose."""
+    """What fidelity and the output payoff compare: each floating-point output, or the input of
+    the Softmax that makes it (a saturated softmax hides changes in the scores that a later
+    calibration may expose), each once: a model that returns logits and probabilities is
+    compared on its logits, one that adds an integer ArgMax label on its scores. All outputs
+    where none is floating point."""
     producer = {o: n for n in model.graph.node for o in n.output}
     names = []
     for out in model.graph.output:
+        elem = out.type.tensor_type.elem_type
+        if elem and elem not in FLOAT_TYPES:
+            continue
         node = producer.get(out.name)
-        names.append(node.input[0] if node is not None and node.op_type in ("Softmax", "LogSoftmax") else out.name)
-    return names
+        name = node.input[0] if node is not None and node.op_type in ("Softmax", "LogSoftmax") else out.name
+        if name not in names:
+            names.append(name)
+    return names or [o.name for o in model.graph.output]
+
+
+def one_class_score(values: Sequence[np.ndarray]) -> bool:
+    """Whether compared outputs are class scores, read as such (top-1, log-probabilities):
+    exactly one output, of shape (N, K) or (N, K, 1, 1). A detector's boxes and scores, or
+    any several outputs, are compared by distance only."""
+    return len(values) == 1 and is_classifier(values[0])
 
 
 def fidelity(original: onnx.ModelProto, candidates: Sequence[onnx.ModelProto], cal: CalibrationSet,
@@ -86,19 +104,21 @@ def fidelity(original: onnx.ModelProto, candidates: Sequence[onnx.ModelProto], c
     err = [0.0] * len(candidates)
     norm = 0.0
     total = 0
-    classifier = None
+    classifier = kept = None
     with progress("measuring fidelity", len(indices)) as update:
         for b, batch in enumerate(cal.batches(indices)):
             real = cal.real_count(b, indices)
-            old = [np.asarray(a[:real], np.float64) for a in run(s_old, cal.spec.name, batch, names)]
+            outs = run(s_old, cal.spec.name, batch, names)
+            if kept is None:  # outputs with one row per image (not constant anchors, say)
+                kept = [i for i, a in enumerate(outs) if a.ndim and a.shape[0] == len(batch)] or list(range(len(outs)))
+            old = [np.asarray(outs[i][:real], np.float64) for i in kept]
             norm += sum(float((a ** 2).sum()) for a in old)
             if classifier is None:
-                # top-1 agreement only where the model's one output is class scores (the first of
-                # several outputs, such as a detector's boxes, is not)
-                classifier = len(old) == 1 and is_classifier(old[0])
+                classifier = one_class_score(old)
             top1 = old[0].argmax(1) if classifier else None
             for i, sess in enumerate(s_new):
-                new = [np.asarray(c[:real], np.float64) for c in run(sess, cal.spec.name, batch, names)]
+                outs = run(sess, cal.spec.name, batch, names)
+                new = [np.asarray(outs[j][:real], np.float64) for j in kept]
                 err[i] += sum(float(((a - c) ** 2).sum()) for a, c in zip(old, new))
                 if classifier:
                     agree[i] += int((top1 == new[0].argmax(1)).sum())

@@ -118,3 +118,25 @@ def test_every_output_is_scored_and_a_first_output_is_not_taken_for_class_scores
     # (only the first output was scored before, and that group's curve was flat at zero)
     assert len(games.games) == 3
     assert all(game.loss[0] > 0 for game in games.games.values()), [g.loss[0] for g in games.games.values()]
+
+
+def test_an_argmax_label_and_a_constant_output_beside_the_scores_keep_the_classifier_payoff():
+    from onnx import TensorProto, helper
+    from tiny import Builder
+    b = Builder(seed=5)
+    x = b.relu(b.conv("input", 3, 8))
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [b.relu(b.conv(x, 8, 8))])], axis=1)
+    logits = b.gemm(x, 8, 5)
+    label = b.node("ArgMax", [logits], axis=1, keepdims=0)
+    anchors = b.node("Identity", [b.init(np.ones((100, 4)), "anchors")])
+    model = b.model(logits, ["N", 5])
+    model.graph.output.extend([helper.make_tensor_value_info(label, TensorProto.INT64, ["N"]),
+                               helper.make_tensor_value_info(anchors, TensorProto.FLOAT, [100, 4])])
+    onnx.checker.check_model(model, full_check=True)
+    prepared, analysis = analysis_of(model)
+    games = output_games(prepared, analysis, _calibration(model), choose_providers("cpu")[0], centred=True,
+                         budget=None, seed=0)
+    assert games.classifier  # scored on the logits alone: the label is an integer, the anchors constant
+    result = onnxprune.prune(model, np.random.default_rng(0).normal(size=(40, 3, 8, 8)).astype(np.float32),
+                             onnxprune.PruneOptions(flops=0.3, latency=False, round_to=1))
+    assert result.report.fidelity_top1_agreement is not None
