@@ -112,6 +112,14 @@ def input_spec(model, opts: PruneOptions, calib=None) -> InputSpec:
     return spec
 
 
+def pad_batch(x: np.ndarray, size: int) -> np.ndarray:
+    """``x`` with its last row repeated up to ``size`` rows: a fixed-batch model takes exactly
+    its batch, and the results of the padding are dropped."""
+    if len(x) >= size:
+        return x
+    return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)])
+
+
 FINITE_CHUNK = 64  # samples checked for NaN at a time: no mask the size of the whole array
 
 
@@ -149,9 +157,8 @@ class CalibrationSet:
         indices = np.asarray(indices)
         for start in range(0, len(indices), bs):
             chunk = indices[start:start + bs]
-            if self.spec.fixed_batch and len(chunk) < bs:
-                # a fixed-batch model takes exactly its batch: pad by repeating (results of pads ignored)
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - len(chunk))])
+            if self.spec.fixed_batch:
+                chunk = pad_batch(chunk, bs)
             yield self._load(chunk)
 
     def first_sample(self) -> np.ndarray:

@@ -31,7 +31,7 @@ from . import weights
 from .analyse import Analysis
 from .calibrate import ChannelStats
 from .consumers import find_consumers, from_channel_view, to_channel_view
-from .data import CalibrationSet
+from .data import CalibrationSet, pad_batch
 from .ops import rule_for
 from .ops.conv import is_depthwise
 from .progress import Progress, silent
@@ -227,6 +227,9 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                     else:
                         feeds_o = {t: prev_o.read(t, b0, b0 + real) for t in prev_live_o}
                         feeds_p = {t: prev_p.read(t, b0, b0 + real) for t in prev_live_p}
+                        if cal.spec.fixed_batch:  # the frontiers keep the real rows only
+                            feeds_o = {t: pad_batch(v, bs) for t, v in feeds_o.items()}
+                            feeds_p = {t: pad_batch(v, bs) for t, v in feeds_p.items()}
                     outs_o = dict(zip(live_o, run_feeds(sess_o, feeds_o, live_o)))
                     outs_p = dict(zip(live_p, run_feeds(sess_p, feeds_p, live_p)))
                     for frontier, outs in ((new_o, outs_o), (new_p, outs_p)):

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from . import weights
-from .data import CalibrationSet
+from .data import CalibrationSet, pad_batch
 from .errors import InputError, InternalError
 from .progress import Progress, silent
 from .runtime import expose, make_session, run
@@ -141,8 +141,8 @@ def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, providers: Li
     for start in range(0, len(x), step):
         batch = np.ascontiguousarray(x[start:start + step])
         real = len(batch)
-        if fixed and real < fixed:
-            batch = np.concatenate([batch, np.repeat(batch[-1:], fixed - real, axis=0)])
+        if fixed:
+            batch = pad_batch(batch, fixed)
         out = run(sess, name, batch)[0][:real]
         if is_classifier(out):
             out = out.reshape(len(out), -1)  # (N, K, 1, 1) from a fully convolutional classifier
