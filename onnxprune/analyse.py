@@ -146,14 +146,16 @@ def _block_ignored(st: ChannelState, nodes: Iterable[gs.Node], ignore: Sequence[
             for t in list(node.inputs) + list(node.outputs):
                 if t.name in st.cmap:
                     st.block(st.cmap[t.name], node, "left whole by --ignore")
-        found.update(t.name for t in list(node.inputs) + list(node.outputs) if t.name in wanted)
+        # a tensor counts where it carries channels (a weight's name does not name a layer)
+        found.update(t.name for t in list(node.inputs) + list(node.outputs) if t.name in wanted and t.name in st.cmap)
     for name, atoms in st.cmap.items():
         if name in wanted:
             st.block(atoms, _Named(name, "tensor"), "left whole by --ignore")
     missing = [n for n in ignore if n not in found]
     if missing:
         # a typo would otherwise prune the layer the user meant to keep
-        raise UsageError(f"--ignore {missing[0]!r}: no node or tensor of that name in the model as analysed "
+        raise UsageError(f"--ignore {missing[0]!r}: no node, and no tensor carrying channels, of that name in "
+                         "the model as analysed "
                          "(BatchNormalization and constant-folded nodes are merged into the layer before "
                          "them: name that layer; onnxprune IN --analyze lists the groups)")
 

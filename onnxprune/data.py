@@ -93,17 +93,21 @@ def input_spec(model, opts: PruneOptions, calib=None) -> InputSpec:
     channels_last = dims[1] not in (1, 3) and dims[3] in (1, 3)
     spec = InputSpec(vi.name, dims, channels_last, dtype)
     h, w = spec.spatial
-    if opts.input_size is not None and h is not None and w is not None and tuple(opts.input_size) != (h, w):
-        raise UsageError(f"--input-size {opts.input_size[0]},{opts.input_size[1]}: input {vi.name!r} has a fixed "
+    size, source = (tuple(opts.input_size), "--input-size") if opts.input_size is not None else (None, "")
+    if size is not None and h is not None and w is not None and size != (h, w):
+        raise UsageError(f"--input-size {size[0]},{size[1]}: input {vi.name!r} has a fixed "
                          f"size {h}x{w}; --input-size is for models whose spatial axes are dynamic")
     if h is None or w is None:
-        size = opts.input_size
         shape = _array_shape(calib) if size is None else None
         if shape is not None and len(shape) in (3, 4):
             sample = shape[-3:]
             size = tuple(int(d) for d in (sample[0:2] if channels_last else sample[1:3]))
+            source = "the calibration array"
         if size is None:
             raise UsageError(f"the spatial axes of input {vi.name!r} are dynamic: give --input-size H,W")
+        for axis, fixed, given in (("height", h, size[0]), ("width", w, size[1])):
+            if fixed is not None and fixed != given:
+                raise UsageError(f"{source} gives {axis} {given}, but input {vi.name!r} has a fixed {axis} of {fixed}")
         h, w = size
         dims = (dims[0], h, w, dims[3]) if channels_last else (dims[0], dims[1], h, w)
         spec = InputSpec(vi.name, dims, channels_last, dtype)

@@ -140,7 +140,7 @@ def _group_of(node: onnx.NodeProto) -> int:
     return next((int(a.i) for a in node.attribute if a.name == "group"), 1)
 
 
-def _refit_candidates(pruned: onnx.ModelProto, changed: set) -> Tuple[List[int], List[int]]:
+def _refit_candidates(pruned: onnx.ModelProto, changed: set, original_group) -> Tuple[List[int], List[int]]:
     """Layers whose input differs from the original's (downstream of any changed node): the
     dense ones, which are refitted, and the grouped convs other than depthwise, which have no
     refit and are reported.
@@ -148,22 +148,21 @@ def _refit_candidates(pruned: onnx.ModelProto, changed: set) -> Tuple[List[int],
     Depthwise convs are neither: each output channel reads only its own input channel, which
     pruning keeps, so the refit has no lost channel to make up for, only the small error left
     upstream, and the dense layers on both sides are refitted anyway. Fitting them channel by
-    channel changed nothing measurable (mobilenetv1_fmnist: the same accuracy at -30% and -50%,
-    0.09 point at -70%) while the cut it needs, before the block's widest maps, made the refit of
-    MobileNetV2 at 224x224 cost 58% more."""
-    shapes = {t.name: tuple(t.dims) for t in pruned.graph.initializer}  # dims: stored weights too
+    channel changed little (mobilenetv1_fmnist: within 0.03 point at -30% to -60%, 0.18 point
+    better without it at -70%) while the cut it needs, before the block's widest maps, made the refit of
+    MobileNetV2 at 224x224 cost about twice as much. Whether a conv is grouped is read from the
+    original (``original_group(name)``: its group and weight shape): a depthwise conv pruned to
+    one channel has group 1 in the pruned model."""
     dirty_tensors = set()
     dense, grouped = [], []
     for i, node in enumerate(pruned.graph.node):
         dirty_in = any(n in dirty_tensors for n in node.input)
         if dirty_in and node.op_type in ("Conv", "Gemm", "MatMul"):
-            group = _group_of(node) if node.op_type == "Conv" else 1
+            group, shape = original_group(node.name) if node.op_type == "Conv" else (1, None)
             if group == 1:
                 dense.append(i)
-            else:
-                shape = shapes.get(node.input[1]) if len(node.input) > 1 else None
-                if shape is None or not is_depthwise(group, shape[1] * group, shape[0]):
-                    grouped.append(i)
+            elif shape is None or not is_depthwise(group, shape[1] * group, shape[0]):
+                grouped.append(i)
         if dirty_in or node.name in changed:
             dirty_tensors.update(o for o in node.output if o)
     return dense, grouped
@@ -190,12 +189,20 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
     start_time = time.perf_counter()
     log = SequentialLog()
     original = onnx.shape_inference.infer_shapes(_in_order_of(original, pruned))
-    layers, grouped = _refit_candidates(pruned, changed)
+    dims = {t.name: tuple(t.dims) for t in original.graph.initializer}  # dims: stored weights too
+    o_nodes = {n.name: n for n in original.graph.node}
+
+    def original_group(name):
+        node = o_nodes.get(name)
+        if node is None:
+            return 1, None
+        return _group_of(node), dims.get(node.input[1]) if len(node.input) > 1 else None
+
+    layers, grouped = _refit_candidates(pruned, changed, original_group)
     log.unsupported = [pruned.graph.node[i].name for i in grouped]
     if not layers:
         return log
     names = [pruned.graph.node[i].name for i in layers]
-    o_nodes = {n.name: n for n in original.graph.node}
     o_inits = {t.name: weights.array(t) for t in original.graph.initializer}  # shared, not copied
     shared = weights.keys(original) if weights.active() is not None else None
     seg_o, seg_p = Segmenter(original, names), Segmenter(pruned, names)

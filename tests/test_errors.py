@@ -500,7 +500,7 @@ def test_hidden_files_in_the_calibration_folder_are_skipped(tmp_path):
 
 def test_ignore_of_a_name_not_in_the_model(work, capsys):
     _expect_error(work, capsys, _prune_args(work) + ["--ignore", "Conv_typo"], 2,
-                  ["--ignore 'Conv_typo': no node or tensor of that name"])
+                  ["--ignore 'Conv_typo': no node, and no tensor carrying channels"])
 
 
 @pytest.mark.parametrize("extra,words", [
@@ -526,3 +526,20 @@ def test_report_cannot_replace_the_inputs_data_file_or_the_calibration(work, cap
     np.save(work / "x.npy", np.zeros((4, 1, 28, 28), np.float32))
     _expect_error(work, capsys, _prune_args(work, calib=work / "x.npy") + ["--report", str(work / "x.npy")], 2,
                   ["is a file this run reads or writes"])
+
+
+def test_ignore_of_a_weight_name_is_refused(work, capsys):
+    weight = next(n.input[1] for n in onnx.load(MODEL).graph.node if n.op_type == "Conv")
+    _expect_error(work, capsys, _prune_args(work) + ["--ignore", weight], 2, ["no node, and no tensor carrying channels"])
+
+
+def test_a_calibration_array_cannot_resize_a_fixed_axis(work, capsys):
+    import tiny
+    b = tiny.Builder(channels=1)
+    b.input = onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 1, 12, "W"])
+    x = b.relu(b.conv("input", 1, 8))
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [b.relu(b.conv(x, 8, 8))])], axis=1)
+    onnx.save(b.model(b.gemm(x, 8, 4), ["N", 4]), work / "half.onnx")
+    np.save(work / "x.npy", np.zeros((8, 1, 20, 20), np.float32))
+    _expect_error(work, capsys, _prune_args(work, model=work / "half.onnx", calib=work / "x.npy"), 2,
+                  ["the calibration array gives height 20", "fixed height of 12"])
