@@ -186,7 +186,7 @@ def _sweep(model_in, out_dir, calib, targets_text, eval_path, option_values):
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"with --sweep, OUT is a folder; {out_dir!r} is a file")
     labelled = load_labelled(eval_path) if eval_path else None
-    sweep = run_sweep(model_in, calib, sorted(targets), out_dir, opts, evaluate=labelled, progress=_bar,
+    sweep = run_sweep(model_in, calib, targets, out_dir, opts, evaluate=labelled, progress=_bar,
                       log=lambda line: click.echo(line, err=True))
     click.echo(format_table(sweep))
     for note in sweep.notes:

@@ -43,6 +43,11 @@ class InputSpec:
         return self.shape[0]
 
 
+def _npz_key(keys: List[str]) -> str:
+    """The calibration array of an .npz: 'x', else the first."""
+    return "x" if "x" in keys else keys[0]
+
+
 def _array_shape(calib) -> Optional[Tuple[int, ...]]:
     """The shape of calibration tensors given as an array, a .npy or an .npz (read from the
     file's header, not its data); None for a folder or anything unreadable."""
@@ -57,11 +62,10 @@ def _array_shape(calib) -> Optional[Tuple[int, ...]]:
         if path.lower().endswith(".npz"):
             import zipfile
             with zipfile.ZipFile(path) as z:
-                names = [n for n in z.namelist() if n.endswith(".npy")]
-                name = "x.npy" if "x.npy" in names else (names[0] if names else None)
-                if name is None:
+                names = [n[:-len(".npy")] for n in z.namelist() if n.endswith(".npy")]
+                if not names:
                     return None
-                with z.open(name) as f:
+                with z.open(_npz_key(names) + ".npy") as f:
                     major, _ = np.lib.format.read_magic(f)
                     read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
                     return read(f)[0]
@@ -287,8 +291,7 @@ def _load_array(path: str) -> np.ndarray:
         keys = list(data.keys())
         if not keys:
             raise InputError(f"{path!r} holds no arrays")
-        key = "x" if "x" in keys else keys[0]
-        return data[key]
+        return data[_npz_key(keys)]
     return data
 
 
