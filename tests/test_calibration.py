@@ -157,3 +157,62 @@ def test_labels_number_every_class_folder_whatever_max_images_picks(tmp_path):
     cal = load_calibration(str(tmp_path), spec, PruneOptions(flops=0.5, max_images=4, labels=True, payoff="output"))
     folders = [int(os.path.basename(os.path.dirname(f))[1:]) for f in cal.files]
     assert folders != [0, 1, 2, 3] and list(cal.labels) == folders  # the folder's own class id
+
+
+@pytest.mark.parametrize("fixed_batch", [False, True])
+def test_statistics_reduced_inside_onnxruntime_match_numpys(monkeypatch, fixed_batch):
+    """The same images through both paths: every pixel is sampled at this size, so sums,
+    means, |x| and second moments agree; a fixed batch pads its last batch, which the mask drops."""
+    import onnxprune.calibrate as calibrate
+    from onnxprune.consumers import find_consumers
+    from surgery import analysis_of
+
+    model = tiny.residual_cnn()
+    if fixed_batch:
+        for vi in list(model.graph.input) + list(model.graph.output):
+            vi.type.tensor_type.shape.dim[0].dim_value = 8
+    prepared, analysis = analysis_of(model)
+    wanted = {c.tensor: c.repeat for c in find_consumers(analysis)}
+    x = np.random.default_rng(2).normal(size=(29, 3, 8, 8)).astype(np.float32)  # 23 fit: a partial batch
+    opts = PruneOptions(flops=0.5, batch_size=8)
+    cal = load_calibration(x, input_spec(model, opts), opts)
+    results = []
+    for work in (2 ** 62, 0):  # all in NumPy, then all in the graph
+        monkeypatch.setattr(calibrate, "REDUCE_IN_GRAPH_WORK", work)
+        results.append(calibrate.collect_stats(prepared, wanted, cal, cal.fit, ["CPUExecutionProvider"],
+                                               absolute=True))
+    numpy_stats, graph_stats = results
+    for name in wanted:
+        a, b = numpy_stats[name], graph_stats[name]
+        assert a.count == b.count and a.gram_count == b.gram_count
+        np.testing.assert_allclose(b.mean, a.mean, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(b.mean_abs, a.mean_abs, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(b.second_moment(), a.second_moment(), rtol=1e-4, atol=1e-6)
+
+
+def test_sampled_statistics_inside_onnxruntime_keep_exact_means(monkeypatch):
+    import onnxprune.calibrate as calibrate
+    monkeypatch.setattr(calibrate, "GRAM_MIN_SAMPLES", 64)  # force sampling of a 28x28 map
+    monkeypatch.setattr(calibrate, "GRAM_SAMPLES_PER_CHANNEL", 16)  # 512 of each batch's 7840 pixels
+    model = onnx.load(GREY_MODEL)
+    x = np.random.default_rng(3).random((20, 1, 28, 28), dtype=np.float32)
+    opts = PruneOptions(flops=0.5, batch_size=10, holdout=0.0)
+    cal = load_calibration(x, input_spec(model, opts), opts)
+    from onnxprune.prepare import prepare
+    prepared, _ = prepare(model)
+    first = next(n for n in prepared.graph.node if n.op_type == "Conv")
+    monkeypatch.setattr(calibrate, "REDUCE_IN_GRAPH_WORK", 0)
+    s = calibrate.collect_stats(prepared, {first.output[0]: 1}, cal, cal.fit, ["CPUExecutionProvider"])[first.output[0]]
+    out = onnxruntime_output(prepared, first.output[0], x)
+    np.testing.assert_allclose(s.mean, out.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-6)  # every pixel
+    assert 0 < s.gram_count < out.shape[0] * out.shape[2] * out.shape[3]  # the Gram saw a sample
+    cov = np.cov(out.transpose(1, 0, 2, 3).reshape(out.shape[1], -1))
+    # about a thousand samples: within a tenth of the largest entry
+    np.testing.assert_allclose(s.covariance(), cov, rtol=0, atol=0.1 * np.abs(cov).max())
+
+
+def onnxruntime_output(model, name, x):
+    import onnxruntime as ort
+    from onnxprune.runtime import expose
+    sess = ort.InferenceSession(expose(model, [name]).SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run([name], {model.graph.input[0].name: x})[0]
