@@ -123,12 +123,16 @@ def test_a_large_npy_is_read_only_where_max_images_samples_are_taken(tmp_path):
         load_calibration(str(tmp_path / "x.npy"), spec, PruneOptions(flops=0.5, max_images=40))
 
 
+def _class_folders(root, classes: int, per_class: int, prefix: str) -> None:
+    """One subfolder per class of small grey PNGs, each image a different shade."""
+    for c in range(classes):
+        (root / f"{prefix}{c}").mkdir()
+        for i in range(per_class):
+            Image.fromarray(np.full((28, 28), 20 * c + i, np.uint8)).save(root / f"{prefix}{c}" / f"{i}.png")
+
+
 def test_max_images_spreads_over_a_folder_sorted_by_class(tmp_path):
-    from PIL import Image
-    for c in range(4):
-        (tmp_path / f"class{c}").mkdir()
-        for i in range(5):
-            Image.fromarray(np.full((28, 28), 40 * c + i, np.uint8)).save(tmp_path / f"class{c}" / f"{i}.png")
+    _class_folders(tmp_path, 4, 5, "class")
     spec = input_spec(onnx.load(GREY_MODEL), PruneOptions(flops=0.5))
     cal = load_calibration(str(tmp_path), spec, PruneOptions(flops=0.5, max_images=8))
     assert len(cal) == 8
@@ -148,11 +152,7 @@ def test_sixteen_bit_pngs_keep_their_range(tmp_path):
 
 
 def test_labels_number_every_class_folder_whatever_max_images_picks(tmp_path):
-    from PIL import Image
-    for c in range(10):
-        (tmp_path / f"c{c}").mkdir()
-        for i in range(5):
-            Image.fromarray(np.full((28, 28), 20 * c + i, np.uint8)).save(tmp_path / f"c{c}" / f"{i}.png")
+    _class_folders(tmp_path, 10, 5, "c")
     spec = input_spec(onnx.load(GREY_MODEL), PruneOptions(flops=0.5))
     cal = load_calibration(str(tmp_path), spec, PruneOptions(flops=0.5, max_images=4, labels=True, payoff="output"))
     folders = [int(os.path.basename(os.path.dirname(f))[1:]) for f in cal.files]
