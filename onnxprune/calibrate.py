@@ -16,6 +16,7 @@ counts, never with the number of calibration images.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -31,6 +32,13 @@ from .runtime import blas_single_thread, make_session, run_feeds
 FULL_GRAM_LIMIT = 4096
 GRAM_SAMPLES_PER_CHANNEL = 64  # per batch: 8 batches of 32 images give 512 samples per channel
 GRAM_MIN_SAMPLES = 4096  # per batch; narrow layers keep their whole batch up to this
+
+
+@functools.lru_cache(maxsize=256)
+def _positions(images: int, pixels: int, count: int):
+    """``count`` (image, pixel) pairs spread evenly over a batch: the same for every batch of
+    the same size, so computed once."""
+    return np.divmod(np.linspace(0, images * pixels - 1, count).astype(np.int64), pixels)
 
 
 @dataclass
@@ -61,7 +69,7 @@ class TensorStats:
         if n * p > cap:
             # evenly spaced over images x pixels; the stride is not a whole number of pixels,
             # so every image contributes different positions
-            image, pixel = np.divmod(np.linspace(0, n * p - 1, cap).astype(np.int64), p)
+            image, pixel = _positions(n, p, cap)
             sample = np.asarray(x3[image, :, pixel], dtype=np.float32)  # (cap, C)
         else:
             sample = np.ascontiguousarray(x3.transpose(0, 2, 1), dtype=np.float32).reshape(n * p, c)
