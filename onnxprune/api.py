@@ -443,8 +443,9 @@ def _rank(analysis: Analysis, opts: PruneOptions, stats, bn_scale=None):
     if opts.criterion == "snpfi":
         # without recovery removed channels become zeros, with it their means go into the bias
         grams = {}  # each consumer's weight Gram, computed once for both games
-        games = group_games(analysis, stats, centred=opts.recover, grams=grams)
-        if opts.payoff == "refit" or (opts.payoff == "auto" and opts.recover):
+        refit = opts.payoff == "refit" or (opts.payoff == "auto" and opts.recover)
+        games = group_games(analysis, stats, centred=opts.recover, grams=grams, ranked=not refit)
+        if refit:
             games = refit_games(analysis, stats, games, grams=grams)
         return _from_games(games)
     ranked, loss, importance = {}, {}, {}

@@ -58,8 +58,8 @@ class GroupGame:
     players: np.ndarray  # global player ids, in group order
     q: np.ndarray  # (n, n) interaction matrix
     shapley: np.ndarray  # (n,)
-    order: np.ndarray  # positions in `players`, most important first
-    loss: np.ndarray  # (n + 1,) payoff lost when the k best are kept, in consumer-output variances
+    order: Optional[np.ndarray]  # positions in `players`, most important first (None: not ranked yet)
+    loss: Optional[np.ndarray]  # (n + 1,) payoff lost when the k best are kept, in consumer-output variances
 
     def retained(self, k: int) -> float:
         return 1.0 - float(self.loss[k])
@@ -121,9 +121,11 @@ def _channel_q(analysis: Analysis, consumer: Consumer, stats: ChannelStats, cent
 
 
 def group_games(analysis: Analysis, stats: ChannelStats, centred: bool = True,
-                grams: Optional[Dict[str, np.ndarray]] = None) -> Dict[int, GroupGame]:
+                grams: Optional[Dict[str, np.ndarray]] = None, ranked: bool = True) -> Dict[int, GroupGame]:
     """``centred``: channels outside a coalition take their mean (True) or zero (False).
-    ``grams``: a cache of the consumers' F F^T, shared with :func:`refit_games`."""
+    ``grams``: a cache of the consumers' F F^T, shared with :func:`refit_games`.
+    ``ranked``: also order each group's channels and its loss curve (False when
+    :func:`refit_games` will rank them: it does so where it can, and ranks the rest itself)."""
     q_by_group: Dict[int, np.ndarray] = {}
     members: Dict[int, np.ndarray] = {}
     for g in analysis.prunable_groups():
@@ -156,9 +158,16 @@ def group_games(analysis: Analysis, stats: ChannelStats, centred: bool = True,
     games = {}
     for g, q in q_by_group.items():
         q = (q + q.T) / 2
-        order = elimination_order(q)
-        games[g] = GroupGame(members[g], q, q.sum(axis=1), order, loss_curve(q, order))
+        games[g] = GroupGame(members[g], q, q.sum(axis=1), None, None)
+        if ranked:
+            _rank_locally(games[g])
     return games
+
+
+def _rank_locally(game: GroupGame) -> None:
+    """The local game's own order (backward elimination on Q) and loss curve."""
+    game.order = elimination_order(game.q)
+    game.loss = loss_curve(game.q, game.order)
 
 
 def elimination_order(q: np.ndarray) -> np.ndarray:
@@ -279,6 +288,8 @@ def refit_games(analysis: Analysis, stats: ChannelStats, games: Dict[int, GroupG
     for g, game in games.items():
         players = game.players
         if len(players) > REFIT_GAME_LIMIT:
+            if game.order is None:
+                _rank_locally(game)
             continue  # the elimination is cubic in the group's size: keep the closed-form game
         local = {int(p): i for i, p in enumerate(players)}
         fits = []
@@ -308,6 +319,8 @@ def refit_games(analysis: Analysis, stats: ChannelStats, games: Dict[int, GroupG
             fits.append({"index": np.array([local[int(x)] for x in found[mine]]), "p": p,
                          "b": p @ (cov[mine] @ f), "energy": energy})
         if not fits:
+            if game.order is None:
+                _rank_locally(game)
             continue
         removed, costs = _eliminate(len(players), fits)
         cumulative = np.concatenate([[0.0], np.cumsum(costs)])  # after m removals
