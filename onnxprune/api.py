@@ -620,13 +620,14 @@ def _describe(analysis: Analysis, alloc: Optional[Allocation], opts: PruneOption
     return report
 
 
-def analyze(model: ModelSource, options: Optional[PruneOptions] = None) -> Report:
+def analyze(model: ModelSource, options: Optional[PruneOptions] = None, calib: Optional[CalibSource] = None) -> Report:
     """Channel groups of ``model`` without pruning: which are prunable, their FLOPs
-    share, and for each blocked group the op and the reason."""
+    share, and for each blocked group the op and the reason. ``calib``: only read for the
+    size of a calibration array, where the model's spatial axes are dynamic."""
     opts = options or PruneOptions()
     with weights.activate(weights.WeightStore()):
         loaded = load_model(model)
-        spec = input_spec(loaded.model, opts)
+        spec = input_spec(loaded.model, opts, calib)
         prepared, _ = prepare(loaded.model, release=True)
         shapes = static_shapes(prepared, {spec.name: (1,) + tuple(int(d) for d in spec.shape[1:])})
         analysis = _analysis_of(prepared, shapes, opts)

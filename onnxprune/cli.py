@@ -104,7 +104,8 @@ def _on_sigterm(signum, frame):
 @click.argument("model_out", metavar="OUT", type=click.Path(), required=False)
 @click.option("--analyze", is_flag=True,
               help="Only print the channel groups of IN: which can be pruned, their FLOPs share, and "
-                   "why the others cannot. Needs no OUT and no --calib.")
+                   "why the others cannot. Needs no OUT and no --calib (a calibration array, if given, "
+                   "sizes dynamic spatial axes).")
 @click.option("--calib", metavar="PATH",
               help="Folder of images (png, jpg, bmp, webp; searched recursively, sorted) "
                    "or a .npy/.npz file of preprocessed input tensors.")
@@ -137,7 +138,7 @@ def main(model_in, model_out, analyze, calib, sweep_targets, eval_path, report_p
         outputs = [model_out, data_path(model_out)] if model_out and not analyze else []
         check_report_path(report_path, [model_in, calib, eval_path] + outputs)
     if analyze:
-        report = analyze_model(model_in, PruneOptions(**option_values))
+        report = analyze_model(model_in, PruneOptions(**option_values), calib)
         click.echo(report.format_analysis())
         if report_path:
             save_json_atomic(report.to_dict(), report_path)

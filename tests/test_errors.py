@@ -162,6 +162,8 @@ def test_dynamic_spatial_axes_take_the_size_of_a_calibration_array(work, capsys)
     pruned = onnx.load(work / "out" / "o.onnx")
     dims = [d.dim_param or d.dim_value for d in pruned.graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["N", 1, "H", "W"]  # still dynamic: the array only sized the calibration
+    assert run([str(work / "dyn.onnx"), "--analyze", "--calib", str(work / "x.npy")]) == 0  # sized there too
+    assert "prunable channel group" in capsys.readouterr().out
 
 
 def test_opset_older_than_supported(work, capsys):
