@@ -176,6 +176,18 @@ class _StatsGraph:
                 g.node.append(helper.make_node(op, [x], [out], axes=axes, keepdims=0))
             return out
 
+        types = None  # element types, inferred only if some tensor is worth reducing here
+
+        def is_float32(name):
+            nonlocal types
+            if types is None:
+                try:
+                    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+                    types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.value_info) + list(inferred.output)}
+                except Exception:  # no types: nothing is reduced here
+                    types = {}
+            return types.get(name) == TensorProto.FLOAT  # the added nodes and their mask are float32
+
         for i, (name, repeat) in enumerate(tensors.items()):
             shape = shapes.get(name)
             known = shape is not None and len(shape) >= 2 and all(d is not None for d in shape[1:])
@@ -185,7 +197,7 @@ class _StatsGraph:
                 pixels = repeat if repeat > 1 else int(np.prod(shape[2:], dtype=np.int64))
             cap = max(GRAM_SAMPLES_PER_CHANNEL * c, GRAM_MIN_SAMPLES)
             work = min(batch * pixels, cap) * c * c + batch * c * pixels
-            if not known or work < REDUCE_IN_GRAPH_WORK:
+            if not known or work < REDUCE_IN_GRAPH_WORK or not is_float32(name):
                 self.raw.append(name)
                 g.output.append(helper.make_empty_tensor_value_info(name))
                 continue

@@ -182,6 +182,10 @@ def test_statistics_reduced_inside_onnxruntime_match_numpys(monkeypatch, fixed_b
         results.append(calibrate.collect_stats(prepared, wanted, cal, cal.fit, ["CPUExecutionProvider"],
                                                absolute=True))
     numpy_stats, graph_stats = results
+    from onnxprune.shapes import static_shapes
+    graph = calibrate._StatsGraph(prepared, wanted, static_shapes(prepared, {"input": (8, 3, 8, 8)}), 8, True,
+                                  fixed_batch)
+    assert len(graph.plan) == len(wanted) and not graph.raw  # every tensor really was reduced in the graph
     for name in wanted:
         a, b = numpy_stats[name], graph_stats[name]
         assert a.count == b.count and a.gram_count == b.gram_count
