@@ -94,7 +94,7 @@ class TensorStats:
             self.abs_sum += abs_sums.sum(axis=0, dtype=np.float64)
         self.gram_count += sampled
         self.gram_sum += gram_sum
-        self.gram += gram
+        self.gram += gram  # (C, C), or the (C,) diagonal
 
     @property
     def mean(self) -> np.ndarray:
@@ -145,9 +145,10 @@ class _StatsGraph:
     2.73x -> 3.17x and fmnist_resnet 1.85x -> 2.15x, whose many narrow 28x28 maps cost a
     handful of small onnxruntime ops each, more than NumPy's work on them: hence the split.
 
-    In the graph every image of a batch is sampled at the same ``k`` positions, evenly spaced
-    with an offset that moves from batch to batch; a fixed-batch model gets a mask input that
-    zeroes the padded images of its last batch."""
+    In the graph every image of a batch is sampled at the same ``k`` positions, drawn at
+    random for each batch; sums are returned per image and added up here in float64, and a
+    fixed-batch model gets a mask input that zeroes its padded images in the Gram. Tensors
+    whose axis 0 is not the batch, or that are not float32, stay in NumPy."""
 
     def __init__(self, model: onnx.ModelProto, tensors: Dict[str, int], shapes, batch: int, absolute: bool,
                  fixed_batch: bool):
@@ -162,6 +163,7 @@ class _StatsGraph:
         opset = default_opset(model)
         self.plan = []  # per reduced tensor: (name, output names, index input or None, k, pixels)
         self.raw: List[str] = []  # tensors exposed whole
+        self.per_image_squares = set()  # Gram outputs that are (N, C) sums of squares, not (C, C)
         prefix = "__onnxprune_stats"
         self.mask = prefix + "_mask" if fixed_batch else None
 
@@ -190,7 +192,10 @@ class _StatsGraph:
 
         for i, (name, repeat) in enumerate(tensors.items()):
             shape = shapes.get(name)
-            known = shape is not None and len(shape) >= 2 and all(d is not None for d in shape[1:])
+            # axis 0 must be the batch (a MatMul input reshaped to (N x H x W, C) is not): the
+            # mask and the per-image sums read it so
+            known = (shape is not None and len(shape) >= 2 and all(d is not None for d in shape)
+                     and shape[0] == batch)
             c = pixels = 0
             if known:
                 c = int(shape[1]) // repeat if repeat > 1 else int(shape[1])
@@ -213,16 +218,21 @@ class _StatsGraph:
                 g.input.append(helper.make_tensor_value_info(index, TensorProto.INT64, [k]))
                 g.node.append(helper.make_node("Gather", [x, index], [t + "_picked"], axis=2))
                 x = t + "_picked"
-            if self.mask is not None:
-                g.node.append(helper.make_node("Mul", [x, self.mask], [t + "_masked"]))
-                x = t + "_masked"
-            g.node.append(helper.make_node("Transpose", [x], [t + "_rows3"], perm=[0, 2, 1]))
-            g.node.append(helper.make_node("Reshape", [t + "_rows3", const(t + "_flat", [-1, c])], [t + "_rows"]))
+            # per image, so that the padded images are dropped and the batch is summed in float64
+            # (a float32 sum over every sampled row lost digits where the mean is large)
+            gsum = reduce("ReduceSum", x, [2], t + "_gsum")
             if c <= FULL_GRAM_LIMIT:
+                if self.mask is not None:
+                    g.node.append(helper.make_node("Mul", [x, self.mask], [t + "_masked"]))
+                    x = t + "_masked"
+                g.node.append(helper.make_node("Transpose", [x], [t + "_rows3"], perm=[0, 2, 1]))
+                g.node.append(helper.make_node("Reshape", [t + "_rows3", const(t + "_flat", [-1, c])], [t + "_rows"]))
                 g.node.append(helper.make_node("Gemm", [t + "_rows", t + "_rows"], [t + "_gram"], transA=1))
-            else:
-                reduce("ReduceSumSquare", t + "_rows", [0], t + "_gram")
-            outs += [t + "_gram", reduce("ReduceSum", t + "_rows", [0], t + "_gsum")]
+                gram = t + "_gram"
+            else:  # the diagonal only, per image
+                gram = reduce("ReduceSumSquare", x, [2], t + "_squares")
+                self.per_image_squares.add(gram)
+            outs += [gram, gsum]
             g.output.extend(helper.make_empty_tensor_value_info(o) for o in outs if o is not None)
             self.plan.append((name, outs, index, k, pixels))
         if self.mask is not None and self.plan:
@@ -232,11 +242,12 @@ class _StatsGraph:
         feeds = {}
         if self.mask is not None and self.plan:
             feeds[self.mask] = (np.arange(n) < real).astype(np.float32).reshape(n, 1, 1)
-        for _, _, index, k, pixels in self.plan:
+        for i, (_, _, index, k, pixels) in enumerate(self.plan):
             if index is not None:
-                stride = pixels // k
-                offset = (batch_index * 7919) % stride if stride > 1 else 0  # a prime: offsets wander
-                feeds[index] = ((np.arange(k, dtype=np.int64) * pixels) // k + offset) % pixels
+                # random positions, new for every batch: an evenly spaced grid can fall on the same
+                # few columns of every image (a stride that is a multiple of the width)
+                rng = np.random.default_rng((batch_index, i))
+                feeds[index] = np.sort(rng.choice(pixels, k, replace=False)).astype(np.int64)
         return feeds
 
     def outputs(self) -> List[str]:
@@ -252,6 +263,8 @@ def collect_stats(model: onnx.ModelProto, tensors: Dict[str, int], cal: Calibrat
 
     start = time.perf_counter()
     stats = ChannelStats(tensors={n: TensorStats(absolute=absolute) for n in tensors})
+    if not tensors:
+        return stats
     shapes = static_shapes(model, {cal.spec.name: (cal.batch_size,) + cal.sample_shape})
     graph = _StatsGraph(model, tensors, shapes, cal.batch_size, absolute, bool(cal.spec.fixed_batch))
     sess = make_session(graph.model, providers)
@@ -290,6 +303,10 @@ def _add_reduced(stats: ChannelStats, graph: _StatsGraph, values: Dict[str, np.n
         sums_v = values[sums][:real].astype(np.float64)
         if not np.isfinite(sums_v).all():  # every pixel is in the per-image sums: no pass of its own
             raise _nan_error(name)
-        stats.tensors[name].add_reduced(sums_v, values[abs_sums][:real] if abs_sums else None,
-                                        values[gram].astype(np.float64), values[gsum].astype(np.float64),
-                                        pixels, real * k)
+        g = values[gram]
+        if gram in graph.per_image_squares:
+            g = g[:real].sum(axis=0, dtype=np.float64)
+        else:
+            g = g.astype(np.float64)
+        stats.tensors[name].add_reduced(sums_v, values[abs_sums][:real] if abs_sums else None, g,
+                                        values[gsum][:real].sum(axis=0, dtype=np.float64), pixels, real * k)

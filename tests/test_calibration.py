@@ -159,14 +159,17 @@ def test_labels_number_every_class_folder_whatever_max_images_picks(tmp_path):
     assert folders != [0, 1, 2, 3] and list(cal.labels) == folders  # the folder's own class id
 
 
-@pytest.mark.parametrize("fixed_batch,opset", [(False, 13), (True, 13), (False, 11), (False, 18)])
-def test_statistics_reduced_inside_onnxruntime_match_numpys(monkeypatch, fixed_batch, opset):
+@pytest.mark.parametrize("fixed_batch,opset,diagonal", [(False, 13, False), (True, 13, False), (False, 11, False),
+                                                     (False, 18, False), (True, 13, True), (False, 11, True)])
+def test_statistics_reduced_inside_onnxruntime_match_numpys(monkeypatch, fixed_batch, opset, diagonal):
     """The same images through both paths: every pixel is sampled at this size, so sums,
     means, |x| and second moments agree; a fixed batch pads its last batch, which the mask drops."""
     import onnxprune.calibrate as calibrate
     from onnxprune.consumers import find_consumers
     from surgery import analysis_of
 
+    if diagonal:  # only the variances of wide layers: here every layer is "wide"
+        monkeypatch.setattr(calibrate, "FULL_GRAM_LIMIT", 4)
     model = tiny.residual_cnn(opset=opset)  # the reductions' axes: attributes before 13 (18 for ReduceL1)
     if fixed_batch:
         for vi in list(model.graph.input) + list(model.graph.output):
@@ -220,3 +223,32 @@ def onnxruntime_output(model, name, x):
     from onnxprune.runtime import expose
     sess = ort.InferenceSession(expose(model, [name]).SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run([name], {model.graph.input[0].name: x})[0]
+
+
+def test_graph_statistics_only_where_axis_0_is_the_batch_and_positions_are_drawn_per_batch(monkeypatch):
+    import onnxprune.calibrate as calibrate
+    from onnxprune.shapes import static_shapes
+    monkeypatch.setattr(calibrate, "REDUCE_IN_GRAPH_WORK", 0)
+    monkeypatch.setattr(calibrate, "GRAM_MIN_SAMPLES", 64)
+    monkeypatch.setattr(calibrate, "GRAM_SAMPLES_PER_CHANNEL", 2)  # 16 of each image's 64 positions
+    model = tiny.residual_cnn()
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    shapes = static_shapes(model, {"input": (4, 3, 8, 8)})
+    wrong = dict(shapes, **{conv.output[0]: (4 * 64, 8)})  # as a MatMul input reshaped to (N x H x W, C)
+    assert calibrate._StatsGraph(model, {conv.output[0]: 1}, wrong, 4, False, False).raw == [conv.output[0]]
+    graph = calibrate._StatsGraph(model, {conv.output[0]: 1}, shapes, 4, False, False)
+    assert not graph.raw
+    (_, _, index, k, pixels), = graph.plan
+    drawn = [graph.feeds(b, 4, 4)[index] for b in range(3)]
+    for at in drawn:
+        assert len(at) == k < pixels and len(set(at.tolist())) == k and 0 <= at.min() and at.max() < pixels
+    assert not np.array_equal(drawn[0], drawn[1]) and not np.array_equal(drawn[1], drawn[2])
+    assert len({p % 8 for at in drawn for p in at.tolist()}) == 8  # every column of the 8x8 map seen
+
+
+def test_no_tensors_no_statistics():
+    import onnxprune.calibrate as calibrate
+    model = onnx.load(GREY_MODEL)
+    opts = PruneOptions(flops=0.5)
+    cal = load_calibration(np.zeros((4, 1, 28, 28), np.float32), input_spec(model, opts), opts)
+    assert calibrate.collect_stats(model, {}, cal, cal.fit, ["CPUExecutionProvider"]).tensors == {}
