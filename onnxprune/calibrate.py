@@ -274,7 +274,7 @@ def collect_stats(model: onnx.ModelProto, tensors: Dict[str, int], cal: Calibrat
             real = cal.real_count(b, indices)
             feeds = dict(graph.feeds(b, len(batch), real), **{cal.spec.name: batch})
             values = dict(zip(wanted, run_feeds(sess, feeds, wanted, len(batch))))
-            _add_maps(stats, {n: tensors[n] for n in graph.raw}, [values[n] for n in graph.raw], real)
+            _add_maps(stats, {n: tensors[n] for n in graph.raw}, [values[n] for n in graph.raw], real, len(batch))
             _add_reduced(stats, graph, values, real)
             stats.images += real
             update(real)
@@ -286,9 +286,12 @@ def _nan_error(where: str) -> InputError:
     return InputError(f"the model computes NaN or infinite values at {where!r} on the calibration data")
 
 
-def _add_maps(stats: ChannelStats, tensors: Dict[str, int], outs, real: int) -> None:
+def _add_maps(stats: ChannelStats, tensors: Dict[str, int], outs, real: int, batch: int) -> None:
     for name, value in zip(tensors, outs):
-        x = value[:real]
+        rows = len(value)
+        # the rows of the real images: all of a tensor whose axis 0 folds the batch with the pixels
+        # (a MatMul input reshaped to (N x H x W, C), batch outermost), as far as the real images go
+        x = value[:rows * real // batch] if rows != batch and rows % batch == 0 else value[:real]
         if tensors[name] > 1:
             x = x.reshape(x.shape[0], -1, tensors[name])
         with np.errstate(over="ignore", invalid="ignore"):  # reported below as one line, not as warnings

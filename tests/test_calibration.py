@@ -252,3 +252,29 @@ def test_no_tensors_no_statistics():
     opts = PruneOptions(flops=0.5)
     cal = load_calibration(np.zeros((4, 1, 28, 28), np.float32), input_spec(model, opts), opts)
     assert calibrate.collect_stats(model, {}, cal, cal.fit, ["CPUExecutionProvider"]).tensors == {}
+
+
+def test_statistics_of_a_tensor_that_folds_the_batch_with_the_pixels():
+    # conv -> Transpose -> Reshape (N x H x W, C) -> MatMul, as TF exports write a 1x1 conv:
+    # every row of every real image counts, none of the padding
+    import onnxprune.calibrate as calibrate
+    b = tiny.Builder(channels=1)
+    x = b.relu(b.conv("input", 1, 6))
+    b.inits.append(onnx.numpy_helper.from_array(np.array([-1, 6], np.int64), "rows_shape"))
+    rows = b.node("Reshape", [b.node("Transpose", [x], perm=[0, 2, 3, 1]), "rows_shape"])
+    out = b.node("MatMul", [rows, b.init(np.ones((6, 2), np.float32), "w")])
+    model = b.model(out, [None, 2])
+    x_all = np.random.default_rng(4).random((10, 1, 8, 8), dtype=np.float32)
+    for fixed in (False, True):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4 if fixed else 0
+        if not fixed:
+            m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+        opts = PruneOptions(flops=0.5, batch_size=4, holdout=0.0)
+        cal = load_calibration(x_all, input_spec(m, opts), opts)  # 10 images: a last batch of 2
+        s = calibrate.collect_stats(m, {rows: 1}, cal, cal.fit, ["CPUExecutionProvider"])[rows]
+        reference = onnxruntime_output(m, rows, x_all) if not fixed else None
+        assert s.count == 10 * 64
+        if reference is not None:
+            np.testing.assert_allclose(s.mean, reference.mean(axis=0), rtol=1e-5)
