@@ -151,7 +151,7 @@ class _StatsGraph:
     whose axis 0 is not the batch, or that are not float32, stay in NumPy."""
 
     def __init__(self, model: onnx.ModelProto, tensors: Dict[str, int], shapes, batch: int, absolute: bool,
-                 fixed_batch: bool):
+                 fixed_batch: bool, in_graph: bool = True):
         from onnx import TensorProto, helper
 
         from .load import default_opset
@@ -202,7 +202,7 @@ class _StatsGraph:
                 pixels = repeat if repeat > 1 else int(np.prod(shape[2:], dtype=np.int64))
             cap = max(GRAM_SAMPLES_PER_CHANNEL * c, GRAM_MIN_SAMPLES)
             work = min(batch * pixels, cap) * c * c + batch * c * pixels
-            if not known or work < REDUCE_IN_GRAPH_WORK or not is_float32(name):
+            if not (in_graph and known) or work < REDUCE_IN_GRAPH_WORK or not is_float32(name):
                 self.raw.append(name)
                 g.output.append(helper.make_empty_tensor_value_info(name))
                 continue
@@ -266,7 +266,10 @@ def collect_stats(model: onnx.ModelProto, tensors: Dict[str, int], cal: Calibrat
     if not tensors:
         return stats
     shapes = static_shapes(model, {cal.spec.name: (cal.batch_size,) + cal.sample_shape})
-    graph = _StatsGraph(model, tensors, shapes, cal.batch_size, absolute, bool(cal.spec.fixed_batch))
+    # on the CPU provider only: measured there, and a GPU may run the added Gemm in TF32,
+    # whose 10-bit mantissa the second moments were never checked against
+    graph = _StatsGraph(model, tensors, shapes, cal.batch_size, absolute, bool(cal.spec.fixed_batch),
+                        in_graph=providers[0] == "CPUExecutionProvider")
     sess = make_session(graph.model, providers)
     wanted = graph.outputs()
     with progress(label, len(indices)) as update, blas_single_thread():

@@ -236,6 +236,7 @@ def test_graph_statistics_only_where_axis_0_is_the_batch_and_positions_are_drawn
     shapes = static_shapes(model, {"input": (4, 3, 8, 8)})
     wrong = dict(shapes, **{conv.output[0]: (4 * 64, 8)})  # as a MatMul input reshaped to (N x H x W, C)
     assert calibrate._StatsGraph(model, {conv.output[0]: 1}, wrong, 4, False, False).raw == [conv.output[0]]
+    assert calibrate._StatsGraph(model, {conv.output[0]: 1}, shapes, 4, False, False, in_graph=False).raw  # a GPU
     graph = calibrate._StatsGraph(model, {conv.output[0]: 1}, shapes, 4, False, False)
     assert not graph.raw
     (_, _, index, k, pixels), = graph.plan
