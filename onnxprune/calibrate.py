@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -51,15 +51,18 @@ class TensorStats:
     gram_sum: Optional[np.ndarray] = None  # sum of x over the samples the Gram saw
     absolute: bool = True  # keep abs_sum (only the activation criterion reads it; it costs a pass)
 
+    def _start(self, c: int) -> None:
+        if self.sum is None:
+            self.sum, self.abs_sum, self.gram_sum = np.zeros(c), np.zeros(c), np.zeros(c)
+            self.gram = np.zeros((c, c)) if c <= FULL_GRAM_LIMIT else np.zeros(c)
+
     def add(self, x: np.ndarray) -> None:
         """``x``: (N, C, ...) for one batch. No transposed copy of a whole map is made: the sums run
         along its pixels in place, the second moments on a sample gathered as (samples, C)."""
         n, c = x.shape[:2]
         x3 = x.reshape(n, c, -1)
         p = x3.shape[2]
-        if self.sum is None:
-            self.sum, self.abs_sum, self.gram_sum = np.zeros(c), np.zeros(c), np.zeros(c)
-            self.gram = np.zeros((c, c)) if c <= FULL_GRAM_LIMIT else np.zeros(c)
+        self._start(c)
         self.count += n * p
         # float32 (pairwise) along the pixels of one image, float64 across images and batches
         self.sum += x3.sum(axis=2).sum(axis=0, dtype=np.float64)
@@ -85,9 +88,7 @@ class TensorStats:
         """One batch reduced inside onnxruntime (:class:`_StatsGraph`): per-image channel sums
         (N, C) over ``pixels`` positions each, and the Gram and sum of ``sampled`` samples."""
         n, c = sums.shape
-        if self.sum is None:
-            self.sum, self.abs_sum, self.gram_sum = np.zeros(c), np.zeros(c), np.zeros(c)
-            self.gram = np.zeros((c, c)) if c <= FULL_GRAM_LIMIT else np.zeros(c)
+        self._start(c)
         self.count += n * pixels
         self.sum += sums.sum(axis=0, dtype=np.float64)
         if self.absolute and abs_sums is not None:
@@ -130,6 +131,22 @@ class ChannelStats:
         return self.tensors[name]
 
 
+class _Reduced(NamedTuple):
+    """A tensor reduced inside onnxruntime: the names of its outputs, and how it is sampled."""
+    name: str
+    sums: str  # (N, C) channel sums over all pixels
+    abs_sums: Optional[str]  # (N, C) sums of |x|, where asked
+    gram: str  # (C, C) Gram of the samples, or (N, C) sums of their squares when ``diagonal``
+    gram_sum: str  # (N, C) sums of the samples
+    diagonal: bool
+    index: Optional[str]  # the input of the k sampled positions (None: every pixel)
+    k: int
+    pixels: int
+
+    def outputs(self) -> List[str]:
+        return [o for o in (self.sums, self.abs_sums, self.gram, self.gram_sum) if o is not None]
+
+
 REDUCE_IN_GRAPH_WORK = 2 ** 25  # Gram multiply-adds plus map elements per batch that are reduced inside onnxruntime
 
 
@@ -150,8 +167,9 @@ class _StatsGraph:
     fixed-batch model gets a mask input that zeroes its padded images in the Gram. Tensors
     whose axis 0 is not the batch, or that are not float32, stay in NumPy."""
 
-    def __init__(self, model: onnx.ModelProto, tensors: Dict[str, int], shapes, batch: int, absolute: bool,
-                 fixed_batch: bool, in_graph: bool = True):
+    def __init__(self, model: onnx.ModelProto, tensors: Dict[str, int], shapes, types: Dict[str, int], batch: int,
+                 absolute: bool, fixed_batch: bool, in_graph: bool = True):
+        """``shapes``, ``types``: each tensor's dims at ``batch`` and element type (static_shapes)."""
         from onnx import TensorProto, helper
 
         from .load import default_opset
@@ -161,9 +179,8 @@ class _StatsGraph:
         g = self.model.graph
         del g.output[:]
         opset = default_opset(model)
-        self.plan = []  # per reduced tensor: (name, output names, index input or None, k, pixels)
+        self.plan: List[_Reduced] = []
         self.raw: List[str] = []  # tensors exposed whole
-        self.per_image_squares = set()  # Gram outputs that are (N, C) sums of squares, not (C, C)
         prefix = "__onnxprune_stats"
         self.mask = prefix + "_mask" if fixed_batch else None
 
@@ -178,18 +195,6 @@ class _StatsGraph:
                 g.node.append(helper.make_node(op, [x], [out], axes=axes, keepdims=0))
             return out
 
-        types = None  # element types, inferred only if some tensor is worth reducing here
-
-        def is_float32(name):
-            nonlocal types
-            if types is None:
-                try:
-                    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
-                    types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.value_info) + list(inferred.output)}
-                except Exception:  # no types: nothing is reduced here
-                    types = {}
-            return types.get(name) == TensorProto.FLOAT  # the added nodes and their mask are float32
-
         for i, (name, repeat) in enumerate(tensors.items()):
             shape = shapes.get(name)
             # axis 0 must be the batch (a MatMul input reshaped to (N x H x W, C) is not): the
@@ -202,14 +207,15 @@ class _StatsGraph:
                 pixels = repeat if repeat > 1 else int(np.prod(shape[2:], dtype=np.int64))
             cap = max(GRAM_SAMPLES_PER_CHANNEL * c, GRAM_MIN_SAMPLES)
             work = min(batch * pixels, cap) * c * c + batch * c * pixels
-            if not (in_graph and known) or work < REDUCE_IN_GRAPH_WORK or not is_float32(name):
+            # float32 only: the added nodes and their mask are float32
+            if not (in_graph and known) or work < REDUCE_IN_GRAPH_WORK or types.get(name) != TensorProto.FLOAT:
                 self.raw.append(name)
                 g.output.append(helper.make_empty_tensor_value_info(name))
                 continue
             t = f"{prefix}{i}"
             g.node.append(helper.make_node("Reshape", [name, const(t + "_shape", [0, c, pixels])], [t + "_x"]))
-            outs = [reduce("ReduceSum", t + "_x", [2], t + "_sums")]
-            outs.append(reduce("ReduceL1", t + "_x", [2], t + "_abs") if absolute else None)
+            sums = reduce("ReduceSum", t + "_x", [2], t + "_sums")
+            abs_sums = reduce("ReduceL1", t + "_x", [2], t + "_abs") if absolute else None
             k = min(pixels, -(-cap // batch))
             x = t + "_x"
             index = None
@@ -221,20 +227,20 @@ class _StatsGraph:
             # per image, so that the padded images are dropped and the batch is summed in float64
             # (a float32 sum over every sampled row lost digits where the mean is large)
             gsum = reduce("ReduceSum", x, [2], t + "_gsum")
-            if c <= FULL_GRAM_LIMIT:
+            diagonal = c > FULL_GRAM_LIMIT
+            if diagonal:  # the variances only, per image
+                gram = reduce("ReduceSumSquare", x, [2], t + "_squares")
+            else:
                 if self.mask is not None:
                     g.node.append(helper.make_node("Mul", [x, self.mask], [t + "_masked"]))
                     x = t + "_masked"
                 g.node.append(helper.make_node("Transpose", [x], [t + "_rows3"], perm=[0, 2, 1]))
                 g.node.append(helper.make_node("Reshape", [t + "_rows3", const(t + "_flat", [-1, c])], [t + "_rows"]))
-                g.node.append(helper.make_node("Gemm", [t + "_rows", t + "_rows"], [t + "_gram"], transA=1))
                 gram = t + "_gram"
-            else:  # the diagonal only, per image
-                gram = reduce("ReduceSumSquare", x, [2], t + "_squares")
-                self.per_image_squares.add(gram)
-            outs += [gram, gsum]
-            g.output.extend(helper.make_empty_tensor_value_info(o) for o in outs if o is not None)
-            self.plan.append((name, outs, index, k, pixels))
+                g.node.append(helper.make_node("Gemm", [t + "_rows", t + "_rows"], [gram], transA=1))
+            entry = _Reduced(name, sums, abs_sums, gram, gsum, diagonal, index, k, pixels)
+            g.output.extend(helper.make_empty_tensor_value_info(o) for o in entry.outputs())
+            self.plan.append(entry)
         if self.mask is not None and self.plan:
             g.input.append(helper.make_tensor_value_info(self.mask, TensorProto.FLOAT, ["n", 1, 1]))
 
@@ -242,16 +248,16 @@ class _StatsGraph:
         feeds = {}
         if self.mask is not None and self.plan:
             feeds[self.mask] = (np.arange(n) < real).astype(np.float32).reshape(n, 1, 1)
-        for i, (_, _, index, k, pixels) in enumerate(self.plan):
-            if index is not None:
+        for i, r in enumerate(self.plan):
+            if r.index is not None:
                 # random positions, new for every batch: an evenly spaced grid can fall on the same
                 # few columns of every image (a stride that is a multiple of the width)
                 rng = np.random.default_rng((batch_index, i))
-                feeds[index] = np.sort(rng.choice(pixels, k, replace=False)).astype(np.int64)
+                feeds[r.index] = np.sort(rng.choice(r.pixels, r.k, replace=False)).astype(np.int64)
         return feeds
 
     def outputs(self) -> List[str]:
-        return self.raw + [o for _, outs, _, _, _ in self.plan for o in outs if o is not None]
+        return self.raw + [o for r in self.plan for o in r.outputs()]
 
 
 def collect_stats(model: onnx.ModelProto, tensors: Dict[str, int], cal: CalibrationSet, indices: Sequence[int],
@@ -265,10 +271,11 @@ def collect_stats(model: onnx.ModelProto, tensors: Dict[str, int], cal: Calibrat
     stats = ChannelStats(tensors={n: TensorStats(absolute=absolute) for n in tensors})
     if not tensors:
         return stats
-    shapes = static_shapes(model, {cal.spec.name: (cal.batch_size,) + cal.sample_shape})
+    types: Dict[str, int] = {}
+    shapes = static_shapes(model, {cal.spec.name: (cal.batch_size,) + cal.sample_shape}, types)
     # on the CPU provider only: measured there, and a GPU may run the added Gemm in TF32,
     # whose 10-bit mantissa the second moments were never checked against
-    graph = _StatsGraph(model, tensors, shapes, cal.batch_size, absolute, bool(cal.spec.fixed_batch),
+    graph = _StatsGraph(model, tensors, shapes, types, cal.batch_size, absolute, bool(cal.spec.fixed_batch),
                         in_graph=providers[0] == "CPUExecutionProvider")
     sess = make_session(graph.model, providers)
     wanted = graph.outputs()
@@ -305,14 +312,11 @@ def _add_maps(stats: ChannelStats, tensors: Dict[str, int], outs, real: int, bat
 
 
 def _add_reduced(stats: ChannelStats, graph: _StatsGraph, values: Dict[str, np.ndarray], real: int) -> None:
-    for name, (sums, abs_sums, gram, gsum), _, k, pixels in graph.plan:
-        sums_v = values[sums][:real].astype(np.float64)
-        if not np.isfinite(sums_v).all():  # every pixel is in the per-image sums: no pass of its own
-            raise _nan_error(name)
-        g = values[gram]
-        if gram in graph.per_image_squares:
-            g = g[:real].sum(axis=0, dtype=np.float64)
-        else:
-            g = g.astype(np.float64)
-        stats.tensors[name].add_reduced(sums_v, values[abs_sums][:real] if abs_sums else None, g,
-                                        values[gsum][:real].sum(axis=0, dtype=np.float64), pixels, real * k)
+    for r in graph.plan:
+        sums = values[r.sums][:real].astype(np.float64)
+        if not np.isfinite(sums).all():  # every pixel is in the per-image sums: no pass of its own
+            raise _nan_error(r.name)
+        gram = values[r.gram][:real].sum(axis=0, dtype=np.float64) if r.diagonal else values[r.gram].astype(np.float64)
+        stats.tensors[r.name].add_reduced(sums, values[r.abs_sums][:real] if r.abs_sums else None, gram,
+                                          values[r.gram_sum][:real].sum(axis=0, dtype=np.float64), r.pixels,
+                                          real * r.k)

@@ -40,7 +40,7 @@ def _external_info(tensor: onnx.TensorProto) -> dict:
     return {e.key: e.value for e in tensor.external_data}
 
 
-def _check_external_locations(model: onnx.ModelProto, folder: str) -> Tuple[int, Tuple[str, ...]]:
+def check_external_locations(model: onnx.ModelProto, folder: str) -> Tuple[int, Tuple[str, ...]]:
     """Refuse external data that would make us read outside the model's folder.
 
     Runs before any external file is opened. Returns the bytes of external data and the files.
@@ -155,7 +155,7 @@ def load_model(source: Union[str, os.PathLike, onnx.ModelProto]) -> LoadedModel:
         if not parsed.HasField("graph") or len(parsed.graph.node) == 0:
             raise InputError(f"{path!r} is not an ONNX model with a graph (no nodes)")
         folder = os.path.dirname(os.path.abspath(path))
-        ext_size, ext_files = _check_external_locations(parsed, folder)
+        ext_size, ext_files = check_external_locations(parsed, folder)
         size = len(data) + ext_size
         del data
         files = (os.path.realpath(path),) + ext_files

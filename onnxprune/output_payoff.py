@@ -40,7 +40,7 @@ from .data import CalibrationSet
 from .errors import InputError, UsageError
 from .runtime import make_session
 from .snpfi import GroupGame
-from .verify import compared_tensors, one_class_score
+from .verify import compared_tensors, one_class_score, per_image
 
 EVAL_IMAGES = 32  # images every coalition is evaluated on
 ROWS_PER_RUN = 512  # images x coalitions per onnxruntime run
@@ -121,9 +121,8 @@ def output_games(model: onnx.ModelProto, analysis: Analysis, cal: CalibrationSet
     outs = sess.run(scores + [u for *_, u in gates], feed)
     means = [o.mean(axis=(0,) + tuple(range(2, o.ndim))) if centred else np.zeros(o.shape[1])
              for o in outs[len(scores):]]
-    # outputs without a batch axis (constant anchors, say) do not change with the channels
-    per_sample = [i for i, o in enumerate(outs[:len(scores)]) if o.ndim and o.shape[0] == m]
-    if not per_sample:
+    per_sample = per_image(outs[:len(scores)], m)
+    if any(outs[i].ndim == 0 or outs[i].shape[0] != m for i in per_sample):
         raise InputError("--payoff output: no output of the model has one row per image")
     scores = [scores[i] for i in per_sample]
     references = [outs[i].astype(np.float64) for i in per_sample]

@@ -33,7 +33,7 @@ from .calibrate import ChannelStats
 from .consumers import find_consumers, from_channel_view, to_channel_view
 from .data import CalibrationSet, pad_batch
 from .ops import rule_for
-from .ops.conv import is_depthwise
+from .ops.conv import grouping
 from .progress import Progress, silent
 from .refit import PATCH_LIMIT, ROWS_PER_UNKNOWN, ChannelFit, PatchFit
 from .runtime import blas_single_thread, make_session, run_feeds
@@ -140,7 +140,7 @@ def _group_of(node: onnx.NodeProto) -> int:
     return next((int(a.i) for a in node.attribute if a.name == "group"), 1)
 
 
-def _refit_candidates(pruned: onnx.ModelProto, changed: set, original_group) -> Tuple[List[int], List[int]]:
+def _refit_candidates(pruned: onnx.ModelProto, changed: set, kind_of) -> Tuple[List[int], List[int]]:
     """Layers whose input differs from the original's (downstream of any changed node): the
     dense ones, which are refitted, and the grouped convs other than depthwise, which have no
     refit and are reported.
@@ -150,18 +150,18 @@ def _refit_candidates(pruned: onnx.ModelProto, changed: set, original_group) -> 
     upstream, and the dense layers on both sides are refitted anyway. Fitting them channel by
     channel changed little (mobilenetv1_fmnist: within 0.03 point at -30% to -60%, 0.18 point
     better without it at -70%) while the cut it needs, before the block's widest maps, made the refit of
-    MobileNetV2 at 224x224 cost about twice as much. Whether a conv is grouped is read from the
-    original (``original_group(name)``: its group and weight shape): a depthwise conv pruned to
-    one channel has group 1 in the pruned model."""
+    MobileNetV2 at 224x224 cost about twice as much. ``kind_of(name)``: "dense", "depthwise" or
+    "grouped", read from the original (a depthwise conv pruned to one channel has group 1 in the
+    pruned model)."""
     dirty_tensors = set()
     dense, grouped = [], []
     for i, node in enumerate(pruned.graph.node):
         dirty_in = any(n in dirty_tensors for n in node.input)
         if dirty_in and node.op_type in ("Conv", "Gemm", "MatMul"):
-            group, shape = original_group(node.name) if node.op_type == "Conv" else (1, None)
-            if group == 1:
+            kind = kind_of(node.name)
+            if kind == "dense":
                 dense.append(i)
-            elif shape is None or not is_depthwise(group, shape[1] * group, shape[0]):
+            elif kind == "grouped":
                 grouped.append(i)
         if dirty_in or node.name in changed:
             dirty_tensors.update(o for o in node.output if o)
@@ -192,13 +192,13 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
     dims = {t.name: tuple(t.dims) for t in original.graph.initializer}  # dims: stored weights too
     o_nodes = {n.name: n for n in original.graph.node}
 
-    def original_group(name):
+    def kind_of(name):
         node = o_nodes.get(name)
-        if node is None:
-            return 1, None
-        return _group_of(node), dims.get(node.input[1]) if len(node.input) > 1 else None
+        if node is None or node.op_type != "Conv":
+            return "dense"
+        return grouping(_group_of(node), dims.get(node.input[1]) if len(node.input) > 1 else None)
 
-    layers, grouped = _refit_candidates(pruned, changed, original_group)
+    layers, grouped = _refit_candidates(pruned, changed, kind_of)
     log.unsupported = [pruned.graph.node[i].name for i in grouped]
     if not layers:
         return log
@@ -299,8 +299,6 @@ def _make_fit(original: onnx.ModelProto, node_o: onnx.NodeProto, inits, keep, re
     elif node_o.op_type == "Gemm":
         bias = np.broadcast_to(bias, (len(out_mask),)) * float(attrs.get("beta", 1.0))
     bias = bias[out_mask]
-    if node_o.op_type == "Conv" and int(attrs.get("group", 1)) > 1:
-        return None  # grouped convs are left as sliced (and not offered: see _refit_candidates)
     graph = _mini_graph(original, node_o)
     rule = rule_for(node_o.op_type, node_o.domain)
     filters = rule.input_filters(graph.nodes[0])

@@ -139,16 +139,13 @@ def _own_data_file(out_abs: str) -> Optional[str]:
     data = data_path(out_abs)
     if not (os.path.isfile(out_abs) and os.path.isfile(data)):
         return None
+    from .load import check_external_locations
+
     try:
-        old = onnx.load(out_abs, load_external_data=False)
-    except Exception:  # not a model we can read: leave its neighbours alone
+        _, files = check_external_locations(onnx.load(out_abs, load_external_data=False), os.path.dirname(out_abs))
+    except Exception:  # not a model we can read, or data outside its folder: leave its neighbours alone
         return None
-    name = os.path.basename(data)
-    for t in old.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL and any(
-                e.key == "location" and e.value == name for e in t.external_data):
-            return data
-    return None
+    return data if _is_one_of(data, files) else None
 
 
 def _point_at(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:

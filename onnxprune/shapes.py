@@ -35,11 +35,14 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
 
 
-def _collect(model: onnx.ModelProto, shapes: Dict[str, Shape]) -> int:
+def _collect(model: onnx.ModelProto, shapes: Dict[str, Shape], types: Optional[Dict[str, int]] = None) -> int:
     """Add every tensor's inferred shape to ``shapes`` (a better-known one replaces a
-    worse one); return how many tensors still lack a full shape."""
+    worse one), and its element type to ``types`` where given; return how many tensors
+    still lack a full shape."""
     unknown = 0
     for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        if types is not None and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
         dims = _dims(vi)
         if dims is None or None in dims:
             unknown += 1
@@ -51,8 +54,10 @@ def _collect(model: onnx.ModelProto, shapes: Dict[str, Shape]) -> int:
     return unknown
 
 
-def static_shapes(model: onnx.ModelProto, inputs: Dict[str, Tuple[int, ...]]) -> Dict[str, Shape]:
-    """Infer every tensor's shape with the graph inputs fixed to ``inputs``.
+def static_shapes(model: onnx.ModelProto, inputs: Dict[str, Tuple[int, ...]],
+                  types: Optional[Dict[str, int]] = None) -> Dict[str, Shape]:
+    """Infer every tensor's shape with the graph inputs fixed to ``inputs`` (and, into
+    ``types`` where given, its element type, from the same inference).
 
     Works on a copy: the model's own (possibly dynamic) input shapes stay as they are.
     Where inference leaves shapes unknown (reshape targets computed from Shape ops, as
@@ -71,7 +76,7 @@ def static_shapes(model: onnx.ModelProto, inputs: Dict[str, Tuple[int, ...]]) ->
     del m.graph.value_info[:]
     m = _infer(m)
     shapes: Dict[str, Shape] = {}
-    unknown = _collect(m, shapes)
+    unknown = _collect(m, shapes, types)
     for _ in range(FOLD_ROUNDS):
         if not unknown:
             break
@@ -85,7 +90,7 @@ def static_shapes(model: onnx.ModelProto, inputs: Dict[str, Tuple[int, ...]]) ->
             break
         del folded.graph.value_info[:]
         m = _infer(folded)
-        unknown = _collect(m, shapes)
+        unknown = _collect(m, shapes, types)
     for t in model.graph.initializer:
         shapes[t.name] = tuple(t.dims)
     return shapes

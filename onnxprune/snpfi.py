@@ -288,8 +288,6 @@ def refit_games(analysis: Analysis, stats: ChannelStats, games: Dict[int, GroupG
     for g, game in games.items():
         players = game.players
         if len(players) > REFIT_GAME_LIMIT:
-            if game.order is None:
-                _rank_locally(game)
             continue  # the elimination is cubic in the group's size: keep the closed-form game
         local = {int(p): i for i, p in enumerate(players)}
         fits = []
@@ -319,8 +317,6 @@ def refit_games(analysis: Analysis, stats: ChannelStats, games: Dict[int, GroupG
             fits.append({"index": np.array([local[int(x)] for x in found[mine]]), "p": p,
                          "b": p @ (cov[mine] @ f), "energy": energy})
         if not fits:
-            if game.order is None:
-                _rank_locally(game)
             continue
         removed, costs = _eliminate(len(players), fits)
         cumulative = np.concatenate([[0.0], np.cumsum(costs)])  # after m removals
@@ -329,4 +325,7 @@ def refit_games(analysis: Analysis, stats: ChannelStats, games: Dict[int, GroupG
         importance = np.zeros(len(players))
         importance[np.array(removed)] = costs
         game.shapley = importance
+    for game in games.values():  # the groups left to the closed-form game keep its own ranking
+        if game.order is None:
+            _rank_locally(game)
     return games

@@ -84,6 +84,12 @@ def compared_tensors(model: onnx.ModelProto) -> List[str]:
     return names or [o.name for o in model.graph.output]
 
 
+def per_image(values: Sequence[np.ndarray], images: int) -> List[int]:
+    """Which compared outputs have one row per image (a constant output, anchors say, does not
+    change with the channels); all of them where none has."""
+    return [i for i, a in enumerate(values) if a.ndim and a.shape[0] == images] or list(range(len(values)))
+
+
 def one_class_score(values: Sequence[np.ndarray]) -> bool:
     """Whether compared outputs are class scores, read as such (top-1, log-probabilities):
     exactly one output, of shape (N, K) or (N, K, 1, 1). A detector's boxes and scores, or
@@ -109,8 +115,8 @@ def fidelity(original: onnx.ModelProto, candidates: Sequence[onnx.ModelProto], c
         for b, batch in enumerate(cal.batches(indices)):
             real = cal.real_count(b, indices)
             outs = run(s_old, cal.spec.name, batch, names)
-            if kept is None:  # outputs with one row per image (not constant anchors, say)
-                kept = [i for i, a in enumerate(outs) if a.ndim and a.shape[0] == len(batch)] or list(range(len(outs)))
+            if kept is None:
+                kept = per_image(outs, len(batch))
             old = [np.asarray(outs[i][:real], np.float64) for i in kept]
             norm += sum(float((a ** 2).sum()) for a in old)
             if classifier is None:

@@ -186,8 +186,9 @@ def test_statistics_reduced_inside_onnxruntime_match_numpys(monkeypatch, fixed_b
                                                absolute=True))
     numpy_stats, graph_stats = results
     from onnxprune.shapes import static_shapes
-    graph = calibrate._StatsGraph(prepared, wanted, static_shapes(prepared, {"input": (8, 3, 8, 8)}), 8, True,
-                                  fixed_batch)
+    types = {}
+    graph = calibrate._StatsGraph(prepared, wanted, static_shapes(prepared, {"input": (8, 3, 8, 8)}, types), types,
+                                  8, True, fixed_batch)
     assert len(graph.plan) == len(wanted) and not graph.raw  # every tensor really was reduced in the graph
     for name in wanted:
         a, b = numpy_stats[name], graph_stats[name]
@@ -233,13 +234,15 @@ def test_graph_statistics_only_where_axis_0_is_the_batch_and_positions_are_drawn
     monkeypatch.setattr(calibrate, "GRAM_SAMPLES_PER_CHANNEL", 2)  # 16 of each image's 64 positions
     model = tiny.residual_cnn()
     conv = next(n for n in model.graph.node if n.op_type == "Conv")
-    shapes = static_shapes(model, {"input": (4, 3, 8, 8)})
+    types = {}
+    shapes = static_shapes(model, {"input": (4, 3, 8, 8)}, types)
     wrong = dict(shapes, **{conv.output[0]: (4 * 64, 8)})  # as a MatMul input reshaped to (N x H x W, C)
-    assert calibrate._StatsGraph(model, {conv.output[0]: 1}, wrong, 4, False, False).raw == [conv.output[0]]
-    assert calibrate._StatsGraph(model, {conv.output[0]: 1}, shapes, 4, False, False, in_graph=False).raw  # a GPU
-    graph = calibrate._StatsGraph(model, {conv.output[0]: 1}, shapes, 4, False, False)
+    assert calibrate._StatsGraph(model, {conv.output[0]: 1}, wrong, types, 4, False, False).raw == [conv.output[0]]
+    assert calibrate._StatsGraph(model, {conv.output[0]: 1}, shapes, types, 4, False, False, in_graph=False).raw  # a GPU
+    graph = calibrate._StatsGraph(model, {conv.output[0]: 1}, shapes, types, 4, False, False)
     assert not graph.raw
-    (_, _, index, k, pixels), = graph.plan
+    (entry,) = graph.plan
+    index, k, pixels = entry.index, entry.k, entry.pixels
     drawn = [graph.feeds(b, 4, 4)[index] for b in range(3)]
     for at in drawn:
         assert len(at) == k < pixels and len(set(at.tolist())) == k and 0 <= at.min() and at.max() < pixels

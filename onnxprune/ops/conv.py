@@ -15,6 +15,16 @@ def is_depthwise(group: int, cin: int, cout: int) -> bool:
     return group > 1 and group == cin == cout
 
 
+def grouping(group: int, weight_shape) -> str:
+    """"dense", "depthwise" or "grouped" for a Conv of ``group`` groups whose weight has
+    ``weight_shape`` (out, in / group, ...); "grouped" where the shape is unknown."""
+    if group == 1:
+        return "dense"
+    if weight_shape is not None and is_depthwise(group, weight_shape[1] * group, weight_shape[0]):
+        return "depthwise"
+    return "grouped"
+
+
 class ConvRule(Rule):
     """Dense convs make a new channel space and consume their input's.
 
