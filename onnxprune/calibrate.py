@@ -41,6 +41,22 @@ def _positions(images: int, pixels: int, count: int):
     return np.divmod(np.linspace(0, images * pixels - 1, count).astype(np.int64), pixels)
 
 
+@functools.lru_cache(maxsize=64)
+def _ones(n: int, dtype) -> np.ndarray:
+    ones = np.ones(n, dtype)
+    ones.flags.writeable = False  # one cached vector is shared by every call
+    return ones
+
+
+def _pixel_sums(x3: np.ndarray) -> np.ndarray:
+    """(N, C) sums of an (N, C, P) map over its pixels, as one matrix-vector product (BLAS):
+    3x faster than a reduction along the last axis on the 28x28 maps measured."""
+    if not x3.flags.c_contiguous or x3.dtype.kind != "f":
+        return x3.sum(axis=2)
+    n, c, p = x3.shape
+    return (x3.reshape(n * c, p) @ _ones(p, x3.dtype)).reshape(n, c)
+
+
 @dataclass
 class TensorStats:
     count: int = 0  # samples x pixels accumulated
@@ -64,10 +80,10 @@ class TensorStats:
         p = x3.shape[2]
         self._start(c)
         self.count += n * p
-        # float32 (pairwise) along the pixels of one image, float64 across images and batches
-        self.sum += x3.sum(axis=2).sum(axis=0, dtype=np.float64)
+        # float32 along the pixels of one image, float64 across images and batches
+        self.sum += _pixel_sums(x3).sum(axis=0, dtype=np.float64)
         if self.absolute:
-            self.abs_sum += np.abs(x3).sum(axis=2).sum(axis=0, dtype=np.float64)
+            self.abs_sum += _pixel_sums(np.abs(x3)).sum(axis=0, dtype=np.float64)
         cap = max(GRAM_SAMPLES_PER_CHANNEL * c, GRAM_MIN_SAMPLES)
         if n * p > cap:
             # evenly spaced over images x pixels; the stride is not a whole number of pixels,
@@ -77,7 +93,9 @@ class TensorStats:
         else:
             sample = np.ascontiguousarray(x3.transpose(0, 2, 1), dtype=np.float32).reshape(n * p, c)
         self.gram_count += sample.shape[0]
-        self.gram_sum += sample.sum(axis=0, dtype=np.float64)
+        # in float64 (a float32 sum moved Shapley values by 1e-6): einsum's loop is twice as fast
+        # as sum(axis=0) at it on these (samples, C) blocks
+        self.gram_sum += np.einsum("ij->j", sample, dtype=np.float64)
         if self.gram.ndim == 2:
             self.gram += sample.T @ sample
         else:
