@@ -24,6 +24,8 @@ from typing import Optional, Tuple
 import numpy as np
 import scipy.linalg
 
+from .runtime import blas_threads_for
+
 PATCH_LIMIT = 2304  # widest im2col row (in-channels x kernel taps) fitted exactly
 # Patch rows sampled per unknown of a layer's system, over all calibration images together:
 # enough for a well-determined least-squares fit, far fewer than all pixels of large maps.
@@ -199,9 +201,11 @@ class PatchFit(_ConvSampler):
         p_orig, p_new = self.patches(x_orig, x_new)
         # one batch's products in float32 (BLAS speed), accumulated across batches in float64
         a = _with_ones(np.ascontiguousarray(p_new, dtype=np.float32))
-        target = p_orig.astype(np.float32) @ self.w32.T + self.b32  # the original layer's output
-        self.gram += a.T @ a
-        self.rhs += a.T @ target
+        rows, d = a.shape
+        with blas_threads_for(rows * (d * d / 2 + (d + p_orig.shape[1]) * self.w32.shape[0])):
+            target = p_orig.astype(np.float32) @ self.w32.T + self.b32  # the original layer's output
+            self.gram += a.T @ a
+            self.rhs += a.T @ target
 
     def solve(self, ridge: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
         sol = _solve(self.gram, self.rhs, ridge)
