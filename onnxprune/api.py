@@ -35,7 +35,7 @@ from .bottleneck import GateSettings, learn_gates
 from .drift import correct_drift
 from .output_payoff import output_games
 from .shapes import static_shapes
-from .verify import accuracy, check_model, fidelity
+from .verify import accuracy, check_graph, fidelity
 
 ModelSource = Union[str, os.PathLike, onnx.ModelProto]
 CalibSource = Union[str, os.PathLike, np.ndarray]
@@ -322,7 +322,7 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
         report.notes.append(f"BN drift corrected on {len(corrected)} layers with folded BatchNormalization")
 
     t = time.perf_counter()
-    check_model(pruned, original, cal, providers, reference=reference)
+    check_graph(pruned, original)  # and onnxruntime runs it in the fidelity pass, which checks its outputs
 
     def sliced() -> onnx.ModelProto:  # the same channels, no refit
         model = _trial_model(prepared, shapes, opts, alloc.keep_player)
@@ -400,6 +400,7 @@ def _checked_refit(refitted: onnx.ModelProto, make_sliced, report: Report, origi
     if make_sliced is None:
         return refitted, fidelity(reference, [refitted], cal, providers, progress)[0]
     sliced = make_sliced()
+    check_graph(sliced, original)
     fid, without = fidelity(reference, [refitted, sliced], cal, providers, progress)
     if without.relative_error >= fid.relative_error:
         report.fidelity_without_refit = dict(relative_error=without.relative_error, top1_agreement=without.top1_agreement)
@@ -413,7 +414,6 @@ def _checked_refit(refitted: onnx.ModelProto, make_sliced, report: Report, origi
     report.fidelity_rejected_refit = dict(relative_error=fid.relative_error, top1_agreement=fid.top1_agreement)
     report.refitted_layers = 0
     report.refit_rejected = True
-    check_model(sliced, original, cal, providers, reference=reference)
     return sliced, without
 
 

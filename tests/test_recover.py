@@ -283,3 +283,41 @@ def test_a_fixed_batch_model_is_refitted_and_evaluated_whatever_the_image_counts
     assert report.refitted_layers > 0 and report.accuracy_after > 0.9
     dims = [d.dim_value for d in result.model.graph.input[0].type.tensor_type.shape.dim]
     assert dims[0] == 4
+
+
+def _broken_candidates(model):
+    """The model with its last Gemm giving 9 classes instead of 10 (declared output untouched),
+    and with its first conv's weights given the wrong input channels (cannot be loaded)."""
+    fewer = onnx.ModelProto()
+    fewer.CopyFrom(model)
+    last = [n for n in fewer.graph.node if n.op_type == "Gemm"][-1]
+    trans_b = any(a.name == "transB" and a.i for a in last.attribute)
+    for t in fewer.graph.initializer:
+        if t.name in last.input[1:]:
+            v = onnx.numpy_helper.to_array(t)
+            t.CopyFrom(onnx.numpy_helper.from_array(v[:9] if v.ndim == 1 or trans_b else v[:, :9], t.name))
+    unloadable = onnx.ModelProto()
+    unloadable.CopyFrom(model)
+    first = next(n for n in unloadable.graph.node if n.op_type == "Conv")
+    for t in unloadable.graph.initializer:
+        if t.name == first.input[1]:
+            v = onnx.numpy_helper.to_array(t)
+            t.CopyFrom(onnx.numpy_helper.from_array(np.concatenate([v, v], axis=1), t.name))
+    return fewer, unloadable
+
+
+def test_fidelity_pass_refuses_a_candidate_onnxruntime_cannot_run_or_that_changes_outputs():
+    from onnxprune.data import input_spec, load_calibration
+    from onnxprune.errors import InternalError
+    from onnxprune.verify import fidelity
+    from tiny import plain_cnn
+
+    model = plain_cnn()
+    opts = onnxprune.PruneOptions(flops=0.3)
+    cal = load_calibration(np.random.default_rng(0).random((40, 3, 8, 8), dtype=np.float32),
+                           input_spec(model, opts), opts)
+    fewer, unloadable = _broken_candidates(model)
+    assert fidelity(model, [model], cal, ["CPUExecutionProvider"])[0].relative_error == 0.0
+    for broken in (fewer, unloadable):
+        with pytest.raises(InternalError, match=r"(cannot run the pruned model|changed shape).*nothing written"):
+            fidelity(model, [model, broken], cal, ["CPUExecutionProvider"])
