@@ -190,10 +190,15 @@ def run_feeds(sess: ort.InferenceSession, feeds: dict, outputs: Optional[List[st
         return sess.run(outputs, feeds)
     except Exception as e:  # onnxruntime raises its own exception types per failure
         text = ort_message(e)
-        if "Failed to allocate" in text or "bad_alloc" in text:
-            of = f" of {batch_size}" if batch_size is not None else ""
-            raise InputError(f"out of memory running a batch{of}: lower --batch-size") from e
+        out_of_memory(text, batch_size)
         raise InputError(f"onnxruntime failed to run the model: {text}") from e
+
+
+def out_of_memory(text: str, batch_size: Optional[int] = None) -> None:
+    """Raise the out-of-memory InputError if onnxruntime's message ``text`` says so."""
+    if "Failed to allocate" in text or "bad_alloc" in text:
+        of = f" of {batch_size}" if batch_size is not None else ""
+        raise InputError(f"out of memory running a batch{of}: lower --batch-size")
 
 
 def run(sess: ort.InferenceSession, input_name: str, batch: np.ndarray, outputs: Optional[List[str]] = None) -> List[np.ndarray]:

@@ -12,7 +12,7 @@ from . import weights
 from .data import CalibrationSet, pad_batch
 from .errors import InputError, InternalError
 from .progress import Progress, silent
-from .runtime import expose, make_session, ort_message, run
+from .runtime import expose, make_session, ort_message, out_of_memory, run
 
 
 def _io_signature(vis) -> List[tuple]:
@@ -56,7 +56,9 @@ def _run_checked(sess, input_name: str, batch: np.ndarray, names: Optional[List[
     try:
         return sess.run(names, {input_name: batch})
     except Exception as e:
-        raise InternalError(f"onnxruntime cannot run the pruned model (nothing written): {ort_message(e)}") from e
+        text = ort_message(e)
+        out_of_memory(text, len(batch))  # the user's to mend, not a fault of the pruned model
+        raise InternalError(f"onnxruntime cannot run the pruned model (nothing written): {text}") from e
 
 
 @dataclass
