@@ -213,17 +213,21 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
     budget = MemoryBudget()
     prev_o = prev_p = new_o = new_p = None
     prev_live_o = prev_live_p = [cal.spec.name]
+    start_o = start_p = 0
     try:
         with progress("refitting layers", len(layers)) as update, blas_single_thread():
             for step, (layer_index, name) in enumerate(zip(layers, names)):
                 node_p = pruned.graph.node[layer_index]
                 node_o = o_nodes[name]
-                live_o, live_p = seg_o.live_at(seg_o.cuts[step]), seg_p.live_at(seg_p.cuts[step])
-                start_o = seg_o.cuts[step - 1] if step else 0
-                start_p = seg_p.cuts[step - 1] if step else 0
-                sess_o = make_session(seg_o.segment(original, start_o, seg_o.cuts[step], prev_live_o, live_o), providers)
-                sess_p = make_session(seg_p.segment(pruned, start_p, seg_p.cuts[step], prev_live_p, live_p), providers)
                 fit = _make_fit(original, node_o, o_inits, keep, repeat, n, seed + step)
+                # a patch fit reads the original layer's output: the original model's segment
+                # ends after the layer (the next one starts there), the pruned model's before it
+                stop_o = seg_o.cuts[step] + (1 if isinstance(fit, PatchFit) else 0)
+                live_o, live_p = seg_o.live_at(stop_o), seg_p.live_at(seg_p.cuts[step])
+                wanted_o = node_o.output[0] if isinstance(fit, PatchFit) else node_o.input[0]
+                outputs_o = live_o + ([wanted_o] if wanted_o not in live_o else [])
+                sess_o = make_session(seg_o.segment(original, start_o, stop_o, prev_live_o, outputs_o), providers)
+                sess_p = make_session(seg_p.segment(pruned, start_p, seg_p.cuts[step], prev_live_p, live_p), providers)
                 new_o, new_p = Frontier(folder, budget), Frontier(folder, budget)
                 for b0 in range(0, n, bs):
                     real = min(bs, n - b0)
@@ -237,15 +241,16 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                         if cal.spec.fixed_batch:  # the frontiers keep the real rows only
                             feeds_o = {t: pad_batch(v, bs) for t, v in feeds_o.items()}
                             feeds_p = {t: pad_batch(v, bs) for t, v in feeds_p.items()}
-                    outs_o = dict(zip(live_o, run_feeds(sess_o, feeds_o, live_o)))
+                    outs_o = dict(zip(outputs_o, run_feeds(sess_o, feeds_o, outputs_o)))
                     outs_p = dict(zip(live_p, run_feeds(sess_p, feeds_p, live_p)))
-                    for frontier, outs in ((new_o, outs_o), (new_p, outs_p)):
-                        for t, v in outs.items():
+                    for frontier, outs, live in ((new_o, outs_o, live_o), (new_p, outs_p, live_p)):
+                        for t in live:
+                            v = outs[t]
                             # a padded last batch (fixed-batch models) is copied: a view would keep,
                             # uncounted by the memory budget, the whole padded array alive
                             frontier.write(t, b0, v if real == len(v) else v[:real].copy())
                     if fit is not None:
-                        fit.add(outs_o[node_o.input[0]][:real], outs_p[node_p.input[0]][:real])
+                        fit.add(outs_o[wanted_o][:real], outs_p[node_p.input[0]][:real])
                 solved = fit.solve(ridge) if fit is not None else None
                 if fit is None:
                     log.unsupported.append(name)
@@ -260,6 +265,7 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                     if f is not None:
                         f.close()
                 prev_o, prev_p, prev_live_o, prev_live_p = new_o, new_p, live_o, live_p
+                start_o, start_p = stop_o, seg_p.cuts[step]
                 new_o = new_p = None
                 update(1)
     finally:
@@ -293,6 +299,12 @@ def _make_fit(original: onnx.ModelProto, node_o: onnx.NodeProto, inits, keep, re
     keep_out = keep(node_o.output[0])
     keep_in = keep(node_o.input[0])
     out_mask = np.ones(_out_channels(node_o, w, attrs), dtype=bool) if keep_out is None else keep_out
+    if node_o.op_type == "Conv" and w.ndim == 4:
+        in_mask = np.ones(w.shape[1], dtype=bool) if keep_in is None else keep_in
+        taps = int(np.prod(w.shape[2:]))
+        if int(in_mask.sum()) * taps <= PATCH_LIMIT:
+            rows = ROWS_PER_UNKNOWN * (int(in_mask.sum()) * taps + 1)
+            return PatchFit(w.shape[2:], attrs, in_mask, out_mask, rows_per_image=_per_image(rows, images), seed=seed)
     bias = inits.get(node_o.input[2]) if len(node_o.input) > 2 and node_o.input[2] else None
     if bias is None:
         bias = np.zeros(len(out_mask))
@@ -307,13 +319,6 @@ def _make_fit(original: onnx.ModelProto, node_o: onnx.NodeProto, inits, keep, re
     filters = np.asarray(filters)
     if not out_mask.all():
         filters = filters[:, out_mask]
-    if node_o.op_type == "Conv" and w.ndim == 4:
-        in_mask = np.ones(w.shape[1], dtype=bool) if keep_in is None else keep_in
-        taps = int(np.prod(w.shape[2:]))
-        if int(in_mask.sum()) * taps <= PATCH_LIMIT:
-            w_kept = w[out_mask]
-            rows = ROWS_PER_UNKNOWN * (int(in_mask.sum()) * taps + 1)
-            return PatchFit(w_kept, bias, attrs, in_mask, rows_per_image=_per_image(rows, images), seed=seed)
     r = repeat(node_o.input[0])
     keep_channels = None if keep_in is None else keep_in[::r]
     return ChannelFit(to_channel_view(filters, r), bias, r, keep_channels)

@@ -58,11 +58,30 @@ def test_patch_fit_is_exact_least_squares():
     b = rng.normal(size=4)
     x = rng.normal(size=(16, 3, 6, 6))
     attrs = {"pads": [1, 1, 1, 1], "strides": [1, 1]}
-    fit = PatchFit(w, b, attrs, np.ones(3, dtype=bool), rows_per_image=36)
-    fit.add(x, x)  # same input: the fit must return the original layer
+    y = (im2col(x, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]) @ w.reshape(4, -1).T + b).reshape(16, 6, 6, 4)
+    fit = PatchFit(w.shape[2:], attrs, np.ones(3, dtype=bool), np.ones(4, dtype=bool), rows_per_image=36)
+    fit.add(y.transpose(0, 3, 1, 2), x)  # the original layer's output from the same input: it must come back
     w2, b2 = fit.solve(ridge=1e-9)
     np.testing.assert_allclose(w2, w, atol=1e-6)
     np.testing.assert_allclose(b2, b, atol=1e-6)
+
+
+def test_patch_fit_reads_kept_outputs_at_the_sampled_positions():
+    """Sampled rows (fewer than the positions), outputs pruned, an input channel the layer
+    never used removed, stride 2: the kept part of the original layer comes back exactly."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(4, 3, 3, 3))
+    w[:, 1] = 0.0
+    b = rng.normal(size=4)
+    x = rng.normal(size=(8, 3, 9, 9))
+    geometry = ([3, 3], [2, 2], [1, 1, 1, 1], [1, 1])
+    y = (im2col(x, *geometry) @ w.reshape(4, -1).T + b).reshape(8, 5, 5, 4).transpose(0, 3, 1, 2)
+    keep_in, keep_out = np.array([True, False, True]), np.array([True, False, True, True])
+    fit = PatchFit([3, 3], {"pads": [1, 1, 1, 1], "strides": [2, 2]}, keep_in, keep_out, rows_per_image=10)
+    fit.add(y, x[:, keep_in])
+    w2, b2 = fit.solve(ridge=1e-9)
+    np.testing.assert_allclose(w2, w[keep_out][:, keep_in], atol=1e-5)
+    np.testing.assert_allclose(b2, b[keep_out], atol=1e-5)
 
 
 def test_channel_fit_folds_regression_into_weights():
