@@ -11,7 +11,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 import onnxruntime as ort
-from threadpoolctl import threadpool_limits
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from . import weights
 from .errors import InputError, UsageError
@@ -40,16 +40,23 @@ def blas_threads_for(work: float):
     1.8x faster on both of 2 cores. OpenBLAS's threads then spin for a while and slow the
     onnxruntime run that follows, so the refit of ResNet-18 at 224x224 gained less: 12.3-13.1 s
     -> 11.4-12.2 s (Gram products 6.2 -> 4.1 s, onnxruntime 3.6 -> 5.0 s)."""
-    if work < LARGE_PRODUCT:
+    if work < LARGE_PRODUCT or _BLAS_THREADS <= 1:
         return contextlib.nullcontext()
-    return threadpool_limits(limits=_cores(), user_api="blas")
+    return threadpool_limits(limits=_BLAS_THREADS, user_api="blas")
 
 
-def _cores() -> int:
+def _blas_threads() -> int:
+    """BLAS threads as the process started with them (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS or
+    the library's own default), within the cores this process may run on."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    counts = [i.get("num_threads", 1) for i in threadpool_info() if i.get("user_api") == "blas"]
+    return max(1, min([cores] + counts))
+
+
+_BLAS_THREADS = _blas_threads()  # read at import, before any limit of ours is set
 
 
 def _cuda_usable() -> bool:
@@ -190,15 +197,15 @@ def run_feeds(sess: ort.InferenceSession, feeds: dict, outputs: Optional[List[st
         return sess.run(outputs, feeds)
     except Exception as e:  # onnxruntime raises its own exception types per failure
         text = ort_message(e)
-        out_of_memory(text, batch_size)
+        out_of_memory(e, text, batch_size)
         raise InputError(f"onnxruntime failed to run the model: {text}") from e
 
 
-def out_of_memory(text: str, batch_size: Optional[int] = None) -> None:
-    """Raise the out-of-memory InputError if onnxruntime's message ``text`` says so."""
+def out_of_memory(error: BaseException, text: str, batch_size: Optional[int] = None) -> None:
+    """Raise the out-of-memory InputError if onnxruntime's ``error`` (its message ``text``) says so."""
     if "Failed to allocate" in text or "bad_alloc" in text:
         of = f" of {batch_size}" if batch_size is not None else ""
-        raise InputError(f"out of memory running a batch{of}: lower --batch-size")
+        raise InputError(f"out of memory running a batch{of}: lower --batch-size") from error
 
 
 def run(sess: ort.InferenceSession, input_name: str, batch: np.ndarray, outputs: Optional[List[str]] = None) -> List[np.ndarray]:

@@ -49,7 +49,10 @@ def _session_checked(model: onnx.ModelProto, providers: List[str]):
     try:
         return make_session(model, providers)
     except Exception as e:
-        raise InternalError(f"onnxruntime cannot run the pruned model (nothing written): {ort_message(e)}") from e
+        cause = e.__cause__ or e  # onnxruntime's own error, under make_session's InputError
+        text = ort_message(cause)
+        out_of_memory(cause, text)  # the user's to mend, not a fault of the pruned model
+        raise InternalError(f"onnxruntime cannot load the pruned model (nothing written): {text}") from e
 
 
 def _run_checked(sess, input_name: str, batch: np.ndarray, names: Optional[List[str]] = None) -> List[np.ndarray]:
@@ -57,7 +60,7 @@ def _run_checked(sess, input_name: str, batch: np.ndarray, names: Optional[List[
         return sess.run(names, {input_name: batch})
     except Exception as e:
         text = ort_message(e)
-        out_of_memory(text, len(batch))  # the user's to mend, not a fault of the pruned model
+        out_of_memory(e, text, len(batch))
         raise InternalError(f"onnxruntime cannot run the pruned model (nothing written): {text}") from e
 
 

@@ -278,7 +278,7 @@ def test_internal_failure_writes_nothing(work, capsys, monkeypatch):
         raise RuntimeError("simulated: onnxruntime rejects the pruned model")
 
     monkeypatch.setattr(onnxprune.verify, "make_session", broken)
-    _expect_error(work, capsys, _prune_args(work), 70, ["onnxruntime cannot run the pruned model", "nothing written"])
+    _expect_error(work, capsys, _prune_args(work), 70, ["onnxruntime cannot load the pruned model", "nothing written"])
 
 
 def test_unexpected_bug_is_one_line_without_verbose_and_a_traceback_with_it(work, capsys, monkeypatch):
