@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -203,7 +203,11 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
     if not layers:
         return log
     names = [pruned.graph.node[i].name for i in layers]
+    biases = _add_matmul_biases(pruned, names)
+    position = {node.name: i for i, node in enumerate(pruned.graph.node)}
+    layers = [position[name] for name in names]
     o_inits = {t.name: weights.array(t) for t in original.graph.initializer}  # shared, not copied
+    per_image = _per_image_sizes(original)
     shared = weights.keys(original) if weights.active() is not None else None
     seg_o, seg_p = Segmenter(original, names), Segmenter(pruned, names)
     bs = cal.batch_size
@@ -219,12 +223,13 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
             for step, (layer_index, name) in enumerate(zip(layers, names)):
                 node_p = pruned.graph.node[layer_index]
                 node_o = o_nodes[name]
-                fit = _make_fit(original, node_o, o_inits, keep, repeat, n, seed + step)
-                # a patch fit reads the original layer's output: the original model's segment
-                # ends after the layer (the next one starts there), the pruned model's before it
-                stop_o = seg_o.cuts[step] + (1 if isinstance(fit, PatchFit) else 0)
+                fit = _make_fit(original, node_o, o_inits, keep, repeat, n, seed + step, per_image)
+                # a fit that reads the original layer's output: the original model's segment ends
+                # after the layer (the next one starts there), the pruned model's before it
+                reads_output = isinstance(fit, PatchFit) and fit.reads_output
+                stop_o = seg_o.cuts[step] + (1 if reads_output else 0)
                 live_o, live_p = seg_o.live_at(stop_o), seg_p.live_at(seg_p.cuts[step])
-                wanted_o = node_o.output[0] if isinstance(fit, PatchFit) else node_o.input[0]
+                wanted_o = node_o.output[0] if reads_output else node_o.input[0]
                 outputs_o = live_o + ([wanted_o] if wanted_o not in live_o else [])
                 sess_o = make_session(seg_o.segment(original, start_o, stop_o, prev_live_o, outputs_o), providers)
                 sess_p = make_session(seg_p.segment(pruned, start_p, seg_p.cuts[step], prev_live_p, live_p), providers)
@@ -257,7 +262,7 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                 elif solved is None:
                     log.failed.append(name)
                 else:
-                    _apply(pruned, layer_index, solved, fit, shared)
+                    _apply(pruned, layer_index, solved, fit, shared, biases.get(name))
                     (log.channel if isinstance(fit, ChannelFit) else log.patch).append(name)
                 # a fit holds a copy of its layer's weights: let it go before the next is made
                 fit = solved = sess_o = sess_p = None
@@ -268,6 +273,7 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                 start_o, start_p = stop_o, seg_p.cuts[step]
                 new_o = new_p = None
                 update(1)
+        _drop_zero_biases(pruned, biases)
     finally:
         # an error mid-step leaves the frontiers being written open too: close their files
         # before the folder goes (an open file cannot be deleted everywhere)
@@ -277,6 +283,59 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
         shutil.rmtree(folder, ignore_errors=True)
     log.seconds = time.perf_counter() - start_time
     return log
+
+
+def _add_matmul_biases(model: onnx.ModelProto, names: Sequence[str]) -> Dict[str, str]:
+    """A zero bias Add after each MatMul among the layers to refit, whose fit has a bias to set
+    and no input to set it in; it must be in the model before the segments are cut, so that the
+    layers after it are fitted on what it computes with its bias. Returns MatMul name -> bias
+    initializer name."""
+    wanted = set(names)
+    inits = {t.name: t for t in model.graph.initializer}
+    taken = set(inits) | {o for n in model.graph.node for o in list(n.output) + list(n.input)} | {n.name for n in model.graph.node}
+
+    def fresh(name: str) -> str:
+        base, i = name, 1
+        while name in taken:
+            name, i = f"{base}_{i}", i + 1
+        taken.add(name)
+        return name
+
+    nodes, biases = [], {}
+    for node in model.graph.node:
+        nodes.append(node)
+        w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if node.name not in wanted or w is None or len(w.dims) != 2:
+            continue
+        out, pre, bias = node.output[0], fresh(f"{node.output[0]}_before_bias"), fresh(f"{node.name}_bias")
+        model.graph.initializer.append(weights.make_tensor(np.zeros(w.dims[1], weights.numpy_dtype(w)), bias))
+        node.output[0] = pre
+        nodes.append(onnx.helper.make_node("Add", [pre, bias], [out], name=fresh(f"{node.name}_bias_add")))
+        biases[node.name] = bias
+    if biases:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return biases
+
+
+def _drop_zero_biases(model: onnx.ModelProto, biases: Dict[str, str]) -> None:
+    """Remove the bias Adds of :func:`_add_matmul_biases` that no fit set (a failed solve)."""
+    inits = {t.name: i for i, t in enumerate(model.graph.initializer)}
+    zero = {b for b in biases.values() if not np.any(weights.array(model.graph.initializer[inits[b]]))}
+    if not zero:
+        return
+    adds = {n.input[0]: n for n in model.graph.node if n.op_type == "Add" and len(n.input) == 2 and n.input[1] in zero}
+    kept = []
+    for node in model.graph.node:
+        if node.op_type == "Add" and len(node.input) == 2 and node.input[1] in zero:
+            continue
+        if node.op_type == "MatMul" and node.output[0] in adds:
+            node.output[0] = adds[node.output[0]].output[0]
+        kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    for i in sorted((inits[b] for b in zero), reverse=True):
+        del model.graph.initializer[i]
 
 
 def _in_order_of(model: onnx.ModelProto, reference: onnx.ModelProto) -> onnx.ModelProto:
@@ -291,7 +350,9 @@ def _in_order_of(model: onnx.ModelProto, reference: onnx.ModelProto) -> onnx.Mod
     return out
 
 
-def _make_fit(original: onnx.ModelProto, node_o: onnx.NodeProto, inits, keep, repeat, images: int, seed: int):
+def _make_fit(original: onnx.ModelProto, node_o: onnx.NodeProto, inits, keep, repeat, images: int, seed: int,
+              per_image: Dict[str, int]):
+    """The fit of one layer. ``per_image``: elements per image of the tensors whose shape is known."""
     w = inits.get(node_o.input[1])
     if w is None:
         return None
@@ -304,7 +365,14 @@ def _make_fit(original: onnx.ModelProto, node_o: onnx.NodeProto, inits, keep, re
         taps = int(np.prod(w.shape[2:]))
         if int(in_mask.sum()) * taps <= PATCH_LIMIT:
             rows = ROWS_PER_UNKNOWN * (int(in_mask.sum()) * taps + 1)
-            return PatchFit(w.shape[2:], attrs, in_mask, out_mask, rows_per_image=_per_image(rows, images), seed=seed)
+            size_in, size_out = per_image.get(node_o.input[0]), per_image.get(node_o.output[0])
+            layer = None
+            if size_in is None or size_out is None or size_out > size_in:
+                # the original model keeps the layer's input between segments, not its larger output
+                b = inits.get(node_o.input[2]) if len(node_o.input) > 2 and node_o.input[2] else None
+                layer = (w[out_mask].reshape(int(out_mask.sum()), -1), np.zeros(int(out_mask.sum())) if b is None else b[out_mask])
+            return PatchFit(w.shape[2:], attrs, in_mask, out_mask, rows_per_image=_per_image(rows, images), seed=seed,
+                            layer=layer)
     bias = inits.get(node_o.input[2]) if len(node_o.input) > 2 and node_o.input[2] else None
     if bias is None:
         bias = np.zeros(len(out_mask))
@@ -324,6 +392,16 @@ def _make_fit(original: onnx.ModelProto, node_o: onnx.NodeProto, inits, keep, re
     return ChannelFit(to_channel_view(filters, r), bias, r, keep_channels)
 
 
+def _per_image_sizes(model: onnx.ModelProto) -> Dict[str, int]:
+    """Elements per image of each tensor whose inferred shape is known beyond its batch axis."""
+    out = {}
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) >= 2 and all(d.HasField("dim_value") for d in dims[1:]):
+            out[vi.name] = int(np.prod([d.dim_value for d in dims[1:]]))
+    return out
+
+
 def _per_image(rows: int, images: int) -> int:
     """Sampled rows each image gives so that ``images`` give at least ``rows``."""
     return max(1, -(-rows // max(images, 1)))
@@ -337,7 +415,10 @@ def _out_channels(node: onnx.NodeProto, w: np.ndarray, attrs: dict) -> int:
     return w.shape[1]
 
 
-def _apply(pruned: onnx.ModelProto, index: int, solved, fit, shared: Optional[set] = None) -> None:
+def _apply(pruned: onnx.ModelProto, index: int, solved, fit, shared: Optional[set] = None,
+           bias_name: Optional[str] = None) -> None:
+    """Write a solved fit into layer ``index``; ``bias_name``: the initializer that holds its bias
+    where the layer has none of its own (a MatMul, see :func:`_add_matmul_biases`)."""
     node = pruned.graph.node[index]
     graph = _mini_graph(pruned, node)
     g_node = graph.nodes[0]
@@ -348,7 +429,11 @@ def _apply(pruned: onnx.ModelProto, index: int, solved, fit, shared: Optional[se
     else:
         new_w = from_channel_view(new_w, fit.repeat)
     rule.set_input_filters(g_node, new_w)
-    rule.add_bias(g_node, bias - _current_bias(g_node, len(bias)), graph)
+    if bias_name is not None:
+        tensor = next(t for t in pruned.graph.initializer if t.name == bias_name)
+        weights.assign(tensor, np.asarray(bias, weights.numpy_dtype(tensor)), shared)
+    else:
+        rule.add_bias(g_node, bias - _current_bias(g_node, len(bias)), graph)
     _write_back(pruned, index, graph, shared)
 
 

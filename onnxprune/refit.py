@@ -166,13 +166,17 @@ def gather_patches(x: np.ndarray, kernel, strides, pads, dilations, pos: np.ndar
 
 class PatchFit:
     """Exact refit of a dense 2-D Conv: new weights over the pruned input's patches, against
-    the original layer's output at the same positions. That output is read from the original
-    model's own run of the layer, so neither patches of the original input nor their product
-    with the original weights are computed here (together about a fifth of the work of a
-    ResNet layer's fit)."""
+    the original layer's output at the same positions.
+
+    That output is read from the original model's own run of the layer where it is no larger
+    than the layer's input (``layer`` None): then neither patches of the original input nor
+    their product with the original weights are computed here, about a fifth of the work of
+    a ResNet layer's fit. Where the output is larger (an expansion conv), what the original
+    model keeps between segments is its input, and the output is computed here from the
+    original ``layer``: (out kept, C * taps) weights and (out kept,) bias."""
 
     def __init__(self, kernel, attrs: dict, keep_in: np.ndarray, keep_out: np.ndarray, rows_per_image: int,
-                 seed: int = 0):
+                 seed: int = 0, layer: Optional[Tuple[np.ndarray, np.ndarray]] = None):
         self.kernel = list(kernel)
         self.attrs = attrs
         self.strides = list(attrs.get("strides", [1, 1]))
@@ -181,20 +185,31 @@ class PatchFit:
         self.rng = np.random.default_rng(seed)
         self.keep_in = keep_in
         self.keep_out = np.flatnonzero(keep_out)
+        # in float32 for the per-batch products
+        self.layer = None if layer is None else (layer[0].astype(np.float32), layer[1].astype(np.float32))
         d = int(keep_in.sum()) * int(np.prod(self.kernel)) + 1
         self.gram = np.zeros((d, d))
         self.rhs = np.zeros((d, len(self.keep_out)))
 
-    def add(self, y_orig: np.ndarray, x_new: np.ndarray) -> None:
-        """``y_orig``: the original layer's output (N, out, Ho, Wo); ``x_new``: the pruned layer's
-        input, for the same images."""
+    @property
+    def reads_output(self) -> bool:
+        return self.layer is None
+
+    def add(self, original: np.ndarray, x_new: np.ndarray) -> None:
+        """``original``: the original layer's output (N, out, Ho, Wo) where :attr:`reads_output`,
+        else its input; ``x_new``: the pruned layer's input, for the same images."""
         pads = conv_pads(self.attrs, x_new.shape[2:], self.kernel, self.strides, self.dilations)
-        p_new, pos = sampled_patches(x_new, self.kernel, self.strides, pads, self.dilations, self.rows_per_image, self.rng)
-        n, out = y_orig.shape[:2]
-        y3 = y_orig.reshape(n, out, -1)
-        # rows in im2col's order: image, then output position
-        rows = y3.transpose(0, 2, 1) if pos is None else y3[np.arange(n)[:, None], :, pos]  # (n, positions, out)
-        target = np.ascontiguousarray(rows.reshape(-1, out)[:, self.keep_out], dtype=np.float32)
+        geometry = (self.kernel, self.strides, pads, self.dilations)
+        p_new, pos = sampled_patches(x_new, *geometry, self.rows_per_image, self.rng)
+        if self.layer is None:
+            n, out = original.shape[:2]
+            y3 = original.reshape(n, out, -1)
+            # rows in im2col's order: image, then output position
+            rows = y3.transpose(0, 2, 1) if pos is None else y3[np.arange(n)[:, None], :, pos]  # (n, positions, out)
+            target = np.ascontiguousarray(rows.reshape(-1, out)[:, self.keep_out], dtype=np.float32)
+        else:
+            p_orig = im2col(original, *geometry) if pos is None else gather_patches(original, *geometry, pos)
+            target = p_orig.astype(np.float32) @ self.layer[0].T + self.layer[1]
         # one batch's products in float32 (BLAS speed), accumulated across batches in float64
         a = _with_ones(np.ascontiguousarray(p_new, dtype=np.float32))
         count, d = a.shape
