@@ -303,7 +303,7 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
     if opts.recover:
         t = time.perf_counter()
         seq = refit_sequential(prepared, pruned, keep_fn, repeat_fn, changed, cal, cal.fit, providers, progress,
-                               seed=opts.seed)
+                               seed=opts.seed, shapes=shapes)
         seconds["refit"] = time.perf_counter() - t
         report.refitted_layers += len(seq.patch) + len(seq.channel)
         if seq.failed:

@@ -38,6 +38,7 @@ from .progress import Progress, silent
 from .refit import PATCH_LIMIT, ROWS_PER_UNKNOWN, ChannelFit, PatchFit
 from .runtime import blas_single_thread, make_session, run_feeds
 from .segments import Frontier, MemoryBudget, Segmenter
+from .shapes import Shape
 
 RIDGE = 1e-3  # relative to the mean variance of the kept channels
 
@@ -179,13 +180,15 @@ class SequentialLog:
 
 def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: Callable[[str], Optional[np.ndarray]],
                      repeat: Callable[[str], int], changed: set, cal: CalibrationSet, indices: Sequence[int], providers: List[str],
-                     progress: Progress = silent, ridge: float = RIDGE, seed: int = 0) -> SequentialLog:
+                     progress: Progress = silent, ridge: float = RIDGE, seed: int = 0,
+                     shapes: Optional[Dict[str, Shape]] = None) -> SequentialLog:
     """Refit, in place in ``pruned``, every dense layer whose input the pruning changed, in
     topological order, each against the original layer's output (on its kept channels) from
     the pruned model's own input with every earlier layer already refitted.
 
     ``keep(tensor)`` is the pruning mask of a tensor of ``original`` (None: all kept);
-    ``changed`` names the nodes the surgery edited."""
+    ``changed`` names the nodes the surgery edited; ``shapes``: the original's static shapes
+    (a tensor of unknown shape is taken as larger than any other)."""
     start_time = time.perf_counter()
     log = SequentialLog()
     original = onnx.shape_inference.infer_shapes(_in_order_of(original, pruned))
@@ -203,11 +206,11 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
     if not layers:
         return log
     names = [pruned.graph.node[i].name for i in layers]
-    biases = _add_matmul_biases(pruned, names)
+    biases = _add_bias_nodes(pruned, names)
     position = {node.name: i for i, node in enumerate(pruned.graph.node)}
     layers = [position[name] for name in names]
     o_inits = {t.name: weights.array(t) for t in original.graph.initializer}  # shared, not copied
-    per_image = _per_image_sizes(original)
+    per_image = _per_image_sizes(shapes or {})
     shared = weights.keys(original) if weights.active() is not None else None
     seg_o, seg_p = Segmenter(original, names), Segmenter(pruned, names)
     bs = cal.batch_size
@@ -285,11 +288,11 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
     return log
 
 
-def _add_matmul_biases(model: onnx.ModelProto, names: Sequence[str]) -> Dict[str, str]:
-    """A zero bias Add after each MatMul among the layers to refit, whose fit has a bias to set
-    and no input to set it in; it must be in the model before the segments are cut, so that the
-    layers after it are fitted on what it computes with its bias. Returns MatMul name -> bias
-    initializer name."""
+def _add_bias_nodes(model: onnx.ModelProto, names: Sequence[str]) -> Dict[str, str]:
+    """A zero bias Add after each layer to refit whose op has no bias input (a MatMul: see
+    ``Rule.has_bias_input``), so that its fit has a bias to set. It must be in the model before
+    the segments are cut, so that the layers after it are fitted on what it computes with its
+    bias. Returns layer name -> bias initializer name."""
     wanted = set(names)
     inits = {t.name: t for t in model.graph.initializer}
     taken = set(inits) | {o for n in model.graph.node for o in list(n.output) + list(n.input)} | {n.name for n in model.graph.node}
@@ -304,11 +307,13 @@ def _add_matmul_biases(model: onnx.ModelProto, names: Sequence[str]) -> Dict[str
     nodes, biases = [], {}
     for node in model.graph.node:
         nodes.append(node)
-        w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
-        if node.name not in wanted or w is None or len(w.dims) != 2:
+        w = inits.get(node.input[1]) if node.name in wanted and len(node.input) > 1 else None
+        if w is None or rule_for(node.op_type, node.domain).has_bias_input:
             continue
+        w_values = weights.array(w)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         out, pre, bias = node.output[0], fresh(f"{node.output[0]}_before_bias"), fresh(f"{node.name}_bias")
-        model.graph.initializer.append(weights.make_tensor(np.zeros(w.dims[1], weights.numpy_dtype(w)), bias))
+        model.graph.initializer.append(weights.make_tensor(np.zeros(_out_channels(node, w_values, attrs), w_values.dtype), bias))
         node.output[0] = pre
         nodes.append(onnx.helper.make_node("Add", [pre, bias], [out], name=fresh(f"{node.name}_bias_add")))
         biases[node.name] = bias
@@ -319,18 +324,20 @@ def _add_matmul_biases(model: onnx.ModelProto, names: Sequence[str]) -> Dict[str
 
 
 def _drop_zero_biases(model: onnx.ModelProto, biases: Dict[str, str]) -> None:
-    """Remove the bias Adds of :func:`_add_matmul_biases` that no fit set (a failed solve)."""
+    """Remove the bias Adds of :func:`_add_bias_nodes` that no fit set (a failed solve): the
+    layer before each writes the Add's output again."""
     inits = {t.name: i for i, t in enumerate(model.graph.initializer)}
     zero = {b for b in biases.values() if not np.any(weights.array(model.graph.initializer[inits[b]]))}
     if not zero:
         return
-    adds = {n.input[0]: n for n in model.graph.node if n.op_type == "Add" and len(n.input) == 2 and n.input[1] in zero}
+    adds = {n.input[0]: n.output[0] for n in model.graph.node
+            if n.op_type == "Add" and len(n.input) == 2 and n.input[1] in zero}
     kept = []
     for node in model.graph.node:
         if node.op_type == "Add" and len(node.input) == 2 and node.input[1] in zero:
             continue
-        if node.op_type == "MatMul" and node.output[0] in adds:
-            node.output[0] = adds[node.output[0]].output[0]
+        if node.output and node.output[0] in adds:
+            node.output[0] = adds[node.output[0]]
         kept.append(node)
     del model.graph.node[:]
     model.graph.node.extend(kept)
@@ -360,27 +367,22 @@ def _make_fit(original: onnx.ModelProto, node_o: onnx.NodeProto, inits, keep, re
     keep_out = keep(node_o.output[0])
     keep_in = keep(node_o.input[0])
     out_mask = np.ones(_out_channels(node_o, w, attrs), dtype=bool) if keep_out is None else keep_out
+    graph = _mini_graph(original, node_o)
+    rule = rule_for(node_o.op_type, node_o.domain)
+    bias = rule.bias(graph.nodes[0])
+    bias = np.zeros(int(out_mask.sum())) if bias is None else bias[out_mask]
     if node_o.op_type == "Conv" and w.ndim == 4:
         in_mask = np.ones(w.shape[1], dtype=bool) if keep_in is None else keep_in
         taps = int(np.prod(w.shape[2:]))
         if int(in_mask.sum()) * taps <= PATCH_LIMIT:
             rows = ROWS_PER_UNKNOWN * (int(in_mask.sum()) * taps + 1)
             size_in, size_out = per_image.get(node_o.input[0]), per_image.get(node_o.output[0])
-            layer = None
-            if size_in is None or size_out is None or size_out > size_in:
-                # the original model keeps the layer's input between segments, not its larger output
-                b = inits.get(node_o.input[2]) if len(node_o.input) > 2 and node_o.input[2] else None
-                layer = (w[out_mask].reshape(int(out_mask.sum()), -1), np.zeros(int(out_mask.sum())) if b is None else b[out_mask])
+            # where the output is larger, the original model keeps the layer's input between
+            # segments and the fit computes the output from it
+            layer = ((w[out_mask].reshape(int(out_mask.sum()), -1), bias)
+                     if size_in is None or size_out is None or size_out > size_in else None)
             return PatchFit(w.shape[2:], attrs, in_mask, out_mask, rows_per_image=_per_image(rows, images), seed=seed,
                             layer=layer)
-    bias = inits.get(node_o.input[2]) if len(node_o.input) > 2 and node_o.input[2] else None
-    if bias is None:
-        bias = np.zeros(len(out_mask))
-    elif node_o.op_type == "Gemm":
-        bias = np.broadcast_to(bias, (len(out_mask),)) * float(attrs.get("beta", 1.0))
-    bias = bias[out_mask]
-    graph = _mini_graph(original, node_o)
-    rule = rule_for(node_o.op_type, node_o.domain)
     filters = rule.input_filters(graph.nodes[0])
     if filters is None:
         return None
@@ -392,14 +394,10 @@ def _make_fit(original: onnx.ModelProto, node_o: onnx.NodeProto, inits, keep, re
     return ChannelFit(to_channel_view(filters, r), bias, r, keep_channels)
 
 
-def _per_image_sizes(model: onnx.ModelProto) -> Dict[str, int]:
-    """Elements per image of each tensor whose inferred shape is known beyond its batch axis."""
-    out = {}
-    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        if len(dims) >= 2 and all(d.HasField("dim_value") for d in dims[1:]):
-            out[vi.name] = int(np.prod([d.dim_value for d in dims[1:]]))
-    return out
+def _per_image_sizes(shapes: Dict[str, Shape]) -> Dict[str, int]:
+    """Elements per image of each tensor whose shape is known beyond its batch axis."""
+    return {name: int(np.prod(shape[1:])) for name, shape in shapes.items()
+            if len(shape) >= 2 and None not in shape[1:]}
 
 
 def _per_image(rows: int, images: int) -> int:
@@ -418,7 +416,7 @@ def _out_channels(node: onnx.NodeProto, w: np.ndarray, attrs: dict) -> int:
 def _apply(pruned: onnx.ModelProto, index: int, solved, fit, shared: Optional[set] = None,
            bias_name: Optional[str] = None) -> None:
     """Write a solved fit into layer ``index``; ``bias_name``: the initializer that holds its bias
-    where the layer has none of its own (a MatMul, see :func:`_add_matmul_biases`)."""
+    where the layer has none of its own (see :func:`_add_bias_nodes`)."""
     node = pruned.graph.node[index]
     graph = _mini_graph(pruned, node)
     g_node = graph.nodes[0]
@@ -433,14 +431,5 @@ def _apply(pruned: onnx.ModelProto, index: int, solved, fit, shared: Optional[se
         tensor = next(t for t in pruned.graph.initializer if t.name == bias_name)
         weights.assign(tensor, np.asarray(bias, weights.numpy_dtype(tensor)), shared)
     else:
-        rule.add_bias(g_node, bias - _current_bias(g_node, len(bias)), graph)
+        rule.add_bias(g_node, bias - rule.bias(g_node), graph)
     _write_back(pruned, index, graph, shared)
-
-
-def _current_bias(node: gs.Node, n: int) -> np.ndarray:
-    if node.op == "MatMul" or len(node.inputs) < 3 or not isinstance(node.inputs[2], gs.Constant):
-        return np.zeros(n)
-    b = np.asarray(node.inputs[2].values, np.float64)
-    if node.op == "Gemm":
-        b = np.broadcast_to(b, (n,)) * float(node.attrs.get("beta", 1.0))
-    return b.reshape(n)

@@ -215,8 +215,15 @@ class Rule:
         """Write back weights in the layout :meth:`input_filters` returned."""
         raise NotImplementedError(node.op)
 
+    has_bias_input = True  # False: the op has no bias of its own, and add_bias adds a node after it
+
     def add_bias(self, node: gs.Node, delta: np.ndarray, graph: gs.Graph) -> None:
         """Add ``delta`` (one value per output channel) to the layer's bias."""
+        raise NotImplementedError(node.op)
+
+    def bias(self, node: gs.Node) -> Optional[np.ndarray]:
+        """The bias the layer adds, one float64 value per output channel (zeros where its bias
+        input is empty); None where the op has none (``has_bias_input`` False)."""
         raise NotImplementedError(node.op)
 
     def output_pixels(self, node: gs.Node, shape) -> int:
@@ -272,6 +279,14 @@ def add_to_bias_input(node: gs.Node, index: int, delta: np.ndarray, dtype) -> No
         while len(node.inputs) < index:
             node.inputs.append(gs.Variable.empty())
         node.inputs.append(gs.Constant(f"{node.name}_bias", delta.astype(dtype)))
+
+
+def bias_input(node: gs.Node, index: int, outputs: int) -> np.ndarray:
+    """The constant bias in input ``index`` as ``outputs`` float64 values (zeros if absent)."""
+    c = opt_input(node, index)
+    if c is None or const(c) is None:
+        return np.zeros(outputs)
+    return np.broadcast_to(np.asarray(const(c), np.float64).reshape(-1), (outputs,)).copy()
 
 
 def prod(values) -> int:

@@ -7,8 +7,8 @@ from typing import Optional
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import (ChannelState, CountContext, Resized, RewriteContext, Rule, add_to_bias_input, attr, const,
-                   opt_input, prod)
+from .base import (ChannelState, CountContext, Resized, RewriteContext, Rule, add_to_bias_input, attr, bias_input,
+                   const, opt_input, prod)
 
 
 def is_depthwise(group: int, cin: int, cout: int) -> bool:
@@ -97,6 +97,9 @@ class ConvRule(Rule):
     def add_bias(self, node: gs.Node, delta: np.ndarray, graph: gs.Graph) -> None:
         add_to_bias_input(node, 2, delta, const(node.inputs[1]).dtype)
 
+    def bias(self, node: gs.Node) -> Optional[np.ndarray]:
+        return bias_input(node, 2, const(node.inputs[1]).shape[0])
+
     def output_pixels(self, node: gs.Node, shape) -> int:
         out = shape(node.outputs[0])
         return prod(out[2:]) if out is not None and None not in out[2:] else 1
@@ -173,6 +176,10 @@ class ConvTransposeRule(Rule):
 
     def add_bias(self, node: gs.Node, delta: np.ndarray, graph: gs.Graph) -> None:
         add_to_bias_input(node, 2, delta, const(node.inputs[1]).dtype)
+
+    def bias(self, node: gs.Node) -> Optional[np.ndarray]:
+        w = const(node.inputs[1])
+        return bias_input(node, 2, w.shape[1] * int(attr(node, "group", 1)))
 
     def output_pixels(self, node: gs.Node, shape) -> int:
         x = shape(node.inputs[0])

@@ -7,8 +7,8 @@ from typing import Optional
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import (ChannelState, CountContext, Resized, RewriteContext, Rule, add_to_bias_input, attr, const,
-                   opt_input, prod)
+from .base import (ChannelState, CountContext, Resized, RewriteContext, Rule, add_to_bias_input, attr, bias_input,
+                   const, opt_input, prod)
 from .conv import _set_weight
 
 
@@ -65,6 +65,11 @@ class GemmRule(Rule):
             c.values = np.broadcast_to(const(c), (len(delta),)).astype(const(c).dtype).copy()
         add_to_bias_input(node, 2, delta / beta if beta else delta, const(node.inputs[1]).dtype)
 
+    def bias(self, node: gs.Node) -> Optional[np.ndarray]:
+        b = const(node.inputs[1])
+        outputs = b.shape[0] if attr(node, "transB", 0) else b.shape[1]
+        return bias_input(node, 2, outputs) * float(attr(node, "beta", 1.0))
+
     def resized(self, node: gs.Node, cin: Optional[int], cout: Optional[int]) -> Optional[Resized]:
         b = const(node.inputs[1])
         if b is None or b.ndim != 2 or attr(node, "transA", 0):
@@ -115,6 +120,11 @@ class MatMulRule(Rule):
 
     def set_input_filters(self, node: gs.Node, filters: np.ndarray) -> None:
         _set_weight(node, 1, np.ascontiguousarray(filters[:, :, 0], dtype=const(node.inputs[1]).dtype))
+
+    has_bias_input = False
+
+    def bias(self, node: gs.Node) -> Optional[np.ndarray]:
+        return None
 
     def add_bias(self, node: gs.Node, delta: np.ndarray, graph: gs.Graph) -> None:
         """MatMul has no bias: follow it with an Add of a constant."""
