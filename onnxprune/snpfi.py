@@ -243,10 +243,11 @@ def _eliminate(n: int, fits):
                 solved = np.linalg.solve(prr, rhs)
             except np.linalg.LinAlgError:
                 solved = np.linalg.pinv(prr) @ rhs
-            pkr = p[keep][:, r]
+            kept_rows = p[keep]  # taken once: both blocks below are columns of it
+            pkr = kept_rows[:, r]
             joint += float((b[r] * solved[:, len(keep):]).sum()) / fit["energy"]
-            # (taken rows then columns: one copy of what is kept, updated in place)
-            new_p = p[keep][:, keep]
+            # (rows then columns: one copy of what is kept, updated in place)
+            new_p = kept_rows[:, keep]
             new_p -= pkr @ solved[:, :len(keep)]
             new_b = b[keep]
             new_b -= pkr @ solved[:, len(keep):]
