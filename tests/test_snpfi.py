@@ -114,6 +114,44 @@ def test_each_elimination_step_removes_the_cheapest_channel_given_those_removed(
         removed.append(int(i))
 
 
+def test_refit_payoff_costs_are_the_exact_error_left_after_refitting():
+    """The elimination's running cost equals the error a least-squares refit on the channels
+    left leaves, recomputed from scratch after every removal: through its steps of several
+    channels, its steps of one and its compactions, for two consumers reading overlapping
+    subsets of the group."""
+    from onnxprune.snpfi import _eliminate
+
+    rng = np.random.default_rng(3)
+    n = 200  # steps of 3 channels at first, of one below 128
+    m = rng.normal(size=(n, n + 40)) + 0.3  # correlated channels
+    sigma = m @ m.T / (n + 40) + 1e-3 * np.eye(n)
+    reads = [np.arange(n), np.arange(0, n, 3)]
+    targets = [sigma[np.ix_(r, r)] @ rng.normal(size=(len(r), 5)) for r in reads]
+
+    def explained(kept):
+        total = 0.0
+        for r, t in zip(reads, targets):
+            k = np.flatnonzero(np.isin(r, kept))
+            if len(k):
+                total += float(np.trace(t[k].T @ np.linalg.solve(sigma[np.ix_(r[k], r[k])], t[k])))
+        return total
+
+    fits = [{"index": r.copy(), "p": np.linalg.inv(sigma[np.ix_(r, r)]),
+             "b": np.linalg.inv(sigma[np.ix_(r, r)]) @ t, "energy": 1.0} for r, t in zip(reads, targets)]
+    removed, costs = _eliminate(n, fits)
+    assert sorted(removed) == list(range(n))
+    full = explained(np.arange(n))
+    running = np.cumsum(costs)
+    # every step boundary: 3 channels at a time down to 128 left, then one at a time
+    boundaries, live = [], n
+    while live:
+        live -= max(1, live // 64)
+        boundaries.append(n - live)
+    for done in boundaries[::7] + [boundaries[-2]]:
+        kept = np.setdiff1d(np.arange(n), removed[:done])
+        assert math.isclose(running[done - 1], full - explained(kept), rel_tol=1e-7, abs_tol=1e-9 * full)
+
+
 def test_channels_that_cancel_leave_together_not_by_shapley_rank():
     """Channels 0 and 1 cancel in the consumer (their contributions are opposite); 2 and 3 are
     small and independent. Shapley values call 0 and 1 worthless (phi = 0), so ranking by them
