@@ -178,3 +178,17 @@ def test_without_recovery_a_real_model_keeps_its_accuracy_at_half_the_flops():
     test = np.load(os.path.join(root, "mnist_cnn_test.npz"))
     assert abs(result.report.flops_reduction - 0.5) <= 0.01
     assert accuracy(result.model, test["x"], test["y"], ["CPUExecutionProvider"]) > 0.9
+
+
+def test_filter_factor_reproduces_the_gram_whether_or_not_it_is_singular():
+    """The refit payoff meets a consumer's weights through a factor L of F F^T: Cholesky where
+    F F^T is positive definite, the eigendecomposition where it is not (fewer weights per
+    channel than channels, or duplicate channels)."""
+    from onnxprune.snpfi import filter_factor
+
+    rng = np.random.default_rng(5)
+    for f in (rng.normal(size=(12, 40)), rng.normal(size=(12, 5))):  # full rank, rank 5
+        gram = f @ f.T
+        factor = filter_factor(gram)
+        assert factor.shape == (12, 12)
+        np.testing.assert_allclose(factor @ factor.T, gram, atol=1e-10 * np.abs(gram).max())
