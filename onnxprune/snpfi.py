@@ -193,11 +193,14 @@ def elimination_order(q: np.ndarray) -> np.ndarray:
 
 def loss_curve(q: np.ndarray, order: np.ndarray) -> np.ndarray:
     """loss[k] = 1_R^T Q 1_R with R the players outside the k best."""
-    rev = q[np.ix_(order[::-1], order[::-1])]
+    rev = np.ascontiguousarray(q[np.ix_(order[::-1], order[::-1])], dtype=np.float64)
     # tail[m] = sum of rev's leading m x m block (the m least important removed); growing the
     # block by row m adds that row's entries before the diagonal twice (q is symmetric) and the
-    # diagonal once
-    step = 2.0 * np.tril(rev, -1).sum(axis=1) + np.diag(rev)
+    # diagonal once. Row sums of the lower triangle by BLAS (trmv on ones), which reads that
+    # triangle in place: a masked copy of all of rev cost 70 ms of MobileNetV2's scoring. rev.T
+    # is rev in Fortran order; its lower triangle holds rev[j, i] = rev[i, j], j <= i.
+    lower = scipy.linalg.blas.dtrmv(rev.T, np.ones(len(rev)), lower=1)  # sum_{j <= i} rev[i, j]
+    step = 2.0 * lower - np.diag(rev)
     tail = np.concatenate([[0.0], np.cumsum(step)])  # tail[m] for m removed
     return np.maximum(tail[::-1], 0.0)  # loss[k] has n - k removed
 
