@@ -34,6 +34,11 @@ GRAM_SAMPLES_PER_CHANNEL = 64  # per batch: 8 batches of 32 images give 512 samp
 GRAM_MIN_SAMPLES = 4096  # per batch; narrow layers keep their whole batch up to this
 
 
+def _gram_cap(channels: int) -> int:
+    """Samples per batch that the second moments of ``channels`` channels take at most."""
+    return max(GRAM_SAMPLES_PER_CHANNEL * channels, GRAM_MIN_SAMPLES)
+
+
 @functools.lru_cache(maxsize=256)
 def _positions(images: int, pixels: int, count: int):
     """``count`` (image, pixel) pairs spread evenly over a batch: the same for every batch of
@@ -90,7 +95,7 @@ class TensorStats:
         self.sum += _pixel_sums(x3).sum(axis=0, dtype=np.float64)
         if self.absolute:
             self.abs_sum += _pixel_sums(np.abs(x3)).sum(axis=0, dtype=np.float64)
-        cap = max(GRAM_SAMPLES_PER_CHANNEL * c, GRAM_MIN_SAMPLES)
+        cap = _gram_cap(c)
         if n * p > cap:
             # evenly spaced over images x pixels; the stride is not a whole number of pixels,
             # so every image contributes different positions
@@ -229,7 +234,7 @@ class _StatsGraph:
             if known:
                 c = int(shape[1]) // repeat if repeat > 1 else int(shape[1])
                 pixels = repeat if repeat > 1 else int(np.prod(shape[2:], dtype=np.int64))
-            cap = max(GRAM_SAMPLES_PER_CHANNEL * c, GRAM_MIN_SAMPLES)
+            cap = _gram_cap(c)
             work = min(batch * pixels, cap) * c * c + batch * c * pixels
             # float32 only: the added nodes and their mask are float32
             if not (in_graph and known) or work < REDUCE_IN_GRAPH_WORK or types.get(name) != TensorProto.FLOAT:

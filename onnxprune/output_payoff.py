@@ -121,8 +121,8 @@ def output_games(model: onnx.ModelProto, analysis: Analysis, cal: CalibrationSet
     outs = sess.run(scores + [u for *_, u in gates], feed)
     means = [o.mean(axis=(0,) + tuple(range(2, o.ndim))) if centred else np.zeros(o.shape[1])
              for o in outs[len(scores):]]
-    per_sample = per_image(outs[:len(scores)], m)
-    if any(outs[i].ndim == 0 or outs[i].shape[0] != m for i in per_sample):
+    per_sample = per_image(outs[:len(scores)], m, all_if_none=False)
+    if not per_sample:
         raise InputError("--payoff output: no output of the model has one row per image")
     scores = [scores[i] for i in per_sample]
     references = [outs[i].astype(np.float64) for i in per_sample]

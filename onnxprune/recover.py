@@ -308,12 +308,14 @@ def _add_bias_nodes(model: onnx.ModelProto, names: Sequence[str]) -> Dict[str, s
     for node in model.graph.node:
         nodes.append(node)
         w = inits.get(node.input[1]) if node.name in wanted and len(node.input) > 1 else None
-        if w is None or rule_for(node.op_type, node.domain).has_bias_input:
+        rule = rule_for(node.op_type, node.domain)
+        if w is None or rule.has_bias_input:
             continue
-        w_values = weights.array(w)
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        filters = rule.filters(_mini_graph(model, node).nodes[0])
+        if filters is None:  # a weight the op rule cannot read: the layer gets no fit either
+            continue
         out, pre, bias = node.output[0], fresh(f"{node.output[0]}_before_bias"), fresh(f"{node.name}_bias")
-        model.graph.initializer.append(weights.make_tensor(np.zeros(_out_channels(node, w_values, attrs), w_values.dtype), bias))
+        model.graph.initializer.append(weights.make_tensor(np.zeros(len(filters), weights.numpy_dtype(w)), bias))
         node.output[0] = pre
         nodes.append(onnx.helper.make_node("Add", [pre, bias], [out], name=fresh(f"{node.name}_bias_add")))
         biases[node.name] = bias
@@ -366,9 +368,12 @@ def _make_fit(original: onnx.ModelProto, node_o: onnx.NodeProto, inits, keep, re
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node_o.attribute}
     keep_out = keep(node_o.output[0])
     keep_in = keep(node_o.input[0])
-    out_mask = np.ones(_out_channels(node_o, w, attrs), dtype=bool) if keep_out is None else keep_out
     graph = _mini_graph(original, node_o)
     rule = rule_for(node_o.op_type, node_o.domain)
+    out_filters = rule.filters(graph.nodes[0])
+    if out_filters is None:  # a weight the op rule cannot read (a MatMul's batched weight)
+        return None
+    out_mask = np.ones(len(out_filters), dtype=bool) if keep_out is None else keep_out
     bias = rule.bias(graph.nodes[0])
     bias = np.zeros(int(out_mask.sum())) if bias is None else bias[out_mask]
     if node_o.op_type == "Conv" and w.ndim == 4:
@@ -403,14 +408,6 @@ def _per_image_sizes(shapes: Dict[str, Shape]) -> Dict[str, int]:
 def _per_image(rows: int, images: int) -> int:
     """Sampled rows each image gives so that ``images`` give at least ``rows``."""
     return max(1, -(-rows // max(images, 1)))
-
-
-def _out_channels(node: onnx.NodeProto, w: np.ndarray, attrs: dict) -> int:
-    if node.op_type == "Conv":
-        return w.shape[0]
-    if node.op_type == "Gemm":
-        return w.shape[0] if attrs.get("transB", 0) else w.shape[1]
-    return w.shape[1]
 
 
 def _apply(pruned: onnx.ModelProto, index: int, solved, fit, shared: Optional[set] = None,

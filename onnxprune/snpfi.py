@@ -315,14 +315,11 @@ def _index_rows(fit, n: int) -> None:
 
 
 def _subtract_product(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
-    """c -= a @ b in place, through BLAS (no temporary the size of c) where the layouts allow."""
-    if c.flags.c_contiguous and c.dtype == np.float64:
-        # c (C order) is c.T in Fortran order: c.T -= b.T @ a.T, written by dgemm in place
-        out = scipy.linalg.blas.dgemm(-1.0, b, a, beta=1.0, c=c.T, trans_a=1, trans_b=1, overwrite_c=1)
-        if not np.shares_memory(out, c):  # BLAS worked on a copy after all
-            c[...] = out.T
-    else:
-        c -= a @ b
+    """c -= a @ b for float64 c, in place through BLAS (no temporary the size of c)."""
+    # c (C order, as the fits keep P and B) is c.T in Fortran order: c.T -= b.T @ a.T by dgemm
+    out = scipy.linalg.blas.dgemm(-1.0, b, a, beta=1.0, c=c.T, trans_a=1, trans_b=1, overwrite_c=1)
+    if not np.shares_memory(out, c):  # any other layout: dgemm worked on a copy
+        c[...] = out.T
 
 
 def refit_games(analysis: Analysis, stats: ChannelStats, games: Dict[int, GroupGame],

@@ -99,10 +99,11 @@ def compared_tensors(model: onnx.ModelProto) -> List[str]:
     return names or [o.name for o in model.graph.output]
 
 
-def per_image(values: Sequence[np.ndarray], images: int) -> List[int]:
+def per_image(values: Sequence[np.ndarray], images: int, all_if_none: bool = True) -> List[int]:
     """Which compared outputs have one row per image (a constant output, anchors say, does not
-    change with the channels); all of them where none has."""
-    return [i for i, a in enumerate(values) if a.ndim and a.shape[0] == images] or list(range(len(values)))
+    change with the channels); all of them where none has, unless ``all_if_none`` is False."""
+    rows = [i for i, a in enumerate(values) if a.ndim and a.shape[0] == images]
+    return rows if rows or not all_if_none else list(range(len(values)))
 
 
 def one_class_score(values: Sequence[np.ndarray]) -> bool:
