@@ -134,18 +134,6 @@ def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
     return cols.reshape(n * ho * wo, c * kernel[0] * kernel[1])
 
 
-def sampled_patches(x: np.ndarray, kernel, strides, pads, dilations, per_image: int, rng) -> Tuple[np.ndarray, np.ndarray]:
-    """Patches at ``per_image`` random output positions of each image (all if fewer), like
-    :func:`im2col` rows; also returns the positions, so the same ones can be taken elsewhere."""
-    n, c, h, w = x.shape
-    ho = (h + pads[0] + pads[2] - dilations[0] * (kernel[0] - 1) - 1) // strides[0] + 1
-    wo = (w + pads[1] + pads[3] - dilations[1] * (kernel[1] - 1) - 1) // strides[1] + 1
-    if per_image >= ho * wo:
-        return im2col(x, kernel, strides, pads, dilations), None
-    pos = np.stack([np.sort(rng.choice(ho * wo, per_image, replace=False)) for _ in range(n)])
-    return gather_patches(x, kernel, strides, pads, dilations, pos), pos
-
-
 def gather_patches(x: np.ndarray, kernel, strides, pads, dilations, pos: np.ndarray) -> np.ndarray:
     n, c, h, w = x.shape
     wo = (w + pads[1] + pads[3] - dilations[1] * (kernel[1] - 1) - 1) // strides[1] + 1
@@ -168,15 +156,12 @@ class PatchFit:
     """Exact refit of a dense 2-D Conv: new weights over the pruned input's patches, against
     the original layer's output at the same positions.
 
-    That output is read from the original model's own run of the layer where it is no larger
-    than the layer's input (``layer`` None): then neither patches of the original input nor
-    their product with the original weights are computed here, about a fifth of the work of
-    a ResNet layer's fit. Where the output is larger (an expansion conv), what the original
-    model keeps between segments is its input, and the output is computed here from the
-    original ``layer``: (out kept, C * taps) weights and (out kept,) bias."""
+    The rows to fit against come from one pass of the original model over all layers
+    (:meth:`positions`, :meth:`rows`), and are handed to :meth:`add` with the pruned
+    layer's input when the refit reaches the layer."""
 
     def __init__(self, kernel, attrs: dict, keep_in: np.ndarray, keep_out: np.ndarray, rows_per_image: int,
-                 seed: int = 0, layer: Optional[Tuple[np.ndarray, np.ndarray]] = None):
+                 seed: int = 0):
         self.kernel = list(kernel)
         self.attrs = attrs
         self.strides = list(attrs.get("strides", [1, 1]))
@@ -185,39 +170,50 @@ class PatchFit:
         self.rng = np.random.default_rng(seed)
         self.keep_in = keep_in
         self.keep_out = np.flatnonzero(keep_out)
-        # in float32 for the per-batch products
-        self.layer = None if layer is None else (layer[0].astype(np.float32), layer[1].astype(np.float32))
-        d = int(keep_in.sum()) * int(np.prod(self.kernel)) + 1
-        self.gram = np.zeros((d, d))
-        self.rhs = np.zeros((d, len(self.keep_out)))
+        self.gram = self.rhs = None  # made at the first batch: a fit waits for its turn holding nothing
 
-    @property
-    def reads_output(self) -> bool:
-        return self.layer is None
+    def positions(self, images: int, positions: int) -> Optional[np.ndarray]:
+        """The output positions to fit at, ``rows_per_image`` random ones of each image's
+        ``positions`` as (images, rows_per_image), or None for all of them where there are no
+        more; drawn image after image from this fit's own generator."""
+        if self.rows_per_image >= positions:
+            return None
+        return np.stack([np.sort(self.rng.choice(positions, self.rows_per_image, replace=False)) for _ in range(images)])
 
-    def add(self, original: np.ndarray, x_new: np.ndarray) -> None:
-        """``original``: the original layer's output (N, out, Ho, Wo) where :attr:`reads_output`,
-        else its input; ``x_new``: the pruned layer's input, for the same images."""
+    def rows(self, y: np.ndarray) -> np.ndarray:
+        """The rows to fit against from the original layer's output at the positions, (N, out,
+        positions): its kept outputs, as float32 (N, positions, kept) in im2col's order."""
+        return np.ascontiguousarray(y.transpose(0, 2, 1)[:, :, self.keep_out], dtype=np.float32)
+
+    def targets(self, y: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """:meth:`rows` and :meth:`positions` taken from the original layer's whole output ``y``
+        (N, out, Ho, Wo)."""
+        y3 = y.reshape(y.shape[0], y.shape[1], -1)
+        pos = self.positions(len(y3), y3.shape[2])
+        if pos is not None:
+            y3 = np.take_along_axis(y3, pos[:, None, :], axis=2)
+        return self.rows(y3), pos
+
+    def add(self, rows: np.ndarray, pos: Optional[np.ndarray], x_new: np.ndarray) -> None:
+        """``rows``: :meth:`rows` of the original layer's output at the :meth:`positions`
+        ``pos``; ``x_new``: the pruned layer's input, for the same images."""
         pads = conv_pads(self.attrs, x_new.shape[2:], self.kernel, self.strides, self.dilations)
         geometry = (self.kernel, self.strides, pads, self.dilations)
-        p_new, pos = sampled_patches(x_new, *geometry, self.rows_per_image, self.rng)
-        if self.layer is None:
-            n, out = original.shape[:2]
-            y3 = original.reshape(n, out, -1)
-            # rows in im2col's order: image, then output position
-            rows = y3.transpose(0, 2, 1) if pos is None else y3[np.arange(n)[:, None], :, pos]  # (n, positions, out)
-            target = np.ascontiguousarray(rows.reshape(-1, out)[:, self.keep_out], dtype=np.float32)
-        else:
-            p_orig = im2col(original, *geometry) if pos is None else gather_patches(original, *geometry, pos)
-            target = p_orig.astype(np.float32) @ self.layer[0].T + self.layer[1]
+        p_new = im2col(x_new, *geometry) if pos is None else gather_patches(x_new, *geometry, pos)
+        target = rows.reshape(-1, rows.shape[-1])
         # one batch's products in float32 (BLAS speed), accumulated across batches in float64
         a = _with_ones(np.ascontiguousarray(p_new, dtype=np.float32))
         count, d = a.shape
+        if self.gram is None:
+            self.gram = np.zeros((d, d))
+            self.rhs = np.zeros((d, target.shape[1]))
         with blas_threads_for(count * (d * d / 2 + d * target.shape[1])):
             self.gram += a.T @ a
             self.rhs += a.T @ target
 
     def solve(self, ridge: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        if self.gram is None:
+            return None
         sol = _solve(self.gram, self.rhs, ridge)
         if sol is None:
             return None

@@ -4,10 +4,11 @@ Recovery fits layer after layer against the pruned model's own inputs, so the
 pruned model must be advanced one layer at a time while its earlier layers
 change. Cutting the graph before each layer to refit and storing the live
 tensors at the cut (the *frontier*) for every calibration image means each
-node runs once per image in total: the whole schedule costs about one pass
-of each model, not one pass per layer. Frontiers live in memory while all of
-them together take at most ``SPILL_BYTES`` and in temporary files beyond, so RAM
-does not grow with the number of calibration images.
+node runs once per image in total: about one pass of the model, not one pass
+per layer. Frontiers (and the rows the refit stores from the original model,
+kept the same way) live in memory while all of them together take at most
+``SPILL_BYTES`` and in temporary files beyond, so RAM does not grow with the
+number of calibration images.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class Segmenter:
 
 class MemoryBudget:
     """Bytes of frontier tensors that may stay in memory, shared by all the frontiers alive at
-    once (the refit keeps four: the cut it reads and the one it writes, in each model)."""
+    once (the refit keeps the cut it reads and the one it writes, and what it stored from the
+    original model for the layers still to fit)."""
 
     def __init__(self, limit: Optional[int] = None):
         self.limit = SPILL_BYTES if limit is None else limit
@@ -145,6 +147,9 @@ class Frontier:
         self.batches = {}
         self.budget.used -= self.held
         self.held = 0
+
+    def has(self, name: str) -> bool:
+        return name in self.files or any(key[0] == name for key in self.batches)
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         if name in self.files:

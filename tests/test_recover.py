@@ -60,17 +60,15 @@ def test_patch_fit_is_exact_least_squares():
     attrs = {"pads": [1, 1, 1, 1], "strides": [1, 1]}
     y = (im2col(x, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]) @ w.reshape(4, -1).T + b).reshape(16, 6, 6, 4)
     fit = PatchFit(w.shape[2:], attrs, np.ones(3, dtype=bool), np.ones(4, dtype=bool), rows_per_image=36)
-    fit.add(y.transpose(0, 3, 1, 2), x)  # the original layer's output from the same input: it must come back
+    fit.add(*fit.targets(y.transpose(0, 3, 1, 2)), x)  # the original layer's output from the same input: it must come back
     w2, b2 = fit.solve(ridge=1e-9)
     np.testing.assert_allclose(w2, w, atol=1e-6)
     np.testing.assert_allclose(b2, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("target", ["output", "input"])
-def test_patch_fit_reads_kept_outputs_at_the_sampled_positions(target):
+def test_patch_fit_reads_kept_outputs_at_the_sampled_positions():
     """Sampled rows (fewer than the positions), outputs pruned, an input channel the layer
-    never used removed, stride 2: the kept part of the original layer comes back exactly,
-    whether the fit reads the original layer's output or computes it from its input."""
+    never used removed, stride 2: the kept part of the original layer comes back exactly."""
     rng = np.random.default_rng(3)
     w = rng.normal(size=(4, 3, 3, 3))
     w[:, 1] = 0.0
@@ -79,10 +77,10 @@ def test_patch_fit_reads_kept_outputs_at_the_sampled_positions(target):
     geometry = ([3, 3], [2, 2], [1, 1, 1, 1], [1, 1])
     y = (im2col(x, *geometry) @ w.reshape(4, -1).T + b).reshape(8, 5, 5, 4).transpose(0, 3, 1, 2)
     keep_in, keep_out = np.array([True, False, True]), np.array([True, False, True, True])
-    layer = None if target == "output" else (w[keep_out].reshape(3, -1), b[keep_out])
-    fit = PatchFit([3, 3], {"pads": [1, 1, 1, 1], "strides": [2, 2]}, keep_in, keep_out, rows_per_image=10, layer=layer)
-    assert fit.reads_output == (target == "output")
-    fit.add(y if target == "output" else x, x[:, keep_in])
+    fit = PatchFit([3, 3], {"pads": [1, 1, 1, 1], "strides": [2, 2]}, keep_in, keep_out, rows_per_image=10)
+    rows, pos = fit.targets(y)
+    assert rows.shape == (8, 10, 3) and pos.shape == (8, 10)
+    fit.add(rows, pos, x[:, keep_in])
     w2, b2 = fit.solve(ridge=1e-9)
     np.testing.assert_allclose(w2, w[keep_out][:, keep_in], atol=1e-5)
     np.testing.assert_allclose(b2, b[keep_out], atol=1e-5)
@@ -216,16 +214,57 @@ def _conv_weights(model, node_name):
     return next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == node.input[1])
 
 
-def test_sampled_patches_are_im2col_rows():
-    from onnxprune.refit import sampled_patches
+def test_sampled_output_rows_and_gathered_patches_are_the_same_im2col_rows():
+    from onnxprune.refit import gather_patches
     rng = np.random.default_rng(5)
     x = rng.normal(size=(3, 4, 9, 7)).astype(np.float32)
     geometry = ([3, 2], [2, 1], [1, 0, 1, 1], [1, 2])
     full = im2col(x, *geometry)
-    picked, pos = sampled_patches(x, *geometry, 5, np.random.default_rng(0))
     per_image = full.shape[0] // 3
-    rows = (np.arange(3)[:, None] * per_image + pos).reshape(-1)
-    np.testing.assert_array_equal(picked, full[rows])
+    y = rng.normal(size=(3, 6, 5, per_image // 5)).astype(np.float32)  # an output with as many positions
+    keep_out = np.isin(np.arange(6), [0, 2, 5])
+    fit = PatchFit([3, 2], {}, np.ones(4, dtype=bool), keep_out, rows_per_image=5)
+    rows, pos = fit.targets(y)
+    picked = (np.arange(3)[:, None] * per_image + pos).reshape(-1)
+    np.testing.assert_array_equal(gather_patches(x, *geometry, pos), full[picked])
+    np.testing.assert_array_equal(rows.reshape(-1, 3), y.reshape(3, 6, -1).transpose(0, 2, 1).reshape(-1, 6)[picked][:, keep_out])
+    every = PatchFit([3, 2], {}, np.ones(4, dtype=bool), keep_out, rows_per_image=per_image)
+    everything, none = every.targets(y)
+    assert none is None and everything.shape == (3, per_image, 3)
+
+
+def test_rows_taken_inside_the_graph_are_the_rows_taken_from_the_whole_output(monkeypatch):
+    """The capture pass takes a patch fit's rows with a GatherElements where the output's shape
+    is known, and from the whole output where it is not; where activations are large it runs a
+    batch a few images at a time. The refit must not tell any of them apart."""
+    from onnxprune import recover
+    from onnxprune.data import input_spec, load_calibration
+    from onnxprune.recover import refit_sequential
+    from onnxprune.rewrite import rewrite
+    from onnxprune.shapes import static_shapes
+    from surgery import analysis_of
+
+    model = _redundant_model()
+    x = np.random.default_rng(1).normal(size=(50, 3, 8, 8)).astype(np.float32)
+    opts = onnxprune.PruneOptions(flops=0.5, batch_size=16)  # a last batch of 2 rows
+    cal = load_calibration(x, input_spec(model, opts), opts)
+    refitted = []
+    for known, run_bytes in ((True, recover.CAPTURE_RUN_BYTES), (True, 3 * 8 * 8 * 8 * 4), (False, recover.CAPTURE_RUN_BYTES)):
+        monkeypatch.setattr(recover, "CAPTURE_RUN_BYTES", run_bytes)  # the second: runs of 3 images
+        prepared, analysis = analysis_of(model)  # the surgery edits the analysis's graph
+        keep = np.ones(analysis.num_players, dtype=bool)
+        group = next(g for g in analysis.groups if g.prunable and len(g.players) == 8 and "Conv" in g.name)
+        keep[np.flatnonzero(analysis.player_group == group.index)[[1, 4]]] = False
+        shapes = static_shapes(prepared, {"input": (1, 3, 8, 8)}) if known else None
+        pruned, changed = rewrite(analysis, keep, prepared)
+        log = refit_sequential(prepared, pruned, analysis.keep_fn(keep), lambda name: 1, changed, cal, cal.fit,
+                               ["CPUExecutionProvider"], shapes=shapes)
+        assert log.patch
+        refitted.append({t.name: onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer})
+    for other in refitted[1:]:
+        assert other.keys() == refitted[0].keys()
+        for name, values in refitted[0].items():
+            np.testing.assert_array_equal(values, other[name])
 
 
 def test_depthwise_convs_keep_their_filters_and_the_layers_around_them_are_refitted():
@@ -370,7 +409,7 @@ def test_patch_fit_against_onnxruntime_conv_output_gives_the_layer_back(attrs):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     fit = PatchFit([3, 2], attrs, np.ones(3, dtype=bool), np.ones(5, dtype=bool), rows_per_image=7)
-    fit.add(y, x)
+    fit.add(*fit.targets(y), x)
     w2, b2 = fit.solve(ridge=1e-9)
     np.testing.assert_allclose(w2, w, atol=1e-4)
     np.testing.assert_allclose(b2, b, atol=1e-4)
