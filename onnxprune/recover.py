@@ -188,7 +188,7 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
     the pruned model's own input with every earlier layer already refitted.
 
     What the original model computed does not depend on the refit: one pass of it, made with
-    the pruned model's first segment, stores what every fit reads from it (:func:`_capture`).
+    the pruned model's first segment, stores what every fit reads from it (:class:`_Capture`).
     The pruned model is then run segment after segment, each fit taking its layer's input at
     the cut before it. ``keep(tensor)`` is the pruning mask of a tensor of ``original`` (None:
     all kept); ``changed`` names the nodes the surgery edited; ``shapes``: the original's
@@ -290,10 +290,10 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
 
 # The capture pass runs the whole original model with what the fits read exposed; where one
 # image's largest activation is large, a batch goes through it in runs of fewer images, whose
-# largest activation takes at most this many bytes. MobileNetV2 at 224x224 (4.8 MB per image
-# for its largest map; 256 images, batches of 32): peak memory 2.33 -> 1.1 GB during the
-# refit and the refit 2.9 -> 2.4 s in runs of 8 images (onnxruntime's plain pass too is 15-20%
-# faster in batches of 4 to 8 than of 32 there); ResNet-18: 1.84 -> 1.41 GB, time unchanged.
+# largest activation takes at most this many bytes. At 224x224 (256 images, batches of 32):
+# MobileNetV2 (4.8 MB per image for its largest map: runs of 6) refit 2.9 -> 2.5 s, its peak
+# memory 2.33 -> 1.05 GB (onnxruntime's plain pass too is 15-20% faster in batches of 4 to 8
+# than of 32 there); ResNet-18 (runs of 10) 1.84 -> 1.39 GB, time unchanged.
 CAPTURE_RUN_BYTES = 32 * 2 ** 20
 
 
