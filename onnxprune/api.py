@@ -112,7 +112,8 @@ def load_labelled(path: str) -> Labelled:
 
 
 # notes about the refit, dropped when the refit is not what is written
-REFIT_NOTES = ("ill-conditioned refit, ", "no refit for these layers (grouped convs), left as sliced: ")
+REFIT_NOTES = ("ill-conditioned refit, ",
+               "no refit for these layers (grouped convs, or a weight the op rules cannot read), left as sliced: ")
 
 
 def prune(model: ModelSource, calib: CalibSource, options: Optional[PruneOptions] = None, *,

@@ -36,7 +36,6 @@ from .ops import rule_for
 from .ops.conv import grouping
 from .progress import Progress, silent
 from .refit import PATCH_LIMIT, ROWS_PER_UNKNOWN, ChannelFit, PatchFit
-from .load import default_opset
 from .runtime import blas_single_thread, expose, make_session, run_feeds
 from .segments import Frontier, MemoryBudget, Segmenter
 from .shapes import Shape
@@ -175,7 +174,7 @@ class SequentialLog:
     patch: List[str] = field(default_factory=list)
     channel: List[str] = field(default_factory=list)
     failed: List[str] = field(default_factory=list)
-    unsupported: List[str] = field(default_factory=list)  # no refit for this layer kind (grouped convs)
+    unsupported: List[str] = field(default_factory=list)  # no refit: grouped convs, unreadable weights
     seconds: float = 0.0
 
 
@@ -322,8 +321,8 @@ class _Capture:
         flat = _fresh("onnxprune_flat_shape", taken)
         for name, fit in patch_fits.items():
             shape = shapes.get(self.read[name])
-            if default_opset(original) < 11 or fit is None or shape is None or len(shape) != 4 or None in shape[1:]:
-                continue  # (GatherElements is opset 11)
+            if fit is None or shape is None or len(shape) != 4 or None in shape[1:]:
+                continue  # (GatherElements is opset 11, the oldest that load() accepts)
             c, hw = int(shape[1]), int(shape[2] * shape[3])
             if fit.rows_per_image >= hw:
                 continue  # every position: the output itself

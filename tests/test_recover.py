@@ -295,7 +295,7 @@ def test_grouped_convs_are_named_as_left_sliced_and_the_rest_is_refitted():
     model = tiny.grouped_cnn()
     x = np.random.default_rng(1).normal(size=(96, 3, 8, 8)).astype(np.float32)
     on = onnxprune.prune(model, x, onnxprune.PruneOptions(flops=0.3, latency=False, round_to=1, holdout=0.0))
-    note = next(n for n in on.report.notes if n.startswith("no refit for these layers (grouped convs)"))
+    note = next(n for n in on.report.notes if n.startswith("no refit for these layers (grouped convs"))
     grouped = [n.name for n in on.model.graph.node if n.op_type == "Conv"
                and any(a.name == "group" and a.i > 1 for a in n.attribute)]
     named = note.split(": ", 1)[1].split(", ")
