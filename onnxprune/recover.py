@@ -277,8 +277,7 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                 update(1)
         _drop_zero_biases(pruned, biases)
     finally:
-        # an error mid-step leaves the frontiers being written open too: close their files
-        # before the folder goes (an open file cannot be deleted everywhere)
+        # an error mid-step leaves the frontier being written unclosed too
         for f in [prev, new] + list(targets.values()):
             if f is not None:
                 f.close()

@@ -89,26 +89,28 @@ class MemoryBudget:
 class _SpillFile:
     """One tensor of a frontier on disk: image ``i`` at offset ``i * per_image`` bytes. Plain
     reads and writes, not a memory map: mapped pages would count in the process's resident
-    memory as they are touched, which is the growth spilling is there to stop."""
+    memory as they are touched, which is the growth spilling is there to stop. The file is
+    opened for each read or write, not held open: the refit stores rows for every layer at
+    once, and a deep network's files would otherwise run into the limit on open files."""
 
     def __init__(self, folder: str, like: np.ndarray):
         fd, self.path = tempfile.mkstemp(dir=folder, suffix=".bin")
-        self.file = os.fdopen(fd, "w+b")
+        os.close(fd)
         self.dtype, self.shape = like.dtype, like.shape[1:]
         self.per_image = like[:1].nbytes
 
     def write(self, start: int, values: np.ndarray) -> None:
-        self.file.seek(start * self.per_image)
-        np.ascontiguousarray(values, dtype=self.dtype).tofile(self.file)
+        with open(self.path, "r+b") as f:
+            f.seek(start * self.per_image)
+            np.ascontiguousarray(values, dtype=self.dtype).tofile(f)
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        self.file.flush()
-        self.file.seek(start * self.per_image)
         count = (stop - start) * (self.per_image // self.dtype.itemsize)
-        return np.fromfile(self.file, dtype=self.dtype, count=count).reshape((stop - start,) + self.shape)
+        with open(self.path, "rb") as f:
+            f.seek(start * self.per_image)
+            return np.fromfile(f, dtype=self.dtype, count=count).reshape((stop - start,) + self.shape)
 
     def close(self) -> None:
-        self.file.close()
         try:
             os.unlink(self.path)
         except OSError:

@@ -47,6 +47,20 @@ def test_a_frontier_past_the_budget_takes_no_more_memory(tmp_path):
     assert f.files and not f.batches and budget.used == 0
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc")
+def test_spilled_tensors_hold_no_open_files(tmp_path):
+    # the refit stores rows for every layer at once: a deep network's spill files must not
+    # each keep a file open
+    before = len(os.listdir("/proc/self/fd"))
+    f = Frontier(str(tmp_path), MemoryBudget(0))
+    for i in range(300):
+        f.write(f"t{i}", 0, np.full((2, 3), i, dtype=np.float32))
+    assert len(os.listdir("/proc/self/fd")) <= before + 1
+    np.testing.assert_array_equal(f.read("t299", 0, 2), np.full((2, 3), 299, dtype=np.float32))
+    f.close()
+    assert os.listdir(tmp_path) == []
+
+
 def test_refit_through_spilled_frontiers_equals_refit_in_memory(monkeypatch):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     model = os.path.join(root, "models", "fmnist_resnet.onnx")
