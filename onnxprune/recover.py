@@ -216,8 +216,12 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
     shapes = shapes or {}
     indices = np.asarray(indices)
     n = len(indices)
-    # the patch fits first: they hold no weights, and they draw the rows they are fitted against
+    # what each fit reads from the original is stored before the first is made: the patch fits
+    # are made now (they hold no weights, and they draw the rows they are fitted against); the
+    # channel fits, which copy their layer's weights, at their turn; other layers get no fit
     patch_fits = {name: _patch_fit(o_nodes[name], o_inits, keep, n, seed + step) for step, name in enumerate(names)}
+    channel_layers = {name for name in names
+                      if patch_fits[name] is None and _channel_weights(original, o_nodes[name], o_inits) is not None}
     seg = Segmenter(pruned, names)
     bs = cal.batch_size
     folder = tempfile.mkdtemp(prefix="onnxprune-")
@@ -230,11 +234,12 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
         with progress("refitting layers", len(layers)) as update, blas_single_thread():
             for step, (layer_index, name) in enumerate(zip(layers, names)):
                 node_p = pruned.graph.node[layer_index]
-                fit = patch_fits[name] or _channel_fit(original, o_nodes[name], o_inits, keep, repeat)
+                fit = patch_fits[name] or (_channel_fit(original, o_nodes[name], o_inits, keep, repeat)
+                                           if name in channel_layers else None)
                 live = seg.live_at(seg.cuts[step])
                 sess = make_session(seg.segment(pruned, start, seg.cuts[step], prev_live, live), providers)
-                capture = (_Capture(original, o_nodes, patch_fits, targets, providers, shapes, bool(cal.spec.fixed_batch))
-                           if step == 0 else None)
+                capture = (_Capture(original, o_nodes, patch_fits, channel_layers, targets, providers, shapes,
+                                    bool(cal.spec.fixed_batch)) if step == 0 else None)
                 new = Frontier(folder, budget)
                 for b0 in range(0, n, bs):
                     real = min(bs, n - b0)
@@ -300,57 +305,63 @@ class _Capture:
     from it: a patch fit's rows of the layer's output, a channel fit's whole input.
 
     A patch fit's rows are taken inside the graph where the output's shape is known (a
-    GatherElements at positions fed with the batch): onnxruntime then hands over a few rows
-    per image, not every layer's output at once, which for a deep network at 224x224 would
-    take gigabytes per batch."""
+    GatherElements at positions fed with the batch, one (N, 1, P) index per layer expanded
+    over the channels there): onnxruntime then hands over a few rows per image, not every
+    layer's output at once, which for a deep network at 224x224 would take gigabytes per
+    batch."""
 
     def __init__(self, original: onnx.ModelProto, o_nodes, patch_fits: Dict[str, Optional[PatchFit]],
-                 targets: Dict[str, Frontier], providers: List[str], shapes: Dict[str, Shape], fixed_batch: bool):
+                 channel_layers: set, targets: Dict[str, Frontier], providers: List[str], shapes: Dict[str, Shape],
+                 fixed_batch: bool):
         self.patch_fits, self.targets = patch_fits, targets
         largest = max((int(np.prod(s[1:])) for s in shapes.values() if len(s) > 1 and None not in s[1:]), default=0)
         # a batch in runs of fewer images where activations are large (a fixed batch axis cannot
         # be split): see CAPTURE_RUN_BYTES
         self.images_per_run = None if fixed_batch or not largest else max(1, CAPTURE_RUN_BYTES // (4 * largest))
-        self.read = {name: (o_nodes[name].output[0] if fit is not None else o_nodes[name].input[0])
-                     for name, fit in patch_fits.items()}
-        self.gathered: Dict[str, Tuple[str, str, Tuple[int, int]]] = {}  # layer -> (positions in, rows out, (C, H * W))
-        nodes, inputs = [], []
+        self.read = {name: o_nodes[name].output[0] for name, fit in patch_fits.items() if fit is not None}
+        self.read.update({name: o_nodes[name].input[0] for name in channel_layers})
+        self.gathered: Dict[str, Tuple[str, str, int]] = {}  # layer -> (positions in, rows out, H * W)
+        nodes, inputs, inits = [], [], []
         taken = {t for n in original.graph.node for t in list(n.input) + list(n.output)}
         taken |= {t.name for t in original.graph.initializer} | {t.name for t in original.graph.input}
         flat = _fresh("onnxprune_flat_shape", taken)
         for name, fit in patch_fits.items():
-            shape = shapes.get(self.read[name])
+            shape = shapes.get(self.read.get(name))
+            # GatherElements is opset 11, the oldest that load() accepts
             if fit is None or shape is None or len(shape) != 4 or None in shape[1:]:
-                continue  # (GatherElements is opset 11, the oldest that load() accepts)
+                continue
             c, hw = int(shape[1]), int(shape[2] * shape[3])
             if fit.rows_per_image >= hw:
                 continue  # every position: the output itself
-            pos, rows, y3 = (_fresh(f"{self.read[name]}_{s}", taken) for s in ("positions", "rows", "flat"))
+            pos, wide, y3, rows, channels = (_fresh(f"{self.read[name]}_{suffix}", taken)
+                                             for suffix in ("positions", "positions_wide", "flat", "rows", "channels"))
+            inits.append(weights.make_tensor(np.array([1, c, 1], dtype=np.int64), channels))
             nodes += [onnx.helper.make_node("Reshape", [self.read[name], flat], [y3]),
-                      onnx.helper.make_node("GatherElements", [y3, pos], [rows], axis=2)]
-            inputs.append(onnx.helper.make_tensor_value_info(pos, onnx.TensorProto.INT64, [None, c, None]))
-            self.gathered[name] = (pos, rows, (c, hw))
+                      onnx.helper.make_node("Expand", [pos, channels], [wide]),
+                      onnx.helper.make_node("GatherElements", [y3, wide], [rows], axis=2)]
+            inputs.append(onnx.helper.make_tensor_value_info(pos, onnx.TensorProto.INT64, [None, 1, None]))
+            self.gathered[name] = (pos, rows, hw)
         self.outputs = list(dict.fromkeys([self.gathered[n][1] if n in self.gathered else t for n, t in self.read.items()]))
         model = expose(original, self.outputs)
         if nodes:
             model.graph.node.extend(nodes)
             model.graph.input.extend(inputs)
-            model.graph.initializer.append(weights.make_tensor(np.array([0, 0, -1], dtype=np.int64), flat))
+            model.graph.initializer.extend(inits + [weights.make_tensor(np.array([0, 0, -1], dtype=np.int64), flat)])
         self.session = make_session(model, providers)
 
     def run(self, input_name: str, batch: np.ndarray, b0: int, real: int) -> None:
         feeds, drawn = {input_name: batch}, {}
-        for name, (pos_in, _, (c, hw)) in self.gathered.items():
+        for name, (pos_in, _, hw) in self.gathered.items():
             pos = drawn[name] = self.patch_fits[name].positions(real, hw)
             if len(batch) > real:  # a padded batch (fixed-batch models): any position for the padding
                 pos = np.concatenate([pos, np.zeros((len(batch) - real, pos.shape[1]), dtype=pos.dtype)])
-            feeds[pos_in] = np.ascontiguousarray(np.broadcast_to(pos[:, None, :], (len(batch), c, pos.shape[1])))
+            feeds[pos_in] = pos[:, None, :]
         step = self.images_per_run or len(batch)
         runs = [run_feeds(self.session, {k: v[i:i + step] for k, v in feeds.items()}, self.outputs)
                 for i in range(0, len(batch), step)]
         outs = {t: np.concatenate([r[j] for r in runs]) if len(runs) > 1 else runs[0][j] for j, t in enumerate(self.outputs)}
         for name, tensor in self.read.items():
-            fit, store = self.patch_fits[name], self.targets[name]
+            fit, store = self.patch_fits.get(name), self.targets[name]
             if fit is None:
                 y = outs[tensor]
                 store.write("input", b0, y if real == len(y) else y[:real].copy())
@@ -446,22 +457,31 @@ def _patch_fit(node_o: onnx.NodeProto, inits, keep, images: int, seed: int) -> O
                     seed=seed)
 
 
+def _channel_weights(original: onnx.ModelProto, node_o: onnx.NodeProto, inits):
+    """(rule, the layer as a one-node graph's node) of a layer whose weights the op rule can read
+    per input channel and per output channel, or None (a MatMul's batched weight, a weight that
+    is not an initializer)."""
+    if len(node_o.input) < 2 or inits.get(node_o.input[1]) is None:
+        return None
+    g_node = _mini_graph(original, node_o).nodes[0]
+    rule = rule_for(node_o.op_type, node_o.domain)
+    if rule.filters(g_node) is None or rule.input_filters(g_node) is None:
+        return None
+    return rule, g_node
+
+
 def _channel_fit(original: onnx.ModelProto, node_o: onnx.NodeProto, inits, keep, repeat) -> Optional[ChannelFit]:
     """The channel-level fit of a layer that sums over its input channels, or None where the
-    op rule cannot read its weight (a MatMul's batched weight)."""
-    if inits.get(node_o.input[1]) is None:
+    op rule cannot read its weights."""
+    readable = _channel_weights(original, node_o, inits)
+    if readable is None:
         return None
-    graph = _mini_graph(original, node_o)
-    rule = rule_for(node_o.op_type, node_o.domain)
-    out_filters = rule.filters(graph.nodes[0])
-    filters = rule.input_filters(graph.nodes[0])
-    if out_filters is None or filters is None:
-        return None
+    rule, g_node = readable
     keep_out = keep(node_o.output[0])
-    out_mask = np.ones(len(out_filters), dtype=bool) if keep_out is None else keep_out
-    bias = rule.bias(graph.nodes[0])
+    out_mask = np.ones(len(rule.filters(g_node)), dtype=bool) if keep_out is None else keep_out
+    bias = rule.bias(g_node)
     bias = np.zeros(int(out_mask.sum())) if bias is None else bias[out_mask]
-    filters = np.asarray(filters)
+    filters = np.asarray(rule.input_filters(g_node))
     if not out_mask.all():
         filters = filters[:, out_mask]
     r = repeat(node_o.input[0])

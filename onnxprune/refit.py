@@ -267,6 +267,8 @@ class ChannelFit:
         return theta
 
     def solve(self, ridge: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        if self.gram is None:  # no images
+            return None
         if 8 * self.rows < self.gram.shape[0]:
             theta = self._means_only()  # far fewer samples than unknowns: a regression would be noise
         else:

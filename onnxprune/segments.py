@@ -118,8 +118,8 @@ class _SpillFile:
 
 
 class Frontier:
-    """Per-image storage of the tensors at one cut. Batches are kept as onnxruntime returned
-    them (no copy) while the frontiers together stay within their ``budget``; past it, this
+    """Per-image storage of the tensors at one cut. Batches are kept as written (no copy: for
+    a cut, the arrays onnxruntime returned) while the frontiers together stay within their ``budget``; past it, this
     frontier's tensors go to temporary files, so memory stays bounded however many
     calibration images there are."""
 

@@ -233,10 +233,21 @@ def test_sampled_output_rows_and_gathered_patches_are_the_same_im2col_rows():
     assert none is None and everything.shape == (3, per_image, 3)
 
 
+def _fixed_batch(model, batch):
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for vi in list(fixed.graph.input) + list(fixed.graph.output):
+        dim = vi.type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_param")
+        dim.dim_value = batch
+    return fixed
+
+
 def test_rows_taken_inside_the_graph_are_the_rows_taken_from_the_whole_output(monkeypatch):
     """The capture pass takes a patch fit's rows with a GatherElements where the output's shape
     is known, and from the whole output where it is not; where activations are large it runs a
-    batch a few images at a time. The refit must not tell any of them apart."""
+    batch a few images at a time; a fixed-batch model's last batch is padded. The refit must
+    not tell any of them apart."""
     from onnxprune import recover
     from onnxprune.data import input_spec, load_calibration
     from onnxprune.recover import refit_sequential
@@ -244,13 +255,15 @@ def test_rows_taken_inside_the_graph_are_the_rows_taken_from_the_whole_output(mo
     from onnxprune.shapes import static_shapes
     from surgery import analysis_of
 
-    model = _redundant_model()
     x = np.random.default_rng(1).normal(size=(50, 3, 8, 8)).astype(np.float32)
-    opts = onnxprune.PruneOptions(flops=0.5, batch_size=16)  # a last batch of 2 rows
-    cal = load_calibration(x, input_spec(model, opts), opts)
+    opts = onnxprune.PruneOptions(flops=0.5, batch_size=16)  # 40 fitting images: batches of 16, 16 and 8
     refitted = []
-    for known, run_bytes in ((True, recover.CAPTURE_RUN_BYTES), (True, 3 * 8 * 8 * 8 * 4), (False, recover.CAPTURE_RUN_BYTES)):
+    for fixed, known, run_bytes in ((False, True, recover.CAPTURE_RUN_BYTES), (False, True, 3 * 8 * 8 * 8 * 4),
+                                    (False, False, recover.CAPTURE_RUN_BYTES), (True, True, recover.CAPTURE_RUN_BYTES)):
         monkeypatch.setattr(recover, "CAPTURE_RUN_BYTES", run_bytes)  # the second: runs of 3 images
+        model = _fixed_batch(_redundant_model(), 16) if fixed else _redundant_model()
+        cal = load_calibration(x, input_spec(model, opts), opts)
+        assert len(cal.fit) == 40 and bool(cal.spec.fixed_batch) == fixed
         prepared, analysis = analysis_of(model)  # the surgery edits the analysis's graph
         keep = np.ones(analysis.num_players, dtype=bool)
         group = next(g for g in analysis.groups if g.prunable and len(g.players) == 8 and "Conv" in g.name)
