@@ -220,8 +220,11 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
     # are made now (they hold no weights, and they draw the rows they are fitted against); the
     # channel fits, which copy their layer's weights, at their turn; other layers get no fit
     patch_fits = {name: _patch_fit(o_nodes[name], o_inits, keep, n, seed + step) for step, name in enumerate(names)}
-    channel_layers = {name for name in names
-                      if patch_fits[name] is None and _channel_weights(original, o_nodes[name], o_inits) is not None}
+    channel_weights = {}  # layer -> its readable weights (views of the original's, no copy)
+    for name in names:
+        readable = None if patch_fits[name] is not None else _channel_weights(original, o_nodes[name], o_inits)
+        if readable is not None:
+            channel_weights[name] = readable
     seg = Segmenter(pruned, names)
     bs = cal.batch_size
     folder = tempfile.mkdtemp(prefix="onnxprune-")
@@ -234,11 +237,11 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
         with progress("refitting layers", len(layers)) as update, blas_single_thread():
             for step, (layer_index, name) in enumerate(zip(layers, names)):
                 node_p = pruned.graph.node[layer_index]
-                fit = patch_fits[name] or (_channel_fit(original, o_nodes[name], o_inits, keep, repeat)
-                                           if name in channel_layers else None)
+                fit = patch_fits[name] or (_channel_fit(*channel_weights[name], o_nodes[name], keep, repeat)
+                                           if name in channel_weights else None)
                 live = seg.live_at(seg.cuts[step])
                 sess = make_session(seg.segment(pruned, start, seg.cuts[step], prev_live, live), providers)
-                capture = (_Capture(original, o_nodes, patch_fits, channel_layers, targets, providers, shapes,
+                capture = (_Capture(original, o_nodes, patch_fits, set(channel_weights), targets, providers, shapes,
                                     bool(cal.spec.fixed_batch)) if step == 0 else None)
                 new = Frontier(folder, budget)
                 for b0 in range(0, n, bs):
@@ -276,6 +279,7 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                 # a fit holds its Gram matrices, a channel fit a copy of its layer's weights too:
                 # let them go before the next is made
                 patch_fits[name] = fit = solved = sess = capture = None
+                channel_weights.pop(name, None)
                 if prev is not None:
                     prev.close()
                 prev, prev_live, start, new = new, live, seg.cuts[step], None
@@ -385,8 +389,8 @@ def _fresh(name: str, taken: set) -> str:
 
 
 def _add_bias_nodes(model: onnx.ModelProto, names: Sequence[str]) -> Dict[str, str]:
-    """A zero bias Add after each layer to refit whose op has no bias input (a MatMul: see
-    ``Rule.has_bias_input``), so that its fit has a bias to set. It must be in the model before
+    """A zero bias Add after each layer to refit whose op has no bias of its own (a MatMul:
+    ``Rule.bias`` is None), so that its fit has a bias to set. It must be in the model before
     the segments are cut, so that the layers after it are fitted on what it computes with its
     bias. Returns layer name -> bias initializer name."""
     wanted = set(names)
@@ -400,11 +404,12 @@ def _add_bias_nodes(model: onnx.ModelProto, names: Sequence[str]) -> Dict[str, s
     for node in model.graph.node:
         nodes.append(node)
         w = inits.get(node.input[1]) if node.name in wanted and len(node.input) > 1 else None
-        rule = rule_for(node.op_type, node.domain)
-        if w is None or rule.has_bias_input:
+        if w is None:
             continue
-        filters = rule.filters(_mini_graph(model, node).nodes[0])
-        if filters is None:  # a weight the op rule cannot read: the layer gets no fit either
+        rule, g_node = rule_for(node.op_type, node.domain), _mini_graph(model, node).nodes[0]
+        filters = rule.filters(g_node)
+        # a weight the op rule cannot read: the layer gets no fit either
+        if filters is None or rule.bias(g_node) is not None:
             continue
         out, pre, bias = node.output[0], fresh(f"{node.output[0]}_before_bias"), fresh(f"{node.name}_bias")
         model.graph.initializer.append(weights.make_tensor(np.zeros(len(filters), weights.numpy_dtype(w)), bias))
@@ -470,13 +475,9 @@ def _channel_weights(original: onnx.ModelProto, node_o: onnx.NodeProto, inits):
     return rule, g_node
 
 
-def _channel_fit(original: onnx.ModelProto, node_o: onnx.NodeProto, inits, keep, repeat) -> Optional[ChannelFit]:
-    """The channel-level fit of a layer that sums over its input channels, or None where the
-    op rule cannot read its weights."""
-    readable = _channel_weights(original, node_o, inits)
-    if readable is None:
-        return None
-    rule, g_node = readable
+def _channel_fit(rule, g_node: gs.Node, node_o: onnx.NodeProto, keep, repeat) -> ChannelFit:
+    """The channel-level fit of a layer that sums over its input channels, from its
+    :func:`_channel_weights`."""
     keep_out = keep(node_o.output[0])
     out_mask = np.ones(len(rule.filters(g_node)), dtype=bool) if keep_out is None else keep_out
     bias = rule.bias(g_node)

@@ -226,8 +226,8 @@ def _eliminate(n: int, fits):
     The downdate is written into P and B in place, one rank-r update each (a removed row and
     column of P, and row of B, become zero), and the arrays are only compacted to their live
     rows once half of them are dead. Copying the kept block out at every step, as before, made
-    the refit payoff cost 1.25 s on MobileNetV2 at 224x224 (0.76 s now), 0.55 s on ResNet-18
-    (0.41 s) and 130 ms on mobilenetv1_fmnist (89 ms), with the same orders and costs. Each
+    the refit payoff cost 1.25 s on MobileNetV2 at 224x224 (0.76 s with this alone), 0.55 s on
+    ResNet-18 (0.41 s) and 130 ms on mobilenetv1_fmnist (89 ms), with the same orders and costs. Each
     fit finds a channel's row by lookup (``row``), not by a pass over boolean masks: the last
     2 x ELIMINATION_SHARE - 1 steps of every group remove one channel each, and there the
     fixed cost of each NumPy call is what a step costs.

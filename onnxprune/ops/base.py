@@ -215,15 +215,14 @@ class Rule:
         """Write back weights in the layout :meth:`input_filters` returned."""
         raise NotImplementedError(node.op)
 
-    has_bias_input = True  # False: the op has no bias of its own, and add_bias adds a node after it
-
     def add_bias(self, node: gs.Node, delta: np.ndarray, graph: gs.Graph) -> None:
         """Add ``delta`` (one value per output channel) to the layer's bias."""
         raise NotImplementedError(node.op)
 
     def bias(self, node: gs.Node) -> Optional[np.ndarray]:
         """The bias the layer adds, one float64 value per output channel (zeros where its bias
-        input is empty); None where the op has none (``has_bias_input`` False)."""
+        input is empty); None where the op has no bias of its own (add_bias then adds a node
+        after it)."""
         raise NotImplementedError(node.op)
 
     def output_pixels(self, node: gs.Node, shape) -> int:

@@ -121,8 +121,6 @@ class MatMulRule(Rule):
     def set_input_filters(self, node: gs.Node, filters: np.ndarray) -> None:
         _set_weight(node, 1, np.ascontiguousarray(filters[:, :, 0], dtype=const(node.inputs[1]).dtype))
 
-    has_bias_input = False
-
     def bias(self, node: gs.Node) -> Optional[np.ndarray]:
         return None
 
