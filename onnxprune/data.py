@@ -1,7 +1,10 @@
 """Calibration data: image folders and preprocessed tensor files, served in batches.
 
-Images are decoded per batch, so memory is bounded by the batch, not by the
-number of images.
+Images are decoded per batch. The conversion reads the fitting images at least twice
+(calibration, then the refit's pass of the original model), so each image's decoded,
+cropped pixels are kept, in their 8-bit form, up to ``DECODED_CACHE_BYTES`` in all:
+beyond that an image is decoded again each time, so memory stays bounded by the batch
+and that constant, not by the number of images.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from .options import PruneOptions
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # PIL modes with one channel (+ alpha)
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # how PIL opens 16-bit PNGs
+# Decoding and resizing a 500x375 JPEG to 224x224 takes about 2 ms, a fifth of a plain
+# ResNet-18 pass per image on 2 cores and two thirds of a MobileNetV2 one; 64 MiB holds
+# 440 such images (8-bit RGB), or every 28x28 grey image of a calibration set of 80,000.
+DECODED_CACHE_BYTES = 64 << 20
 
 
 @dataclass
@@ -145,6 +152,9 @@ class CalibrationSet:
     notes: List[str] = field(default_factory=list)  # conversions made, one line each, for the report
     labels: Optional[np.ndarray] = None  # class id per item, with --labels
     rows: Optional[np.ndarray] = None  # the rows of ``array`` used (None: all of them)
+    # files index -> decoded pixels (H, W, C) before scaling, within DECODED_CACHE_BYTES
+    decoded: dict = field(default_factory=dict, repr=False)
+    decoded_bytes: int = 0
 
     def __len__(self) -> int:
         if self.files is not None:
@@ -181,12 +191,30 @@ class CalibrationSet:
         if self.array is not None:
             rows = self.rows[chunk] if self.rows is not None else chunk
             return np.ascontiguousarray(self.array[rows], dtype=self.spec.dtype)
-        return np.stack([self._image(self.files[i]) for i in chunk]).astype(self.spec.dtype, copy=False)
+        return np.stack([self._image(int(i)) for i in chunk]).astype(self.spec.dtype, copy=False)
 
-    def _image(self, path: str) -> np.ndarray:
+    def _image(self, index: int) -> np.ndarray:
+        pixels = self.decoded.get(index)
+        if pixels is None:
+            pixels = self._decode(self.files[index])
+            if self.decoded_bytes + pixels.nbytes <= DECODED_CACHE_BYTES:
+                self.decoded[index] = pixels
+                self.decoded_bytes += pixels.nbytes
+        spec, opts = self.spec, self.opts
+        if pixels.ndim == 2:
+            pixels = np.repeat(pixels[:, :, None], spec.channels, axis=2)
+        if opts.bgr and pixels.shape[2] == 3:
+            pixels = pixels[:, :, ::-1]
+        x = pixels.astype(np.float32) * np.float32(opts.scale)
+        x = (x - np.asarray(opts.mean, np.float32)) / np.asarray(opts.std, np.float32)
+        return x if spec.channels_last else np.transpose(x, (2, 0, 1))
+
+    def _decode(self, path: str) -> np.ndarray:
+        """The image at ``path`` converted, resized and cropped to the input: uint8 (H, W) or
+        (H, W, 3), or float32 (H, W) on the 8-bit scale for 16-bit images."""
         from PIL import Image
 
-        spec, opts = self.spec, self.opts
+        spec = self.spec
         h, w = (int(d) for d in spec.spatial)
         try:
             with Image.open(path) as img, warnings.catch_warnings():
@@ -203,16 +231,9 @@ class CalibrationSet:
                     img = img.resize(size, Image.BILINEAR)
                 left, top = (size[0] - w) // 2, (size[1] - h) // 2
                 img = img.crop((left, top, left + w, top + h))
-                pixels = np.asarray(img, dtype=np.float32)
+                return np.array(img)  # a copy: the image's buffer goes with it
         except Exception as e:
             raise InputError(f"cannot decode image {path!r}: {e}") from e
-        if pixels.ndim == 2:
-            pixels = np.repeat(pixels[:, :, None], spec.channels, axis=2)
-        if opts.bgr and pixels.shape[2] == 3:
-            pixels = pixels[:, :, ::-1]
-        x = pixels * np.float32(opts.scale)
-        x = (x - np.asarray(opts.mean, np.float32)) / np.asarray(opts.std, np.float32)
-        return x if spec.channels_last else np.transpose(x, (2, 0, 1))
 
 
 def _list_images(folder: str) -> Tuple[List[str], int]:

@@ -282,3 +282,31 @@ def test_statistics_of_a_tensor_that_folds_the_batch_with_the_pixels():
         assert s.count == 10 * 64
         if reference is not None:
             np.testing.assert_allclose(s.mean, reference.mean(axis=0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("budget_images", [0, 3, 100])
+def test_decoded_images_are_kept_within_their_budget_and_give_the_same_tensors(tmp_path, monkeypatch, budget_images):
+    """The conversion reads the fitting images more than once. Each image's decoded pixels are
+    kept up to DECODED_CACHE_BYTES, past which it is decoded again: the tensors are the same
+    either way, on every pass, and a pass over kept images opens no file."""
+    import onnxprune.data as data
+
+    folder = _images(tmp_path / "imgs", 10, (20, 14), "RGB")
+    opts = PruneOptions(bgr=True, scale=1 / 255, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25))
+    spec = input_spec(tiny.plain_cnn(), opts)
+    monkeypatch.setattr(data, "DECODED_CACHE_BYTES", 0)
+    uncached = load_calibration(folder, spec, opts)
+    everything = np.arange(len(uncached))
+    expected = np.concatenate(list(uncached.batches(everything)))
+    assert uncached.decoded_bytes == 0
+
+    monkeypatch.setattr(data, "DECODED_CACHE_BYTES", budget_images * 8 * 8 * 3)  # uint8 8x8 RGB crops
+    cal = load_calibration(folder, spec, opts)
+    first = np.concatenate(list(cal.batches(everything)))
+    assert len(cal.decoded) == min(budget_images, 10)
+    assert cal.decoded_bytes <= data.DECODED_CACHE_BYTES
+    if budget_images >= 10:
+        monkeypatch.setattr(Image, "open", lambda *a, **k: pytest.fail("a kept image was decoded again"))
+    second = np.concatenate(list(cal.batches(everything[::-1])))[::-1]
+    np.testing.assert_array_equal(first, expected)
+    np.testing.assert_array_equal(second, expected)
