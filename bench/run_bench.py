@@ -74,15 +74,15 @@ def accuracy(model, x, y) -> float:
     return verify_accuracy(onnx.load(model) if isinstance(model, str) else model, x, y, ["CPUExecutionProvider"])
 
 
-def plain_pass_seconds(model_path: str, calib, repeats: int = 3) -> float:
-    """One onnxruntime pass over the same calibration images the conversion uses, batch 32, in
-    a warm session: the fastest of ``repeats`` passes after one warm-up batch. (A session's
+def plain_pass_seconds(model_path: str, calib, repeats: int = 3, batch_size: int = 32) -> float:
+    """One onnxruntime pass over the same calibration images the conversion uses, in batches of
+    ``batch_size``, in a warm session: the fastest of ``repeats`` passes after one warm-up batch. (A session's
     first pass was 4-25% slower on the 28x28 models, which flattered every ratio against it.)"""
     from onnxprune.data import input_spec, load_calibration
     import onnx
 
-    opts = onnxprune.PruneOptions(flops=0.5)
-    spec = input_spec(onnx.load(model_path), opts)
+    opts = onnxprune.PruneOptions(flops=0.5, batch_size=batch_size)
+    spec = input_spec(onnx.load(model_path, load_external_data=False), opts)
     cal = load_calibration(calib, spec, opts)
     everything = np.arange(len(cal))
     sess = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])

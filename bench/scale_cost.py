@@ -16,8 +16,8 @@ recovery (calibrate + score: SNPFI's scoring cost) and the default conversion (w
 recovery), each stage as a multiple of the plain pass. Then the same from a folder of
 JPEGs, as users pass calibration data: ``--images`` synthetic 500x375 photos (the median
 ImageNet size; smooth colour fields plus noise, quality 90, seeded), where a plain pass
-decodes, resizes and crops every image (onnxprune's own loader, a fresh one per pass)
-and runs it at the batch size found fastest above. Writes
+decodes, resizes and crops every image (run_bench.plain_pass_seconds: onnxprune's own
+loader, a fresh one per pass) and runs it at the batch size found fastest above. Writes
 bench/results/DATE-scale-cost.md.
 """
 
@@ -64,27 +64,6 @@ def write_jpegs(folder: str, images: int) -> None:
         Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i:04d}.jpg"), quality=90)
 
 
-def folder_pass(path: str, folder: str, batch: int, repeats: int = 2) -> float:
-    """A plain pass over the JPEG folder: decoding included, the fastest of ``repeats``."""
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
-    from onnxprune import PruneOptions
-    from onnxprune.data import input_spec, load_calibration
-
-    opts = PruneOptions(flops=0.5, batch_size=batch)
-    spec = input_spec(onnx.load(path, load_external_data=False), opts)
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    best = float("inf")
-    for _ in range(repeats):
-        cal = load_calibration(folder, spec, opts)  # fresh: nothing decoded yet
-        start = time.perf_counter()
-        for x in cal.batches(np.arange(len(cal))):
-            sess.run(None, {spec.name: x})
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def measure(images: int, ratio: float) -> None:
     import tempfile
 
@@ -93,6 +72,7 @@ def measure(images: int, ratio: float) -> None:
 
     sys.path.insert(0, os.path.dirname(HERE))
     import onnxprune
+    from run_bench import plain_pass_seconds  # decodes in every timed pass: a fresh set each
 
     rows = []
     jpegs = tempfile.TemporaryDirectory(prefix="onnxprune-scale-")
@@ -118,7 +98,7 @@ def measure(images: int, ratio: float) -> None:
             wall = time.perf_counter() - start
             s = r.report.seconds
             rows.append(_row(name, "random array", recover, plain, batch, s, wall, r.report.flops_reduction))
-        plain = folder_pass(path, jpegs.name, batch)
+        plain = plain_pass_seconds(path, jpegs.name, repeats=2, batch_size=batch)
         for recover in (False, True):
             start = time.perf_counter()
             r = onnxprune.prune(path, jpegs.name, onnxprune.PruneOptions(flops=ratio, recover=recover, latency=False))

@@ -326,13 +326,12 @@ class _Capture:
         self.read.update({name: o_nodes[name].input[0] for name in channel_layers})
         self.gathered: Dict[str, Tuple[str, str, int]] = {}  # layer -> (positions in, rows out, H * W)
         nodes, inputs, inits = [], [], []
-        taken = {t for n in original.graph.node for t in list(n.input) + list(n.output)}
-        taken |= {t.name for t in original.graph.initializer} | {t.name for t in original.graph.input}
+        taken = _names_in(original)
         flat = _fresh("onnxprune_flat_shape", taken)
         for name, fit in patch_fits.items():
-            shape = shapes.get(self.read.get(name))
+            shape = shapes.get(self.read[name]) if fit is not None else None
             # GatherElements is opset 11, the oldest that load() accepts
-            if fit is None or shape is None or len(shape) != 4 or None in shape[1:]:
+            if shape is None or len(shape) != 4 or None in shape[1:]:
                 continue
             c, hw = int(shape[1]), int(shape[2] * shape[3])
             if fit.rows_per_image >= hw:
@@ -379,6 +378,12 @@ class _Capture:
                 store.write("positions", b0, pos)
 
 
+def _names_in(model: onnx.ModelProto) -> set:
+    """Every name in the graph: tensors, initializers, inputs and nodes."""
+    names = {t for n in model.graph.node for t in list(n.input) + list(n.output)} | {n.name for n in model.graph.node}
+    return names | {t.name for t in model.graph.initializer} | {t.name for t in model.graph.input}
+
+
 def _fresh(name: str, taken: set) -> str:
     """``name``, or ``name_<i>`` where it is in ``taken``; taken from then on."""
     base, i = name, 1
@@ -395,11 +400,7 @@ def _add_bias_nodes(model: onnx.ModelProto, names: Sequence[str]) -> Dict[str, s
     bias. Returns layer name -> bias initializer name."""
     wanted = set(names)
     inits = {t.name: t for t in model.graph.initializer}
-    taken = set(inits) | {o for n in model.graph.node for o in list(n.output) + list(n.input)} | {n.name for n in model.graph.node}
-
-    def fresh(name: str) -> str:
-        return _fresh(name, taken)
-
+    taken = _names_in(model)
     nodes, biases = [], {}
     for node in model.graph.node:
         nodes.append(node)
@@ -411,10 +412,10 @@ def _add_bias_nodes(model: onnx.ModelProto, names: Sequence[str]) -> Dict[str, s
         # a weight the op rule cannot read: the layer gets no fit either
         if filters is None or rule.bias(g_node) is not None:
             continue
-        out, pre, bias = node.output[0], fresh(f"{node.output[0]}_before_bias"), fresh(f"{node.name}_bias")
+        out, pre, bias = node.output[0], _fresh(f"{node.output[0]}_before_bias", taken), _fresh(f"{node.name}_bias", taken)
         model.graph.initializer.append(weights.make_tensor(np.zeros(len(filters), weights.numpy_dtype(w)), bias))
         node.output[0] = pre
-        nodes.append(onnx.helper.make_node("Add", [pre, bias], [out], name=fresh(f"{node.name}_bias_add")))
+        nodes.append(onnx.helper.make_node("Add", [pre, bias], [out], name=_fresh(f"{node.name}_bias_add", taken)))
         biases[node.name] = bias
     if biases:
         del model.graph.node[:]
