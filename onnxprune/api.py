@@ -6,7 +6,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import List, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -14,7 +14,7 @@ import onnx
 from . import weights
 from .allocate import Allocation, allocate
 from .analyse import Analysis, analyse
-from .calibrate import collect_stats
+from .calibrate import ChannelStats, collect_stats
 from .data import CalibrationSet, input_spec, load_calibration
 from .errors import InputError, TargetError, UsageError
 from .flops import count_macs, count_params
@@ -118,24 +118,85 @@ REFIT_NOTES = ("ill-conditioned refit, ",
 
 def prune(model: ModelSource, calib: CalibSource, options: Optional[PruneOptions] = None, *,
           evaluate: Optional[Labelled] = None, progress: Progress = silent, log=lambda line: None) -> PruneResult:
-    store = weights.WeightStore()
-    with blas_single_thread(), weights.activate(store):
-        result = _prune(model, calib, options, evaluate, progress, log, store)
-    if result.report.refit_rejected:
-        return _slicing_instead(result, model, calib, options, evaluate, progress, log)
-    return result
+    """Prune ``model`` so that it loses ``options.flops`` of its FLOPs.
+
+    ``calib`` is a folder of images, a .npy/.npz path, or an array of
+    preprocessed inputs. ``evaluate`` is an optional (x, y) labelled set on
+    which accuracy before and after is measured. ``log`` receives one-line
+    status messages. The input model is never modified.
+    """
+    opts = (options or PruneOptions()).validate()
+    results = []
+    _convert(model, calib, opts, [opts.flops], evaluate, progress, log, lambda target, result: results.append(result),
+             errors_to_caller=False)
+    return results[0]
 
 
-def _slicing_instead(rejected: PruneResult, model, calib, options, evaluate, progress, log) -> PruneResult:
-    """The refit did worse on the held-out images than its channels merely sliced. Channels
-    chosen as --no-recover chooses them (for slicing) may do better still: that conversion is
-    run too (in its own weight store) and returned where its held-out error is lower and it
-    prunes at least as far toward the target. Not with --latency: that run would steer again on
-    fresh timings, and errors of differently fast models do not compare."""
+def prune_each(model: ModelSource, calib: CalibSource, targets: Sequence[float], on_result,
+               options: Optional[PruneOptions] = None, *, evaluate: Optional[Labelled] = None,
+               progress: Progress = silent, log=lambda line: None, before_each=lambda target: None) -> None:
+    """Prune ``model`` at each FLOPs target in turn (a sweep), loading, analysing, calibrating
+    and scoring it once: none of that depends on the target. ``on_result(target, result)``
+    gets each target's PruneResult as it is made, or the TargetError that says the target
+    cannot be met. A result's weights are released when the next target's conversion starts:
+    save it in the call. Bad input raises as :func:`prune` does.
+
+    Each result is the model :func:`prune` makes at that target, bit for bit; its report's
+    times are its own, and the shared stages' are in the first target's. ``before_each(target)``
+    is called as each target's own work starts."""
     opts = options or PruneOptions()
     if opts.latency_target is not None:
+        raise UsageError("a sweep takes FLOPs targets; it does not combine with a latency target")
+    if not len(targets):
+        raise UsageError("a sweep needs at least one FLOPs target")
+    for target in targets:  # every target checked before any work
+        opts.replace(flops=target).validate()
+    opts = opts.replace(flops=targets[0])
+    _convert(model, calib, opts, list(targets), evaluate, progress, log, on_result, errors_to_caller=True,
+             before_each=before_each)
+
+
+def _convert(model, calib, opts: PruneOptions, targets, evaluate, progress, log, on_result, errors_to_caller: bool,
+             before_each=lambda target: None):
+    store = weights.WeightStore()
+    with blas_single_thread(), weights.activate(store):
+        try:
+            run = _begin(model, calib, opts, evaluate, progress, log, store)
+        except TargetError as e:  # no group can be pruned: no target can be met
+            if not errors_to_caller:
+                raise
+            for target in targets:
+                on_result(target, e)
+            return
+        for i, target in enumerate(targets):
+            last = i == len(targets) - 1
+            # the previous target's weights go; the reference's stay while targets remain
+            store.retain([run.original, run.prepared])
+            before_each(target)
+            try:
+                at = opts.replace(flops=target)
+                result = _at_target(run, at, progress, first=i == 0)
+                if result.report.refit_rejected:
+                    result = _slicing_instead(run, result, at, progress)
+            except TargetError as e:
+                if not errors_to_caller:
+                    raise
+                on_result(target, e)
+                continue
+            # the original's weights go with the last target; the result keeps its own
+            store.retain([result._header] + ([] if last else [run.original, run.prepared]))
+            on_result(target, result)
+
+
+def _slicing_instead(run: "_Run", rejected: PruneResult, opts: PruneOptions, progress) -> PruneResult:
+    """The refit did worse on the held-out images than its channels merely sliced. Channels
+    chosen as --no-recover chooses them (for slicing) may do better still: that conversion is
+    run too (from the same calibration) and returned where its held-out error is lower and it
+    prunes at least as far toward the target. Not with --latency: that run would steer again on
+    fresh timings, and errors of differently fast models do not compare."""
+    if opts.latency_target is not None:
         return rejected
-    plain = prune(model, calib, opts.replace(recover=False), evaluate=evaluate, progress=progress, log=log)
+    plain = _at_target(run, opts.replace(recover=False), progress, first=False)
     mine, theirs = rejected.report, plain.report
     as_far = theirs.flops_reduction >= min(mine.flops_reduction, opts.flops)
     if theirs.fidelity_relative_error >= mine.fidelity_relative_error or not as_far:
@@ -146,20 +207,58 @@ def _slicing_instead(rejected: PruneResult, model, calib, options, evaluate, pro
     theirs.fidelity_rejected_refit = mine.fidelity_rejected_refit
     theirs.notes = [n for n in mine.notes if n.startswith("the refit made")] + [
         f"channels chosen as --no-recover chooses them did better still on the held-out images "
-        f"({theirs.fidelity_relative_error:.4f}): that model is written, channels and all"] + theirs.notes
+        f"({theirs.fidelity_relative_error:.4f}): that model is written, channels and all"] + [
+        n for n in theirs.notes if n != SHARED_NOTE]
+    # the conversion made both models: its time is both's
+    theirs.seconds = {k: mine.seconds.get(k, 0.0) + theirs.seconds.get(k, 0.0)
+                      for k in dict.fromkeys(list(mine.seconds) + list(theirs.seconds))}
     theirs.wall_seconds = (mine.wall_seconds or 0.0) + (theirs.wall_seconds or 0.0)
     return plain
 
 
-def _prune(model, calib, options, evaluate, progress, log, store: weights.WeightStore) -> PruneResult:
-    """Prune ``model`` so that it loses ``options.flops`` of its FLOPs.
+SHARED_NOTE = "loading, analysis, calibration and scoring were shared with the first target and are not in this time"
 
-    ``calib`` is a folder of images, a .npy/.npz path, or an array of
-    preprocessed inputs. ``evaluate`` is an optional (x, y) labelled set on
-    which accuracy before and after is measured. ``log`` receives one-line
-    status messages. The input model is never modified.
-    """
-    opts = (options or PruneOptions()).validate()
+
+@dataclasses.dataclass
+class _Run:
+    """What a conversion computes before the target enters, shared by the targets of a sweep."""
+    loaded: object
+    original: onnx.ModelProto
+    prepared: onnx.ModelProto
+    reference: onnx.ModelProto  # fidelity, accuracy and latency are measured against it
+    prep_log: object
+    cal: CalibrationSet
+    providers: List[str]
+    provider_text: str
+    roundings: List[Tuple[int, int]]
+    input_shapes: dict
+    shapes: dict
+    params_before: int
+    macs_before: int
+    evaluate: Optional[Labelled]  # the labelled set, and the original's accuracy on it
+    accuracy_before: Optional[float]
+    stats: Optional[ChannelStats]
+    store: weights.WeightStore
+    seconds: dict
+    wall_seconds: float
+    analysis: Optional[Analysis]  # the first target's; rewriting edits it, so the others analyse afresh
+    scored: dict = dataclasses.field(default_factory=dict)  # scoring options -> _Scored
+
+    def take_analysis(self, opts: PruneOptions) -> Analysis:
+        analysis, self.analysis = self.analysis, None
+        return analysis if analysis is not None else _analysis_of(self.prepared, self.shapes, opts)
+
+
+class _Scored(NamedTuple):
+    ranked: dict
+    loss: dict
+    importance: dict
+    sampled: object  # the output payoff's games (None for other payoffs)
+    timed: object  # the per-layer latency model (None unless --latency or --latency-aware)
+
+
+def _begin(model, calib, opts: PruneOptions, evaluate, progress, log, store: weights.WeightStore) -> _Run:
+    """Load, prepare and analyse the model, measure the original's accuracy, and calibrate."""
     seconds = {}
     t = start = time.perf_counter()
     loaded = load_model(model)
@@ -172,8 +271,6 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
     providers, provider_text = choose_providers(opts.device)
     log(f"onnxruntime provider: {provider_text}")
     roundings = _roundings(opts, providers)
-    opts = opts.replace(round_to=roundings[0][0])
-    narrow = roundings[0][1]  # the rounding's unit in groups under two blocks (0: none)
     input_shapes = {spec.name: (1,) + cal.sample_shape}
     params_before = count_params(original)
     # A large model keeps one copy of its weights: the prepared model (which computes the
@@ -212,6 +309,42 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
         stats = collect_stats(prepared, wanted, cal, cal.fit, providers, progress,
                               absolute=opts.criterion == "activation")
         seconds["calibrate"] = time.perf_counter() - t
+    return _Run(loaded, original, prepared, reference, prep_log, cal, providers, provider_text, roundings,
+                input_shapes, shapes, params_before, macs_before, evaluate, accuracy_before, stats, store, seconds,
+                time.perf_counter() - start, analysis)
+
+
+def _score(run: _Run, analysis: Analysis, opts: PruneOptions, progress, narrow: int, seconds: dict) -> _Scored:
+    """Rank each group's channels (and time the layers where the allocation needs it): the
+    same for every FLOPs target."""
+    sampled = timed = None
+    if opts.criterion == "snpfi" and opts.payoff == "output":
+        with progress("sampling the output payoff", len(analysis.prunable_groups())) as update:
+            sampled = output_games(run.prepared, analysis, run.cal, run.providers, centred=opts.recover,
+                                   budget=opts.budget, seed=opts.seed, progress=lambda n: update)
+        ranked, loss, importance = _from_games(sampled.games)
+    else:
+        with progress("scoring channels", 1) as update:
+            ranked, loss, importance = _rank(analysis, opts, run.stats, run.prep_log.bn_scale)
+            update(1)
+    if opts.latency_target is not None or opts.latency_aware:
+        t_lat = time.perf_counter()
+        timed = _latency_model(analysis, run.prepared, run.cal, opts, run.providers, progress, narrow)
+        seconds["latency_model"] = time.perf_counter() - t_lat
+    return _Scored(ranked, loss, importance, sampled, timed)
+
+
+def _at_target(run: _Run, opts: PruneOptions, progress, first: bool) -> PruneResult:
+    """Allocate, rewrite, refit and verify at ``opts.flops`` (or ``opts.latency_target``).
+    ``first``: the run's first target, whose time includes the shared stages'."""
+    seconds = dict(run.seconds) if first else {}
+    start = time.perf_counter()
+    original, prepared, reference, prep_log = run.original, run.prepared, run.reference, run.prep_log
+    cal, providers, shapes, roundings, stats = run.cal, run.providers, run.shapes, run.roundings, run.stats
+    spec, store = cal.spec, run.store
+    opts = opts.replace(round_to=roundings[0][0])
+    narrow = roundings[0][1]  # the rounding's unit in groups under two blocks (0: none)
+    analysis = run.take_analysis(opts)
     t = time.perf_counter()
     gated = sampled = cost_model = None
     steered = []  # --latency: [asked share of the model, measured reduction] per allocation timed
@@ -223,24 +356,16 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
             analysis, ranked, opts.flops, opts.min_keep, r, "threshold", loss, gates=gated.logits,
             narrow_unit=u))
     else:
-        if opts.criterion == "snpfi" and opts.payoff == "output":
-            with progress("sampling the output payoff", len(analysis.prunable_groups())) as update:
-                sampled = output_games(prepared, analysis, cal, providers, centred=opts.recover, budget=opts.budget,
-                                       seed=opts.seed, progress=lambda n: update)
-            ranked, loss, importance = _from_games(sampled.games)
-        else:
-            with progress("scoring channels", 1) as update:
-                ranked, loss, importance = _rank(analysis, opts, stats, prep_log.bn_scale)
-                update(1)
+        key = repr(opts.replace(flops=None))
+        if key not in run.scored:
+            run.scored[key] = _score(run, analysis, opts, progress, narrow, seconds)
+        ranked, loss, importance, sampled, timed = run.scored[key]
         rank_model, share = None, opts.flops
-        if opts.latency_target is not None or opts.latency_aware:
-            t_lat = time.perf_counter()
-            timed = _latency_model(analysis, prepared, cal, opts, providers, progress, narrow)
-            seconds["latency_model"] = time.perf_counter() - t_lat
-            if opts.latency_target is not None:
-                cost_model, share = timed, opts.latency_target
-            else:
-                rank_model = timed
+        if opts.latency_target is not None:
+            cost_model, share = timed, opts.latency_target
+        elif opts.latency_aware:
+            rank_model = timed
+
         def allocate_at(share, opts=opts):
             return _allocate_rounded(roundings, opts, share, lambda r, u: allocate(
                 analysis, ranked, share, opts.min_keep, r, opts.allocation, loss, cost_model=cost_model,
@@ -333,18 +458,18 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
 
     pruned, fid = _checked_refit(pruned, sliced if opts.recover else None, report, original, reference, cal,
                                  providers, progress, store.lean)
-    report.macs_before = macs_before
-    report.macs_after = count_macs(pruned, input_shapes)
-    report.params_before, report.params_after = params_before, count_params(pruned)
+    report.macs_before = run.macs_before
+    report.macs_after = count_macs(pruned, run.input_shapes)
+    report.params_before, report.params_after = run.params_before, count_params(pruned)
     if report.macs_after > report.macs_before:
         from .errors import InternalError
         raise InternalError("the pruned model has more FLOPs than the original (nothing written)")
     report.fidelity_top1_agreement, report.fidelity_relative_error = fid.top1_agreement, fid.relative_error
     report.fidelity_held_out, report.fidelity_images = fid.held_out, fid.images
     report.holdout_images = fid.images if fid.held_out else 0
-    if evaluate is not None:
-        x, y = evaluate
-        report.accuracy_before = accuracy_before
+    if run.evaluate is not None:
+        x, y = run.evaluate
+        report.accuracy_before = run.accuracy_before
         report.accuracy_after = accuracy(pruned, x, y, providers)
         report.eval_samples = len(y)
     seconds["verify"] = time.perf_counter() - t
@@ -357,19 +482,21 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
             update(1)
         seconds["latency"] = time.perf_counter() - t
 
-    report.input_path = loaded.path
-    report.provider = provider_text
-    report.file_size_before = loaded.file_size
+    report.input_path = run.loaded.path
+    report.provider = run.provider_text
+    report.file_size_before = run.loaded.file_size
     report.file_size_after = pruned.ByteSize() + weights.stored_bytes(pruned)
     report.calibration_images = len(cal)
     report.skipped_files = cal.skipped
     report.folded_batchnorms = len(prep_log.folded_batchnorms)
     report.seconds = seconds
-    report.wall_seconds = time.perf_counter() - start
+    report.wall_seconds = (run.wall_seconds if first else 0.0) + time.perf_counter() - start
     report.peak_rss_bytes = peak_rss_bytes()
     if cal.skipped:
         report.notes.append(f"{cal.skipped} non-image files in the calibration folder were skipped")
     report.notes.extend(cal.notes)
+    if not first:
+        report.notes.append(SHARED_NOTE)
     if opts.flops is not None and abs(report.flops_reduction - opts.flops) > 0.01:
         report.notes.append(
             f"achieved reduction {report.flops_reduction:.1%} is more than 1 point from the target: "
@@ -380,8 +507,7 @@ def _prune(model, calib, options, evaluate, progress, log, store: weights.Weight
         report.notes.append(
             f"large model ({_gb(weights.stored_bytes(original))} of weights): one copy of the weights kept, so the "
             "reference for fidelity, accuracy and latency is the prepared model (BatchNorm folded, the same function)")
-    store.retain([pruned])  # the original's weights go now; the result keeps the pruned ones
-    return PruneResult(pruned, report, store, external_data=loaded.external_data, input_files=loaded.files)
+    return PruneResult(pruned, report, store, external_data=run.loaded.external_data, input_files=run.loaded.files)
 
 
 def _checked_refit(refitted: onnx.ModelProto, make_sliced, report: Report, original, reference,

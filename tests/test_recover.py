@@ -188,15 +188,15 @@ def test_sliced_refit_channels_are_written_when_they_beat_no_recover(monkeypatch
     import onnxprune.api as api
 
     _sabotage_refit(monkeypatch)
-    real_prune = api.prune
+    real_at_target = api._at_target
 
-    def prune_with_bad_plain(model, calib, options=None, **kwargs):
-        result = real_prune(model, calib, options, **kwargs)
-        if options is not None and not options.recover:
+    def at_target_with_bad_plain(run, opts, *args, **kwargs):
+        result = real_at_target(run, opts, *args, **kwargs)
+        if not opts.recover:
             result.report.fidelity_relative_error = float("inf")
         return result
 
-    monkeypatch.setattr(api, "prune", prune_with_bad_plain)
+    monkeypatch.setattr(api, "_at_target", at_target_with_bad_plain)
     model, calib = _shipped("mnist_cnn")
     result = api.prune(model, calib, onnxprune.PruneOptions(flops=0.5, max_images=128, latency=False))
     report = result.report

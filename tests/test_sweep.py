@@ -47,3 +47,60 @@ def test_sweep_usage_errors(args, message, tmp_path, capsys):
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_sweep_calibrates_once_and_makes_what_prune_makes_at_each_target(tmp_path, monkeypatch):
+    """A sweep loads, calibrates and scores once for all its targets; each model is still
+    exactly the one a separate conversion makes, and a target that cannot be met takes
+    nothing from the ones after it."""
+    import numpy as np
+
+    import onnxprune
+    import onnxprune.api as api
+    from onnxprune.errors import TargetError
+
+    opts = onnxprune.PruneOptions(max_images=64, latency=False)
+    calibrations = []
+    real_collect = api.collect_stats
+    monkeypatch.setattr(api, "collect_stats", lambda *a, **k: calibrations.append(1) or real_collect(*a, **k))
+    got = {}
+
+    def keep(target, result):
+        if isinstance(result, TargetError):
+            got[target] = result
+            return
+        path = str(tmp_path / f"R{target}.onnx")
+        result.save(path)  # in the call: the next target releases this one's weights
+        got[target] = (onnx.load(path), result.report)
+
+    api.prune_each(BASE + ".onnx", BASE + "_calib", [0.3, 0.99, 0.6], keep, opts)
+    assert len(calibrations) == 1
+    assert isinstance(got[0.99], TargetError) and "cannot" in str(got[0.99])
+    for target in (0.3, 0.6):
+        swept, report = got[target]
+        alone = onnxprune.prune(BASE + ".onnx", BASE + "_calib", opts.replace(flops=target))
+        assert report.flops_reduction == alone.report.flops_reduction
+        assert report.fidelity_relative_error == alone.report.fidelity_relative_error
+        mine = {t.name: onnx.numpy_helper.to_array(t) for t in swept.graph.initializer}
+        theirs = {t.name: onnx.numpy_helper.to_array(t) for t in alone.model.graph.initializer}
+        assert mine.keys() == theirs.keys()
+        for name in mine:
+            np.testing.assert_array_equal(mine[name], theirs[name])
+    assert api.SHARED_NOTE in got[0.6][1].notes and "calibrate" not in got[0.6][1].seconds
+    assert "calibrate" in got[0.3][1].seconds
+
+
+@pytest.mark.parametrize("targets, changes, message", [
+    ([0.3, 1.2], {}, "--flops"),
+    ([], {}, "at least one FLOPs target"),
+    ([0.3], {"latency_target": 0.3}, "does not combine with a latency target"),
+])
+def test_prune_each_refuses_bad_targets_before_any_work(targets, changes, message, monkeypatch):
+    import onnxprune
+    import onnxprune.api as api
+    from onnxprune.errors import UsageError
+
+    monkeypatch.setattr(api, "load_model", lambda *a: pytest.fail("loaded before the targets were checked"))
+    with pytest.raises(UsageError, match=message):
+        onnxprune.prune_each(BASE + ".onnx", BASE + "_calib", targets, lambda t, r: None,
+                             onnxprune.PruneOptions(**changes))
