@@ -399,9 +399,9 @@ def _at_target(run: _Run, opts: PruneOptions, progress, first: bool) -> PruneRes
     report.round_to = opts.round_to
     report.rounding = _rounding_text(opts.round_to, narrow)
     if (opts.round_to, narrow) != roundings[0]:
-        first = _rounding_text(*roundings[0]).replace("channels in ", "")
+        blocks = _rounding_text(*roundings[0]).replace("channels in ", "")
         report.rounding = (report.rounding or "channels not rounded") + (
-            f"; the kernels' blocks, {first}, could not meet the target within a point")
+            f"; the kernels' blocks, {blocks}, could not meet the target within a point")
     _add_curves(report, analysis, alloc, loss, importance)
     if sampled is not None:
         report.payoff_cost = dict(evaluations=sampled.evaluations, budget=sampled.budget, seconds=sampled.seconds,

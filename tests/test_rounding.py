@@ -68,3 +68,15 @@ def test_missed_target_note_advises_only_what_was_not_tried(round_to, advice):
     report = onnxprune.prune(model, cal, onnxprune.PruneOptions(flops=0.2, round_to=round_to, latency=False)).report
     assert abs(report.flops_reduction - 0.2) > 0.01
     assert any("more than 1 point from the target" in n and advice in n for n in report.notes)
+
+
+def test_a_later_sweep_target_whose_rounding_falls_back_keeps_its_own_time(block_16):
+    """The fallback's words in the report must not change which of a sweep's targets carries
+    the shared stages' time."""
+    got = {}
+    model = os.path.join(ROOT, "models", "fmnist_resnet")
+    onnxprune.prune_each(model + ".onnx", model + "_calib", [0.3, 0.85], lambda t, r: got.__setitem__(t, r.report),
+                         onnxprune.PruneOptions(max_images=64, latency=False))
+    later = got[0.85]
+    assert "could not meet the target" in later.rounding
+    assert api.SHARED_NOTE in later.notes and "calibrate" not in later.seconds
