@@ -118,10 +118,29 @@ def ResNet20FMNIST(num_classes: int = 10) -> nn.Module:
     return SmallResNet(num_classes, blocks_per_stage=3)
 
 
+class VGGWideFMNIST(nn.Module):
+    """A plain VGG-style stack whose last 3x3 convs read 192 and 256 channels: im2col rows
+    1728 and 2304 wide, the widths where recovery chooses between its exact patch fit and the
+    channel-level one (bench/patch_limit.py); the other benchmark models stop at 1152."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv_bn_relu(1, 64, 3), nn.MaxPool2d(2),  # 14x14
+            _conv_bn_relu(64, 128, 3), _conv_bn_relu(128, 192, 3), nn.MaxPool2d(2),  # 7x7
+            _conv_bn_relu(192, 256, 3), _conv_bn_relu(256, 256, 3))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(256, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
 ARCHITECTURES = {
     "alexnet_mnist": AlexNetMNIST,
     "mobilenetv1_fmnist": MobileNetV1FMNIST,
     "resnet20_fmnist": ResNet20FMNIST,
+    "vggwide_fmnist": VGGWideFMNIST,
 }
 
 

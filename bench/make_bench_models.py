@@ -1,4 +1,4 @@
-"""Train, export and package the larger benchmark CNNs (AlexNet, MobileNetV1, ResNet-20).
+"""Train, export and package the larger benchmark CNNs (AlexNet, MobileNetV1, ResNet-20, a wide VGG).
 
 Usage (in a venv with torch==2.13.0, onnx, onnxruntime, numpy):
 
@@ -83,6 +83,7 @@ MODELS = {
         Spec("alexnet_mnist", "mnist", epochs=3, lr=2e-3, seed=11),
         Spec("mobilenetv1_fmnist", "fashion_mnist", epochs=3, lr=3e-3, seed=12),
         Spec("resnet20_fmnist", "fashion_mnist", epochs=3, lr=5e-3, seed=13),
+        Spec("vggwide_fmnist", "fashion_mnist", epochs=2, lr=3e-3, seed=14),
     ]
 }
 
