@@ -27,7 +27,14 @@ import scipy.linalg
 
 from .runtime import blas_threads_for
 
-PATCH_LIMIT = 2304  # widest im2col row (in-channels x kernel taps) fitted exactly
+# Widest im2col row (kept in-channels x kernel taps) fitted exactly; wider layers get the
+# channel-level fit. Chosen by measurement (bench/results/2026-11-22-patch-limit.md): on
+# vggwide_fmnist's convs 1350-2304 wide the exact fit cut the held-out error by 1-7%, with
+# no accuracy change beyond noise, at 1.5-3.8x the refit's time, and ResNet-18 at 224x224
+# converted fastest at this limit (9.5 s at -50%, 11.1 s at 2304, 9.9 s at 600, where channel
+# fits on large maps cost more than the patch fits they replace). Up to 1200 the exact fit
+# wins on held-out error (by up to 17% on alexnet_mnist's 721-865 wide convs).
+PATCH_LIMIT = 1200
 # Patch rows sampled per unknown of a layer's system, over all calibration images together:
 # enough for a well-determined least-squares fit, far fewer than all pixels of large maps.
 ROWS_PER_UNKNOWN = 16

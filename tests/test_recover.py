@@ -476,3 +476,51 @@ def test_a_refitted_matmul_gets_the_bias_its_fit_solved_for():
     assert [n.op_type for n in pruned.graph.node][-2:] == ["MatMul", "Add"]
     test = np.random.default_rng(1).normal(size=(8, 3, 6, 6)).astype(np.float32)
     assert rel_error(outputs(model, test), outputs(pruned, test)) < 0.03
+
+
+def _wide_low_rank_model():
+    """conv 3->64, then a conv 64->160 whose filters span only 40 directions (so any 40 of its
+    channels predict the others pixel by pixel), then a 3x3 conv reading those 160 channels,
+    GAP and Gemm. Returns the model, the wide conv's name and the output tensors of the other
+    convs (their channel groups are left whole)."""
+    b = Builder(channels=3, size=6, seed=7)
+    x = b.relu(b.conv("input", 3, 64))
+    x = b.conv(x, 64, 160)
+    w = onnx.numpy_helper.to_array(b.inits[2])
+    rng = np.random.default_rng(7)
+    low = (rng.normal(size=(160, 40)) @ rng.normal(size=(40, 64 * 9)) / np.sqrt(40 * 64 * 9)).reshape(w.shape)
+    b.inits[2] = onnx.numpy_helper.from_array(low.astype(np.float32), b.inits[2].name)
+    x = b.relu(b.conv(x, 160, 32))
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
+    model = b.model(b.gemm(x, 32, 10), ["N", 10])
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    return model, convs[2].name, (convs[0].output[0], convs[2].output[0])
+
+
+@pytest.mark.parametrize("flops, kept, fit", [(0.09, 144, "channel"), (0.19, 128, "patch")])
+def test_a_conv_too_wide_for_the_exact_fit_is_refitted_channel_by_channel(monkeypatch, flops, kept, fit):
+    """The 3x3 conv reading the 160-channel group is fitted over im2col patches while its kept
+    inputs x taps are at most refit.PATCH_LIMIT (1200: 128 x 9), channel by channel beyond
+    (144 x 9); either way the refit brings the pruned model close to the original."""
+    import onnxprune.api as api
+
+    logs = []
+    real = api.refit_sequential
+
+    def logged(*args, **kwargs):
+        logs.append(real(*args, **kwargs))
+        return logs[-1]
+
+    monkeypatch.setattr(api, "refit_sequential", logged)
+    model, name, whole = _wide_low_rank_model()
+    calib = np.random.default_rng(0).normal(size=(96, 3, 6, 6)).astype(np.float32)
+    opts = onnxprune.PruneOptions(flops=flops, ignore=whole, round_to=16, latency=False)
+    result = onnxprune.prune(model, calib, opts)
+    wide = next(n for n in result.model.graph.node if n.name == name)
+    assert onnx.numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == wide.input[1])).shape[1] == kept
+    assert name in getattr(logs[-1], fit)
+    report = result.report
+    assert not report.refit_rejected
+    assert report.fidelity_relative_error < 0.2 * report.fidelity_without_refit["relative_error"]
+    x = np.random.default_rng(1).normal(size=(16, 3, 6, 6)).astype(np.float32)
+    assert rel_error(outputs(model, x), outputs(result.model, x)) < 0.05
