@@ -27,6 +27,7 @@ import sys
 import time
 
 import numpy as np
+import onnxruntime
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -100,7 +101,6 @@ def main() -> None:
                 rows.append(row)
                 print(row, flush=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
-    import onnxruntime
     head = (f"# Patch refit against channel-level refit, by layer width, {datetime.date.today()}\n\n"
             f"Machine: {machine}; onnxruntime {onnxruntime.__version__} (CPU provider); took "
             f"{(time.time() - started) / 60:.1f} min. Command: `python bench/patch_limit.py --models {args.models} "
