@@ -10,11 +10,15 @@ held-out fidelity (relative output error on the images kept away from fitting)
 and, for the benchmark models with a test split, the top-1 accuracy lost.
 
     python bench/patch_limit.py [--models mnist_cnn,...,resnet18,mobilenet_v2]
-                                [--limits 0,300,600,1200,2304,4608] [--ratios 0.3,0.5,0.7]
+                                [--limits 0,300,600,1200,2304,4608,thorough] [--ratios 0.3,0.5,0.7]
+                                [--name patch-limit]
+
+A limit of ``thorough`` is the default limit's neighbour in the product: ``--thorough``
+(refit.THOROUGH_PATCH_LIMIT wide, refit.THOROUGH_ROWS_PER_UNKNOWN rows per unknown).
 
 resnet18 and mobilenet_v2 are the 224x224 torchvision networks of scale_cost.py
 (random weights, 256 random inputs): costs and fidelity only. Writes
-bench/results/DATE-patch-limit.md.
+bench/results/DATE-NAME.md.
 """
 
 from __future__ import annotations
@@ -75,8 +79,9 @@ def main() -> None:
     ap.add_argument("--limits", default="0,300,600,1200,2304,4608")
     ap.add_argument("--ratios", default="0.3,0.5,0.7")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--name", default="patch-limit", help="the results file is DATE-NAME.md")
     args = ap.parse_args()
-    limits = [int(v) for v in args.limits.split(",")]
+    limits = [v if v == "thorough" else int(v) for v in args.limits.split(",")]
     ratios = [float(v) for v in args.ratios.split(",")]
     default = recover.PATCH_LIMIT
     started = time.time()
@@ -87,10 +92,12 @@ def main() -> None:
         for ratio in ratios:
             opts = onnxprune.PruneOptions(flops=ratio, latency=False)
             for limit in limits:
-                recover.PATCH_LIMIT = limit
+                thorough = limit == "thorough"
+                recover.PATCH_LIMIT = default if thorough else limit
                 try:
                     t = time.perf_counter()
-                    result, patch, channel = _fits_made(lambda: onnxprune.prune(path, calib, opts))
+                    result, patch, channel = _fits_made(
+                        lambda: onnxprune.prune(path, calib, opts.replace(thorough=thorough)))
                     whole = time.perf_counter() - t
                 finally:
                     recover.PATCH_LIMIT = default
@@ -104,15 +111,16 @@ def main() -> None:
     head = (f"# Patch refit against channel-level refit, by layer width, {datetime.date.today()}\n\n"
             f"Machine: {machine}; onnxruntime {onnxruntime.__version__} (CPU provider); took "
             f"{(time.time() - started) / 60:.1f} min. Command: `python bench/patch_limit.py --models {args.models} "
-            f"--limits {args.limits} --ratios {args.ratios}`\n\n"
+            f"--limits {args.limits} --ratios {args.ratios} --name {args.name}`\n\n"
             "Default conversion (snpfi, auto, recovery on, latency off) with convs whose kept im2col row "
             "(kept inputs x taps) is at most the limit fitted exactly over sampled patches, wider ones "
-            "channel by channel. Fidelity: relative output error on the held-out calibration images. "
+            "channel by channel; thorough: --thorough (exact fits up to 4608 wide, 64 sampled rows per unknown "
+            "instead of 16). Fidelity: relative output error on the held-out calibration images. "
             "Loss: top-1 points lost on the full test split (- for the random-weight 224x224 networks).\n\n"
             "| model | R | patch limit | layers fitted by patch / by channel | refit s | conversion s | "
             "held-out error | accuracy loss |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n")
     os.makedirs(args.out, exist_ok=True)
-    out = os.path.join(args.out, f"{datetime.date.today()}-patch-limit.md")
+    out = os.path.join(args.out, f"{datetime.date.today()}-{args.name}.md")
     with open(out, "w") as f:
         f.write(head + "\n".join(rows) + "\n")
     print(f"wrote {out}")

@@ -38,6 +38,11 @@ PATCH_LIMIT = 1200
 # Patch rows sampled per unknown of a layer's system, over all calibration images together:
 # enough for a well-determined least-squares fit, far fewer than all pixels of large maps.
 ROWS_PER_UNKNOWN = 16
+# --thorough: exact fits up to this width, over this many sampled rows per unknown. On the
+# benchmark models it kept up to 0.36 point more (most at -70% FLOPs; within noise at -30%)
+# for 1.0-1.9x the conversion's time (bench/results/2026-11-22-thorough.md).
+THOROUGH_PATCH_LIMIT = 4608
+THOROUGH_ROWS_PER_UNKNOWN = 64
 
 
 def _solve(gram: np.ndarray, rhs: np.ndarray, ridge: float) -> Optional[np.ndarray]:
