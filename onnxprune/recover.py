@@ -229,7 +229,8 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
         readable = None if patch_fits[name] is not None else _channel_weights(original, o_nodes[name], o_inits)
         if readable is not None:
             channel_weights[name] = readable
-    seg = Segmenter(pruned, names)
+    waves = _waves(pruned, layers)
+    seg = Segmenter(pruned, [names[wave[0]] for wave in waves])
     bs = cal.batch_size
     folder = tempfile.mkdtemp(prefix="onnxprune-")
     budget = MemoryBudget()
@@ -239,10 +240,13 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
     start = 0
     try:
         with progress("refitting layers", len(layers)) as update, blas_single_thread():
-            for step, (layer_index, name) in enumerate(zip(layers, names)):
-                node_p = pruned.graph.node[layer_index]
-                fit = patch_fits[name] or (_channel_fit(*channel_weights[name], o_nodes[name], keep, repeat)
-                                           if name in channel_weights else None)
+            for step, wave in enumerate(waves):
+                fits = {}
+                for k in wave:
+                    name = names[k]
+                    fits[name] = patch_fits[name] or (_channel_fit(*channel_weights[name], o_nodes[name], keep, repeat)
+                                                      if name in channel_weights else None)
+                inputs = {names[k]: pruned.graph.node[layers[k]].input[0] for k in wave}
                 live = seg.live_at(seg.cuts[step])
                 sess = make_session(seg.segment(pruned, start, seg.cuts[step], prev_live, live), providers)
                 capture = (_Capture(original, o_nodes, patch_fits, set(channel_weights), targets, providers, shapes,
@@ -264,30 +268,36 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                         # a padded last batch (fixed-batch models) is copied: a view would keep,
                         # uncounted by the memory budget, the whole padded array alive
                         new.write(t, b0, v if real == len(v) else v[:real].copy())
-                    if fit is not None:
-                        x_new = outs[node_p.input[0]][:real]
+                    for name, fit in fits.items():
+                        if fit is None:
+                            continue
+                        x_new = outs[inputs[name]][:real]
                         if isinstance(fit, PatchFit):
                             pos = targets[name].read("positions", b0, b0 + real) if targets[name].has("positions") else None
                             fit.add(targets[name].read("rows", b0, b0 + real), pos, x_new)
                         else:
                             fit.add(targets[name].read("input", b0, b0 + real), x_new)
-                targets[name].close()
-                solved = fit.solve(ridge) if fit is not None else None
-                if fit is None:
-                    log.unsupported.append(name)
-                elif solved is None:
-                    log.failed.append(name)
-                else:
-                    _apply(pruned, layer_index, solved, fit, shared, biases.get(name))
-                    (log.channel if isinstance(fit, ChannelFit) else log.patch).append(name)
-                # a fit holds its Gram matrices, a channel fit a copy of its layer's weights too:
-                # let them go before the next is made
-                patch_fits[name] = fit = solved = sess = capture = None
-                channel_weights.pop(name, None)
+                for k in wave:
+                    name = names[k]
+                    fit = fits.pop(name)
+                    targets[name].close()
+                    solved = fit.solve(ridge) if fit is not None else None
+                    if fit is None:
+                        log.unsupported.append(name)
+                    elif solved is None:
+                        log.failed.append(name)
+                    else:
+                        _apply(pruned, layers[k], solved, fit, shared, biases.get(name))
+                        (log.channel if isinstance(fit, ChannelFit) else log.patch).append(name)
+                    # a fit holds its Gram matrices, a channel fit a copy of its layer's weights
+                    # too: let them go before the next is made
+                    patch_fits[name] = fit = solved = None
+                    channel_weights.pop(name, None)
+                sess = capture = None
                 if prev is not None:
                     prev.close()
                 prev, prev_live, start, new = new, live, seg.cuts[step], None
-                update(1)
+                update(len(wave))
         _drop_zero_biases(pruned, biases)
     finally:
         # an error mid-step leaves the frontier being written unclosed too
@@ -380,6 +390,24 @@ class _Capture:
             store.write("rows", b0, rows)
             if pos is not None:
                 store.write("positions", b0, pos)
+
+
+def _waves(model: onnx.ModelProto, layers: Sequence[int]) -> List[List[int]]:
+    """The refit's steps: runs of consecutive layers (positions in ``layers``, node indices in
+    topological order) fitted from one run of one segment. A layer joins the step before it
+    when its input is made before that step's first layer: the refits in the step do not
+    change it, so it is the same there as at the layer itself, and a cut of its own would
+    only run the step's layers again and copy every tensor crossing the cut once more. The
+    1x1 projection of a residual block joins the block's first conv; the branches of an
+    Inception module reading one input share one step."""
+    made_at = {o: i for i, node in enumerate(model.graph.node) for o in node.output if o}
+    waves: List[List[int]] = []
+    for k, index in enumerate(layers):
+        if waves and made_at.get(model.graph.node[index].input[0], -1) < layers[waves[-1][0]]:
+            waves[-1].append(k)
+        else:
+            waves.append([k])
+    return waves
 
 
 def _names_in(model: onnx.ModelProto) -> set:

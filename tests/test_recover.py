@@ -527,3 +527,32 @@ def test_a_conv_too_wide_for_the_exact_fit_is_refitted_channel_by_channel(monkey
     assert report.fidelity_relative_error < 0.2 * report.fidelity_without_refit["relative_error"]
     x = np.random.default_rng(1).normal(size=(16, 3, 6, 6)).astype(np.float32)
     assert rel_error(outputs(model, x), outputs(result.model, x)) < 0.05
+
+
+def test_layers_whose_input_is_made_before_a_step_share_it_and_the_model_is_the_same(monkeypatch):
+    """The 1x1 projection of the second residual block reads the block's input, made before the
+    block's first conv is refitted: it is fitted in the same step as the conv before it (one
+    run of the segment fewer), and the refitted model is weight for weight the one that one
+    step per layer gives."""
+    from onnxprune import recover
+    from tiny import residual_cnn
+
+    model = residual_cnn(seed=3)
+    calib = np.random.default_rng(0).normal(size=(64, 3, 8, 8)).astype(np.float32)
+    opts = onnxprune.PruneOptions(flops=0.3, round_to=1, latency=False)
+    steps = []
+    real = recover._waves
+
+    def recorded(pruned, layers):
+        steps.append((len(layers), real(pruned, layers)))
+        return steps[-1][1]
+
+    monkeypatch.setattr(recover, "_waves", recorded)
+    shared = onnxprune.prune(model, calib, opts).model
+    layers, waves = steps[-1]
+    assert len(waves) < layers and any(len(w) > 1 for w in waves)
+    monkeypatch.setattr(recover, "_waves", lambda pruned, layers: [[k] for k in range(len(layers))])
+    alone = onnxprune.prune(model, calib, opts).model
+    weights_of = lambda m: {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}  # noqa: E731
+    a, b = weights_of(shared), weights_of(alone)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
