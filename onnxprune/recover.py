@@ -189,7 +189,8 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
     What the original model computed does not depend on the refit: one pass of it, made with
     the pruned model's first segment, stores what every fit reads from it (:class:`_Capture`).
     The pruned model is then run segment after segment, each fit taking its layer's input at
-    the cut before it. ``keep(tensor)`` is the pruning mask of a tensor of ``original`` (None:
+    the cut before its step (:func:`_waves`: layers whose inputs are made before a step share
+    it). ``keep(tensor)`` is the pruning mask of a tensor of ``original`` (None:
     all kept); ``changed`` names the nodes the surgery edited; ``shapes``: the original's
     static shapes, where known; ``thorough``: exact fits over wider layers and more rows
     (THOROUGH_PATCH_LIMIT, THOROUGH_ROWS_PER_UNKNOWN)."""
