@@ -35,7 +35,8 @@ from .data import CalibrationSet, pad_batch
 from .ops import rule_for
 from .ops.conv import grouping
 from .progress import Progress, silent
-from .refit import PATCH_LIMIT, ROWS_PER_UNKNOWN, THOROUGH_PATCH_LIMIT, THOROUGH_ROWS_PER_UNKNOWN, ChannelFit, PatchFit
+from .refit import (MIN_ROWS, PATCH_LIMIT, ROWS_PER_UNKNOWN, THOROUGH_PATCH_LIMIT, THOROUGH_ROWS_PER_UNKNOWN,
+                    ChannelFit, PatchFit)
 from .runtime import blas_single_thread, expose, make_session, run_feeds
 from .segments import Frontier, MemoryBudget, Segmenter
 from .shapes import Shape
@@ -481,8 +482,8 @@ def _drop_zero_biases(model: onnx.ModelProto, biases: Dict[str, str]) -> None:
 def _patch_fit(node_o: onnx.NodeProto, inits, keep, images: int, seed: int, limit: int,
                per_unknown: int) -> Optional[PatchFit]:
     """The exact fit of a dense 2-D Conv whose im2col rows (kept inputs x taps) are at most
-    ``limit`` wide, with ``per_unknown`` rows per unknown over ``images``; None for any other
-    layer."""
+    ``limit`` wide, with ``per_unknown`` rows per unknown (MIN_ROWS at least) over ``images``;
+    None for any other layer."""
     w = inits.get(node_o.input[1]) if node_o.op_type == "Conv" and len(node_o.input) > 1 else None
     if w is None or w.ndim != 4:
         return None
@@ -493,7 +494,7 @@ def _patch_fit(node_o: onnx.NodeProto, inits, keep, images: int, seed: int, limi
     if width > limit:
         return None
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node_o.attribute}
-    return PatchFit(w.shape[2:], attrs, in_mask, out_mask, rows_per_image=_per_image(per_unknown * (width + 1), images),
+    return PatchFit(w.shape[2:], attrs, in_mask, out_mask, rows_per_image=_per_image(max(per_unknown * (width + 1), MIN_ROWS), images),
                     seed=seed)
 
 

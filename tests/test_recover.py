@@ -556,3 +556,19 @@ def test_layers_whose_input_is_made_before_a_step_share_it_and_the_model_is_the_
     weights_of = lambda m: {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}  # noqa: E731
     a, b = weights_of(shared), weights_of(alone)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_narrow_layers_exact_fit_draws_at_least_min_rows():
+    """A 3x3 conv reading 8 channels has 73 unknowns: 16 rows each would be 1168 over all images;
+    the fit draws at least refit.MIN_ROWS (4096), as far as the images have positions."""
+    from onnxprune import recover
+    from onnxprune.refit import MIN_ROWS
+
+    b = Builder(channels=8, size=16)
+    model = b.model(b.conv("input", 8, 8), ["N", 8, 16, 16])
+    conv = model.graph.node[0]
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    fit = recover._patch_fit(conv, inits, lambda name: None, 64, 0, recover.PATCH_LIMIT, recover.ROWS_PER_UNKNOWN)
+    assert fit.rows_per_image * 64 >= MIN_ROWS > 16 * 73
+    few = recover._patch_fit(conv, inits, lambda name: None, 4096, 0, recover.PATCH_LIMIT, recover.ROWS_PER_UNKNOWN)
+    assert few.rows_per_image == 1  # 4096 images: one position each is enough
