@@ -10,11 +10,11 @@ held-out fidelity (relative output error on the images kept away from fitting)
 and, for the benchmark models with a test split, the top-1 accuracy lost.
 
     python bench/patch_limit.py [--models mnist_cnn,...,resnet18,mobilenet_v2]
-                                [--limits 0,300,600,1200,2304,4608,thorough] [--ratios 0.3,0.5,0.7]
+                                [--limits 0,300,600,1200,2304,4608,4608:64] [--ratios 0.3,0.5,0.7]
                                 [--name patch-limit]
 
-A limit of ``thorough`` is the default limit's neighbour in the product: ``--thorough``
-(refit.THOROUGH_PATCH_LIMIT wide, refit.THOROUGH_ROWS_PER_UNKNOWN rows per unknown).
+A limit written LIMIT:ROWS also sets the sampled rows per unknown (refit.ROWS_PER_UNKNOWN,
+16 by default): 4608:64 is the "thorough" setting of bench/results/2026-11-22-thorough.md.
 
 resnet18 and mobilenet_v2 are the 224x224 torchvision networks of scale_cost.py
 (random weights, 256 random inputs): costs and fidelity only. Writes
@@ -81,9 +81,9 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--name", default="patch-limit", help="the results file is DATE-NAME.md")
     args = ap.parse_args()
-    limits = [v if v == "thorough" else int(v) for v in args.limits.split(",")]
+    limits = args.limits.split(",")
     ratios = [float(v) for v in args.ratios.split(",")]
-    default = recover.PATCH_LIMIT
+    default = (recover.PATCH_LIMIT, recover.ROWS_PER_UNKNOWN)
     started = time.time()
     rows = []
     for name in args.models.split(","):
@@ -92,18 +92,18 @@ def main() -> None:
         for ratio in ratios:
             opts = onnxprune.PruneOptions(flops=ratio, latency=False)
             for limit in limits:
-                thorough = limit == "thorough"
-                recover.PATCH_LIMIT = default if thorough else limit
+                width, _, per_unknown = limit.partition(":")
+                recover.PATCH_LIMIT, recover.ROWS_PER_UNKNOWN = int(width), int(per_unknown or default[1])
+                setting = (recover.PATCH_LIMIT, recover.ROWS_PER_UNKNOWN)
                 try:
                     t = time.perf_counter()
-                    result, patch, channel = _fits_made(
-                        lambda: onnxprune.prune(path, calib, opts.replace(thorough=thorough)))
+                    result, patch, channel = _fits_made(lambda: onnxprune.prune(path, calib, opts))
                     whole = time.perf_counter() - t
                 finally:
-                    recover.PATCH_LIMIT = default
+                    recover.PATCH_LIMIT, recover.ROWS_PER_UNKNOWN = default
                 rep = result.report
                 loss = f"{100 * (base - run_bench.accuracy(result.model, *test)):.2f}" if test is not None else "-"
-                row = (f"| {name} | {ratio:g} | {limit}{' (default)' if limit == default else ''} | {patch} / {channel} | "
+                row = (f"| {name} | {ratio:g} | {limit}{' (default)' if setting == default else ''} | {patch} / {channel} | "
                        f"{rep.seconds['refit']:.2f} | {whole:.2f} | {rep.fidelity_relative_error:.4f} | {loss} |")
                 rows.append(row)
                 print(row, flush=True)
@@ -114,8 +114,7 @@ def main() -> None:
             f"--limits {args.limits} --ratios {args.ratios} --name {args.name}`\n\n"
             "Default conversion (snpfi, auto, recovery on, latency off) with convs whose kept im2col row "
             "(kept inputs x taps) is at most the limit fitted exactly over sampled patches, wider ones "
-            "channel by channel; thorough: --thorough (exact fits up to 4608 wide, 64 sampled rows per unknown "
-            "instead of 16). Fidelity: relative output error on the held-out calibration images. "
+            "channel by channel; LIMIT:ROWS also sets the sampled rows per unknown (16 by default). Fidelity: relative output error on the held-out calibration images. "
             "Loss: top-1 points lost on the full test split (- for the random-weight 224x224 networks).\n\n"
             "| model | R | patch limit | layers fitted by patch / by channel | refit s | conversion s | "
             "held-out error | accuracy loss |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n")

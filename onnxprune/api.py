@@ -196,7 +196,7 @@ def _slicing_instead(run: "_Run", rejected: PruneResult, opts: PruneOptions, pro
     fresh timings, and errors of differently fast models do not compare."""
     if opts.latency_target is not None:
         return rejected
-    plain = _at_target(run, opts.replace(recover=False, thorough=False), progress, first=False)
+    plain = _at_target(run, opts.replace(recover=False), progress, first=False)
     mine, theirs = rejected.report, plain.report
     as_far = theirs.flops_reduction >= min(mine.flops_reduction, opts.flops)
     if theirs.fidelity_relative_error >= mine.fidelity_relative_error or not as_far:
@@ -429,7 +429,7 @@ def _at_target(run: _Run, opts: PruneOptions, progress, first: bool) -> PruneRes
     if opts.recover:
         t = time.perf_counter()
         seq = refit_sequential(prepared, pruned, keep_fn, repeat_fn, changed, cal, cal.fit, providers, progress,
-                               seed=opts.seed, shapes=shapes, thorough=opts.thorough)
+                               seed=opts.seed, shapes=shapes)
         seconds["refit"] = time.perf_counter() - t
         report.refitted_layers += len(seq.patch) + len(seq.channel)
         if seq.failed:
@@ -732,7 +732,7 @@ def _describe(analysis: Analysis, alloc: Optional[Allocation], opts: PruneOption
         payoff = "local"
     snpfi = opts.method == "snpfi"
     report = Report(method=opts.method, criterion=opts.criterion if snpfi else "gates", payoff=payoff,
-                    allocation=opts.allocation if snpfi else "threshold", recovery=opts.recover, thorough=opts.thorough,
+                    allocation=opts.allocation if snpfi else "threshold", recovery=opts.recover,
                     flops_target=opts.flops or 0.0, latency_target=opts.latency_target,
                     macs_before=analysis.macs())
     report.prunable_macs_share = analysis.prunable_share()

@@ -73,10 +73,6 @@ class PruneOptions:
     recover: bool = _opt(
         True, "Refit the layers next to every cut on the calibration data (--no-recover to compare).",
         flag="--recover/--no-recover")
-    thorough: bool = _opt(
-        False, "Recovery fits more exactly, for a slower conversion: convs up to 4608 wide (kept inputs x "
-        "kernel taps; 1200 by default) over 64 sampled rows per unknown (16). Buys most at high "
-        "pruning ratios (bench/results/*-thorough.md).", is_flag=True)
     gate_steps: int = _opt(1000, "bottleneck: optimisation steps of the gates.")
     gate_lr: float = _opt(0.5, "bottleneck: Adam learning rate of the gates' logits.")
     gate_flops_weight: float = _opt(8.0, "bottleneck: weight of the FLOPs-target term.")
@@ -144,8 +140,6 @@ class PruneOptions:
             raise UsageError("--latency-aware goes with --flops and the default --method snpfi --allocation auto")
         if self.latency_target is not None and self.method == "bottleneck":
             raise UsageError("--latency works with --method snpfi; the bottleneck's soft cost is FLOPs")
-        if self.thorough and not self.recover:
-            raise UsageError("--thorough makes recovery fit more exactly; it does nothing with --no-recover")
         if self.labels and (self.payoff != "output" or self.method != "snpfi"):
             raise UsageError("--labels is read by --payoff output only; add --payoff output or leave it out")
         if self.method == "bottleneck" and (self.criterion, self.payoff, self.allocation) != ("snpfi", "auto", "auto"):

@@ -35,8 +35,7 @@ from .data import CalibrationSet, pad_batch
 from .ops import rule_for
 from .ops.conv import grouping
 from .progress import Progress, silent
-from .refit import (MIN_ROWS, PATCH_LIMIT, ROWS_PER_UNKNOWN, THOROUGH_PATCH_LIMIT, THOROUGH_ROWS_PER_UNKNOWN,
-                    ChannelFit, PatchFit)
+from .refit import MIN_ROWS, PATCH_LIMIT, ROWS_PER_UNKNOWN, ChannelFit, PatchFit
 from .runtime import blas_single_thread, expose, make_session, run_feeds
 from .segments import Frontier, MemoryBudget, Segmenter
 from .shapes import Shape
@@ -182,7 +181,7 @@ class SequentialLog:
 def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: Callable[[str], Optional[np.ndarray]],
                      repeat: Callable[[str], int], changed: set, cal: CalibrationSet, indices: Sequence[int], providers: List[str],
                      progress: Progress = silent, ridge: float = RIDGE, seed: int = 0,
-                     shapes: Optional[Dict[str, Shape]] = None, thorough: bool = False) -> SequentialLog:
+                     shapes: Optional[Dict[str, Shape]] = None) -> SequentialLog:
     """Refit, in place in ``pruned``, every dense layer whose input the pruning changed, in
     topological order, each against the original layer's output (on its kept channels) from
     the pruned model's own input with every earlier layer already refitted.
@@ -193,8 +192,7 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
     the cut before its step (:func:`_waves`: layers whose inputs are made before a step share
     it). ``keep(tensor)`` is the pruning mask of a tensor of ``original`` (None:
     all kept); ``changed`` names the nodes the surgery edited; ``shapes``: the original's
-    static shapes, where known; ``thorough``: exact fits over wider layers and more rows
-    (THOROUGH_PATCH_LIMIT, THOROUGH_ROWS_PER_UNKNOWN)."""
+    static shapes, where known."""
     start_time = time.perf_counter()
     log = SequentialLog()
     dims = {t.name: tuple(t.dims) for t in original.graph.initializer}  # dims: stored weights too
@@ -222,10 +220,7 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
     # what each fit reads from the original is stored before the first is made: the patch fits
     # are made now (they hold no weights, and they draw the rows they are fitted against); the
     # channel fits, which copy their layer's weights, at their turn; other layers get no fit
-    # read at each call, not bound at import: bench/patch_limit.py sets the limit per run
-    limit, per_unknown = (THOROUGH_PATCH_LIMIT, THOROUGH_ROWS_PER_UNKNOWN) if thorough else (PATCH_LIMIT, ROWS_PER_UNKNOWN)
-    patch_fits = {name: _patch_fit(o_nodes[name], o_inits, keep, n, seed + step, limit, per_unknown)
-                  for step, name in enumerate(names)}
+    patch_fits = {name: _patch_fit(o_nodes[name], o_inits, keep, n, seed + step) for step, name in enumerate(names)}
     channel_weights = {}  # layer -> its readable weights (views of the original's, no copy)
     for name in names:
         readable = None if patch_fits[name] is not None else _channel_weights(original, o_nodes[name], o_inits)
@@ -479,11 +474,10 @@ def _drop_zero_biases(model: onnx.ModelProto, biases: Dict[str, str]) -> None:
         del model.graph.initializer[i]
 
 
-def _patch_fit(node_o: onnx.NodeProto, inits, keep, images: int, seed: int, limit: int,
-               per_unknown: int) -> Optional[PatchFit]:
+def _patch_fit(node_o: onnx.NodeProto, inits, keep, images: int, seed: int) -> Optional[PatchFit]:
     """The exact fit of a dense 2-D Conv whose im2col rows (kept inputs x taps) are at most
-    ``limit`` wide, with ``per_unknown`` rows per unknown (MIN_ROWS at least) over ``images``;
-    None for any other layer."""
+    PATCH_LIMIT wide, with ROWS_PER_UNKNOWN rows per unknown (MIN_ROWS at least) over
+    ``images``; None for any other layer."""
     w = inits.get(node_o.input[1]) if node_o.op_type == "Conv" and len(node_o.input) > 1 else None
     if w is None or w.ndim != 4:
         return None
@@ -491,10 +485,11 @@ def _patch_fit(node_o: onnx.NodeProto, inits, keep, images: int, seed: int, limi
     in_mask = np.ones(w.shape[1], dtype=bool) if keep_in is None else keep_in
     out_mask = np.ones(w.shape[0], dtype=bool) if keep_out is None else keep_out
     width = int(in_mask.sum()) * int(np.prod(w.shape[2:]))
-    if width > limit:
+    if width > PATCH_LIMIT:
         return None
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node_o.attribute}
-    return PatchFit(w.shape[2:], attrs, in_mask, out_mask, rows_per_image=_per_image(max(per_unknown * (width + 1), MIN_ROWS), images),
+    rows = max(ROWS_PER_UNKNOWN * (width + 1), MIN_ROWS)
+    return PatchFit(w.shape[2:], attrs, in_mask, out_mask, rows_per_image=_per_image(rows, images),
                     seed=seed)
 
 

@@ -44,11 +44,6 @@ ROWS_PER_UNKNOWN = 16
 # -30/-50/-70%: fmnist_resnet 0.90/1.12/3.07 -> 0.82/1.03/2.96 points lost, resnet20_fmnist at
 # -70% 3.31 -> 2.81, the others within 0.05; MobileNetV2's refit at 224x224 +5%.
 MIN_ROWS = 4096
-# --thorough: exact fits up to this width, over this many sampled rows per unknown. On the
-# benchmark models it kept up to 0.36 point more (most at -70% FLOPs; within noise at -30%)
-# for 1.0-1.9x the conversion's time (bench/results/2026-11-22-thorough.md).
-THOROUGH_PATCH_LIMIT = 4608
-THOROUGH_ROWS_PER_UNKNOWN = 64
 
 
 def _solve(gram: np.ndarray, rhs: np.ndarray, ridge: float) -> Optional[np.ndarray]:

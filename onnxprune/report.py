@@ -39,7 +39,6 @@ class Report:
     rounding: str = ""  # the kept counts allowed, as said in the summary
     round_to: int = 1  # the --round-to the allocation used
     recovery: bool = True
-    thorough: bool = False  # --thorough: wider exact fits over more rows
     refitted_layers: int = 0
     flops_target: float = 0.0
     latency_target: Optional[float] = None
@@ -96,7 +95,7 @@ class Report:
             return "off"
         if self.refit_rejected:
             return "on (the refit did worse on held-out images: written without it)"
-        return f"on{', thorough' if self.thorough else ''} ({self.refitted_layers} layers refitted)"
+        return f"on ({self.refitted_layers} layers refitted)"
 
     def format_analysis(self) -> str:
         lines = [f"FLOPs: {_si(self.macs_before)} MACs per sample; "

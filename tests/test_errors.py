@@ -508,7 +508,6 @@ def test_ignore_of_a_name_not_in_the_model(work, capsys):
 @pytest.mark.parametrize("extra,words", [
     (["--labels"], ["--labels is read by --payoff output only"]),
     (["--method", "bottleneck", "--criterion", "l1"], ["do not apply to it"]),
-    (["--thorough", "--no-recover"], ["--thorough", "does nothing with --no-recover"]),
 ])
 def test_options_that_would_be_ignored_are_refused(work, capsys, extra, words):
     _expect_error(work, capsys, _prune_args(work) + extra, 2, words)

@@ -497,13 +497,11 @@ def _wide_low_rank_model():
     return model, convs[2].name, (convs[0].output[0], convs[2].output[0])
 
 
-@pytest.mark.parametrize("flops, thorough, kept, fit", [(0.09, False, 144, "channel"), (0.19, False, 128, "patch"),
-                                                   (0.09, True, 144, "patch")])
-def test_a_conv_too_wide_for_the_exact_fit_is_refitted_channel_by_channel(monkeypatch, flops, thorough, kept, fit):
+@pytest.mark.parametrize("flops, kept, fit", [(0.09, 144, "channel"), (0.19, 128, "patch")])
+def test_a_conv_too_wide_for_the_exact_fit_is_refitted_channel_by_channel(monkeypatch, flops, kept, fit):
     """The 3x3 conv reading the 160-channel group is fitted over im2col patches while its kept
     inputs x taps are at most refit.PATCH_LIMIT (1200: 128 x 9), channel by channel beyond
-    (144 x 9), and over patches at that width with --thorough; either way the refit brings the
-    pruned model close to the original."""
+    (144 x 9); either way the refit brings the pruned model close to the original."""
     import onnxprune.api as api
 
     logs = []
@@ -516,14 +514,13 @@ def test_a_conv_too_wide_for_the_exact_fit_is_refitted_channel_by_channel(monkey
     monkeypatch.setattr(api, "refit_sequential", logged)
     model, name, whole = _wide_low_rank_model()
     calib = np.random.default_rng(0).normal(size=(96, 3, 6, 6)).astype(np.float32)
-    opts = onnxprune.PruneOptions(flops=flops, ignore=whole, round_to=16, latency=False, thorough=thorough)
+    opts = onnxprune.PruneOptions(flops=flops, ignore=whole, round_to=16, latency=False)
     result = onnxprune.prune(model, calib, opts)
     wide = next(n for n in result.model.graph.node if n.name == name)
     assert onnx.numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == wide.input[1])).shape[1] == kept
     assert name in getattr(logs[-1], fit)
     report = result.report
     assert not report.refit_rejected
-    assert ("recovery on, thorough" in report.format_text()) == thorough
     assert report.fidelity_relative_error < 0.2 * report.fidelity_without_refit["relative_error"]
     x = np.random.default_rng(1).normal(size=(16, 3, 6, 6)).astype(np.float32)
     assert rel_error(outputs(model, x), outputs(result.model, x)) < 0.05
@@ -568,7 +565,7 @@ def test_a_narrow_layers_exact_fit_draws_at_least_min_rows():
     model = b.model(b.conv("input", 8, 8), ["N", 8, 16, 16])
     conv = model.graph.node[0]
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-    fit = recover._patch_fit(conv, inits, lambda name: None, 64, 0, recover.PATCH_LIMIT, recover.ROWS_PER_UNKNOWN)
+    fit = recover._patch_fit(conv, inits, lambda name: None, 64, 0)
     assert fit.rows_per_image * 64 >= MIN_ROWS > 16 * 73
-    few = recover._patch_fit(conv, inits, lambda name: None, 4096, 0, recover.PATCH_LIMIT, recover.ROWS_PER_UNKNOWN)
+    few = recover._patch_fit(conv, inits, lambda name: None, 4096, 0)
     assert few.rows_per_image == 1  # 4096 images: one position each is enough
