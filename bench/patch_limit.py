@@ -47,7 +47,7 @@ def _load(name: str):
     """(model path, calibration, test split or None)."""
     if name in run_bench.MODELS:
         return run_bench.MODELS[name]()
-    path = os.path.join(scale_cost.CACHE, f"{name}_224.onnx")
+    path = scale_cost.model_path(name)
     if not os.path.exists(path):
         raise SystemExit(f"{path} is missing: run `python bench/scale_cost.py --export` (needs torchvision)")
     return path, np.random.default_rng(0).random((256, 3, 224, 224), dtype=np.float32), None

@@ -47,10 +47,15 @@ def export() -> None:
     torch.manual_seed(0)
     for name in MODELS:
         model = getattr(torchvision.models, name)(num_classes=1000).eval()
-        path = os.path.join(CACHE, f"{name}_224.onnx")
+        path = model_path(name)
         torch.onnx.export(model, torch.randn(1, 3, 224, 224), path, input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": {0: "n"}}, opset_version=17, dynamo=False)
         print(f"wrote {path}")
+
+
+def model_path(name: str) -> str:
+    """The exported ONNX file of one of MODELS."""
+    return os.path.join(CACHE, f"{name}_224.onnx")
 
 
 def write_jpegs(folder: str, images: int) -> None:
@@ -78,7 +83,7 @@ def measure(images: int, ratio: float) -> None:
     jpegs = tempfile.TemporaryDirectory(prefix="onnxprune-scale-")
     write_jpegs(jpegs.name, images)
     for name in MODELS:
-        path = os.path.join(CACHE, f"{name}_224.onnx")
+        path = model_path(name)
         cal = np.random.default_rng(0).random((images, 3, 224, 224), dtype=np.float32)
         sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         sess.run(None, {"x": cal[:32]})  # warm

@@ -32,7 +32,7 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 import onnxprune  # noqa: E402
-from scale_cost import CACHE, write_jpegs  # noqa: E402
+from scale_cost import model_path, write_jpegs  # noqa: E402
 
 SHIPPED = os.path.join(os.path.dirname(HERE), "models")
 
@@ -79,7 +79,7 @@ def main():
         jpegs = os.path.join(tmp, "jpegs")
         os.makedirs(jpegs)
         write_jpegs(jpegs, args.images)
-        cases = [(name, os.path.join(CACHE, f"{name}_224.onnx"), jpegs, f"{args.images} JPEGs, 224x224")
+        cases = [(name, model_path(name), jpegs, f"{args.images} JPEGs, 224x224")
                  for name in ("resnet18", "mobilenet_v2")]
         cases.append(("fmnist_resnet", os.path.join(SHIPPED, "fmnist_resnet.onnx"),
                       os.path.join(SHIPPED, "fmnist_resnet_calib"), "shipped folder, 28x28"))

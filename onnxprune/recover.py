@@ -105,9 +105,13 @@ def recover(analysis: Analysis, keep_player: np.ndarray, stats: ChannelStats, ri
 
 # -- sequential refit against the pruned model's own inputs ----------------------------------------
 
-def _mini_graph(model: onnx.ModelProto, node: onnx.NodeProto) -> gs.Graph:
-    """One node with its initializers, as a graph the op rules can edit."""
-    inits = {t.name: t for t in model.graph.initializer}
+def _mini_graph(model: onnx.ModelProto, node: onnx.NodeProto, inits: Optional[Dict[str, onnx.TensorProto]] = None
+                ) -> gs.Graph:
+    """One node with its initializers, as a graph the op rules can edit. ``inits``: the model's
+    initializers by name, where the caller already holds them (building them is a pass over
+    every initializer, once per layer otherwise)."""
+    if inits is None:
+        inits = {t.name: t for t in model.graph.initializer}
     used = [inits[n] for n in node.input if n in inits]
     vis = [onnx.helper.make_empty_tensor_value_info(n) for n in node.input if n and n not in inits]
     g = onnx.helper.make_graph([node], "one", vis, [onnx.helper.make_empty_tensor_value_info(o) for o in node.output], used)
@@ -222,8 +226,9 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
     # channel fits, which copy their layer's weights, at their turn; other layers get no fit
     patch_fits = {name: _patch_fit(o_nodes[name], o_inits, keep, n, seed + step) for step, name in enumerate(names)}
     channel_weights = {}  # layer -> its readable weights (views of the original's, no copy)
+    o_protos = {t.name: t for t in original.graph.initializer}
     for name in names:
-        readable = None if patch_fits[name] is not None else _channel_weights(original, o_nodes[name], o_inits)
+        readable = None if patch_fits[name] is not None else _channel_weights(original, o_nodes[name], o_protos)
         if readable is not None:
             channel_weights[name] = readable
     waves = _waves(pruned, layers)
@@ -436,7 +441,7 @@ def _add_bias_nodes(model: onnx.ModelProto, names: Sequence[str]) -> Dict[str, s
         w = inits.get(node.input[1]) if node.name in wanted and len(node.input) > 1 else None
         if w is None:
             continue
-        rule, g_node = rule_for(node.op_type, node.domain), _mini_graph(model, node).nodes[0]
+        rule, g_node = rule_for(node.op_type, node.domain), _mini_graph(model, node, inits).nodes[0]
         filters = rule.filters(g_node)
         # a weight the op rule cannot read: the layer gets no fit either
         if filters is None or rule.bias(g_node) is not None:
@@ -493,13 +498,13 @@ def _patch_fit(node_o: onnx.NodeProto, inits, keep, images: int, seed: int) -> O
                     seed=seed)
 
 
-def _channel_weights(original: onnx.ModelProto, node_o: onnx.NodeProto, inits):
+def _channel_weights(original: onnx.ModelProto, node_o: onnx.NodeProto, inits: Dict[str, onnx.TensorProto]):
     """(rule, the layer as a one-node graph's node) of a layer whose weights the op rule can read
     per input channel and per output channel, or None (a MatMul's batched weight, a weight that
-    is not an initializer)."""
+    is not an initializer). ``inits``: ``original``'s initializers by name."""
     if len(node_o.input) < 2 or inits.get(node_o.input[1]) is None:
         return None
-    g_node = _mini_graph(original, node_o).nodes[0]
+    g_node = _mini_graph(original, node_o, inits).nodes[0]
     rule = rule_for(node_o.op_type, node_o.domain)
     if rule.filters(g_node) is None or rule.input_filters(g_node) is None:
         return None
