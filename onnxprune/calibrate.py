@@ -27,7 +27,7 @@ import onnx
 from .data import CalibrationSet
 from .errors import InputError
 from .progress import Progress, silent
-from .runtime import blas_single_thread, make_session, run_feeds
+from .runtime import Overlapped, blas_single_thread, make_session, run_feeds
 
 FULL_GRAM_LIMIT = 4096
 GRAM_SAMPLES_PER_CHANNEL = 64  # per batch: 8 batches of 32 images give 512 samples per channel
@@ -308,13 +308,19 @@ def collect_stats(model: onnx.ModelProto, tensors: Dict[str, int], cal: Calibrat
                         in_graph=providers[0] == "CPUExecutionProvider")
     sess = make_session(graph.model, providers)
     wanted = graph.outputs()
-    with progress(label, len(indices)) as update, blas_single_thread():
+    raw = {n: tensors[n] for n in graph.raw}
+
+    def accumulate(values: Dict[str, np.ndarray], real: int, batch: int) -> None:
+        _add_maps(stats, raw, [values[n] for n in graph.raw], real, batch)
+        _add_reduced(stats, graph, values, real)
+
+    # a batch's statistics are taken while onnxruntime runs the next one
+    with progress(label, len(indices)) as update, blas_single_thread(), Overlapped() as behind:
         for b, batch in enumerate(cal.batches(indices)):
             real = cal.real_count(b, indices)
             feeds = dict(graph.feeds(b, len(batch), real), **{cal.spec.name: batch})
             values = dict(zip(wanted, run_feeds(sess, feeds, wanted, len(batch))))
-            _add_maps(stats, {n: tensors[n] for n in graph.raw}, [values[n] for n in graph.raw], real, len(batch))
-            _add_reduced(stats, graph, values, real)
+            behind.submit(accumulate, values, real, len(batch))
             stats.images += real
             update(real)
     stats.seconds = time.perf_counter() - start

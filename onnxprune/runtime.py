@@ -210,3 +210,48 @@ def out_of_memory(error: BaseException, text: str, batch_size: Optional[int] = N
 
 def run(sess: ort.InferenceSession, input_name: str, batch: np.ndarray, outputs: Optional[List[str]] = None) -> List[np.ndarray]:
     return run_feeds(sess, {input_name: batch}, outputs, len(batch))
+
+
+class Overlapped:
+    """Each batch's NumPy work done in one background thread while the caller runs onnxruntime
+    on the next batch: the two release the GIL, and on a small machine neither keeps every
+    core busy by itself (onnxruntime's small ops run on one thread; the statistics and patch
+    products of one batch on one BLAS thread). Measured on 2 cores, the calibration stage
+    (median of 12): mobilenetv1_fmnist 76 -> 59 ms, resnet20_fmnist 88 -> 72 ms, alexnet_mnist
+    42 -> 37 ms (plain passes 23-40 ms); ResNet-18 and MobileNetV2 at 224x224 unchanged. The
+    refit's loop was slower so (resnet20 346 -> 370 ms, alexnet 261 -> 305 ms: its patch
+    products and onnxruntime's threads then fight over the two cores), and runs in line.
+
+    Work items run one at a time and in the order given, so they accumulate what they would in
+    line, in the same order; only BLAS may round differently on another thread's buffers (the
+    benchmark models' pruned weights moved by at most 1e-4 relative, the same channels kept),
+    and the same way on every run. :meth:`submit` first waits for the previous item, so one
+    batch is in flight at most (memory grows by one batch's outputs, not more); an item's
+    exception is raised in the caller at the next :meth:`submit`, :meth:`wait` or at the end of
+    the ``with`` block. Leaving the block waits for the last item, so nothing runs on once the
+    caller has cleaned up."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="onnxprune-batch")
+        self._pending = None
+
+    def submit(self, fn, *args) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> "Overlapped":
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        try:
+            if kind is None:
+                self.wait()
+        finally:
+            self._pool.shutdown(wait=True)  # an error in the caller: let the item in flight finish, unread

@@ -310,3 +310,18 @@ def test_decoded_images_are_kept_within_their_budget_and_give_the_same_tensors(t
     second = np.concatenate(list(cal.batches(everything[::-1])))[::-1]
     np.testing.assert_array_equal(first, expected)
     np.testing.assert_array_equal(second, expected)
+
+
+def test_an_overflow_in_the_last_batch_is_reported(tmp_path):
+    """A batch's statistics are taken while onnxruntime runs the next one: an infinity that only
+    the last batch makes must still stop the conversion with the one-line error, not be lost
+    with the background work."""
+    import onnxprune
+    from onnxprune.errors import InputError
+    x = np.random.default_rng(0).random((40, 1, 28, 28), dtype=np.float32)
+    x[32:] = 3e38  # the last batch of 8: its first conv's sums overflow to infinity
+    with pytest.raises(InputError, match="NaN or infinite values"):
+        onnxprune.prune(GREY_MODEL, x, PruneOptions(flops=0.3, batch_size=8, holdout=0.0, latency=False))
+    x[32:] = 0.5  # the same images without the overflow prune fine
+    assert onnxprune.prune(GREY_MODEL, x, PruneOptions(flops=0.3, batch_size=8, holdout=0.0,
+                                                       latency=False)).report.flops_reduction >= 0.3
