@@ -215,8 +215,8 @@ def run(sess: ort.InferenceSession, input_name: str, batch: np.ndarray, outputs:
 class Overlapped:
     """Each batch's NumPy work done in one background thread while the caller runs onnxruntime
     on the next batch: the two release the GIL, and on a small machine neither keeps every
-    core busy by itself (onnxruntime's small ops run on one thread; the statistics and patch
-    products of one batch on one BLAS thread). Measured on 2 cores, the calibration stage
+    core busy by itself (onnxruntime's small ops run on one thread, a batch's statistics on
+    one BLAS thread). Measured on 2 cores, the calibration stage
     (median of 12): mobilenetv1_fmnist 76 -> 59 ms, resnet20_fmnist 88 -> 72 ms, alexnet_mnist
     42 -> 37 ms (plain passes 23-40 ms); ResNet-18 and MobileNetV2 at 224x224 unchanged. The
     refit's loop was slower so (resnet20 346 -> 370 ms, alexnet 261 -> 305 ms: its patch
