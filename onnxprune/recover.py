@@ -225,7 +225,7 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
     # are made now (they hold no weights, and they draw the rows they are fitted against); the
     # channel fits, which copy their layer's weights, at their turn; other layers get no fit
     patch_fits = {name: _patch_fit(o_nodes[name], o_inits, keep, n, seed + step) for step, name in enumerate(names)}
-    channel_weights = {}  # layer -> its readable weights (views of the original's, no copy)
+    channel_weights = {}  # layer -> (rule, one-node graph node) over views of its weights; the fit copies them at its turn
     o_protos = {t.name: t for t in original.graph.initializer}
     for name in names:
         readable = None if patch_fits[name] is not None else _channel_weights(original, o_nodes[name], o_protos)
