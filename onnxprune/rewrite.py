@@ -69,4 +69,18 @@ def rewrite(analysis: Analysis, keep_player: Optional[np.ndarray], template: onn
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = weights.export_graph(graph)  # large weights stay in the store
     copy_model_fields(template, model)
-    return onnx.shape_inference.infer_shapes(model, strict_mode=False), changed
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    _keep_declared_outputs(model, template)
+    return model, changed
+
+
+def _keep_declared_outputs(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """Give the graph outputs back the types ``template`` declares. Shape inference also
+    rewrites the outputs, filling in a dim the model leaves symbolic or unknown (an 'N' batch
+    behind a fixed input batch, a tf2onnx 'unk__' dim): the pruned model would then declare
+    another signature than the original. Graph outputs are never pruned, so the declared
+    types stay true."""
+    declared = {vi.name: vi for vi in template.graph.output}
+    for vi in model.graph.output:
+        if vi.name in declared:
+            vi.CopyFrom(declared[vi.name])

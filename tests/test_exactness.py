@@ -44,3 +44,23 @@ def test_dead_channels_are_removed_exactly(name):
         onnx.checker.check_model(pruned, full_check=True)
         assert rel_error(outputs(killed, x), outputs(pruned, x)) < 1e-4, drop
         assert [o.name for o in pruned.graph.output] == [o.name for o in model.graph.output]
+
+
+@pytest.mark.parametrize("dims", [["N", 10], ["batch", "classes"], [None, None]], ids=["N", "named", "unknown"])
+def test_declared_output_dims_survive_a_fixed_input_batch(dims):
+    """Shape inference can resolve an output dim the model leaves symbolic or unknown (here
+    behind a fixed input batch); the pruned model still declares the original's outputs."""
+    import onnxprune
+
+    model = tiny.plain_cnn()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    for dim, value in zip(model.graph.output[0].type.tensor_type.shape.dim, dims):
+        dim.Clear()
+        if isinstance(value, int):
+            dim.dim_value = value
+        elif value is not None:
+            dim.dim_param = value
+    x = np.random.default_rng(0).random((8, 3, 8, 8), dtype=np.float32)
+    pruned = onnxprune.prune(model, x, onnxprune.PruneOptions(flops=0.3, latency=False)).model
+    assert pruned.graph.output[0] == model.graph.output[0]
+    assert rel_error(outputs(model, x[:4]), outputs(pruned, x[:4])) < 1.0
