@@ -60,10 +60,11 @@ def _pixel_sums(x3: np.ndarray) -> np.ndarray:
     """(N, C) sums of an (N, C, P) map over its pixels. Small maps: one matrix-vector product
     (BLAS), 3x faster than NumPy's reduction along the last axis on 28x28 maps, whose
     per-row cost it is. Larger ones keep that reduction, pairwise and so more exact
-    in float32 over long rows; float16 too (BLAS would sum in float16)."""
+    in float32 over long rows. float16 maps are summed in float32: in float16 a channel's
+    sum over one image passes 65504 (and reads as an overflow) long before any activation does."""
     if (not x3.flags.c_contiguous or x3.dtype not in (np.float32, np.float64)
             or x3.shape[2] > PIXEL_SUMS_BY_BLAS):
-        return x3.sum(axis=2)
+        return x3.sum(axis=2, dtype=np.float64 if x3.dtype == np.float64 else np.float32)
     n, c, p = x3.shape
     return (x3.reshape(n * c, p) @ _ones(p, x3.dtype)).reshape(n, c)
 

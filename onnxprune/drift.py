@@ -49,6 +49,7 @@ def correct_drift(original: onnx.ModelProto, pruned: onnx.ModelProto, folded_out
         return []
     inits = {t.name: t for t in pruned.graph.initializer}
     target = _moments(original, names, cal, indices, providers)
+    corrected = set()
     for _ in range(rounds):
         now = _moments(pruned, names, cal, indices, providers)
         for name in names:
@@ -61,17 +62,31 @@ def correct_drift(original: onnx.ModelProto, pruned: onnx.ModelProto, folded_out
             if len(mu_p) != len(mu_o) or node.input[1] not in inits:
                 continue
             s = np.clip(np.where(sd_p > 0, sd_o / np.maximum(sd_p, 1e-30), 1.0), 1 / SCALE_LIMIT, SCALE_LIMIT)
-            w = weights.array(inits[node.input[1]]).astype(np.float64)
+            stored = weights.array(inits[node.input[1]])
+            w = stored.astype(np.float64)
             b = (weights.array(inits[node.input[2]]).astype(np.float64) if len(node.input) > 2 and node.input[2]
                  else np.zeros(w.shape[0]))
-            new_w = (w * s.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32)
-            new_b = (s * (b - mu_p) + mu_o).astype(np.float32)
+            # in the layer's own type: a float16 model keeps float16 weights
+            new_w = (w * s.reshape((-1,) + (1,) * (w.ndim - 1))).astype(stored.dtype)
+            new_b = (s * (b - mu_p) + mu_o).astype(stored.dtype)
+            corrected.add(name)
             weights.assign(inits[node.input[1]], new_w)
             if len(node.input) > 2 and node.input[2]:
                 weights.assign(inits[node.input[2]], new_b)
             else:
-                bias = weights.make_tensor(new_b, name + "_drift_bias")
+                bias = weights.make_tensor(new_b, _fresh_name(pruned, name + "_drift_bias"))
                 pruned.graph.initializer.append(bias)
                 inits[bias.name] = pruned.graph.initializer[-1]
                 node.input.append(bias.name)
-    return [convs[n].name for n in names]
+    return [convs[n].name for n in names if n in corrected]
+
+
+def _fresh_name(model: onnx.ModelProto, base: str) -> str:
+    """``base``, or ``base_k``: a name no tensor of ``model`` has."""
+    taken = ({t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
+             | {o for n in model.graph.node for o in n.output})
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    return name
