@@ -21,6 +21,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import weights
+from .load import default_opset
 
 
 FOLD_LIMIT_BYTES = 64 * 2 ** 20  # never materialise a folded constant larger than this
@@ -342,6 +343,46 @@ def _fold_batchnorms(graph: onnx.GraphProto, log: PrepareLog, release: bool = Fa
     _drop_unused_initializers(graph)
 
 
+def _normalise_gemms(graph: onnx.GraphProto, opset: int) -> None:
+    """Fold a Gemm's ``alpha`` into its constant B and its ``beta`` into its constant C (C goes
+    where beta is 0), so that every Gemm computes A B + C: the refit writes a layer's intercept
+    into C as it would into a Conv's bias, and with alpha or beta left in place it came out scaled
+    by them (or, at beta 0, was lost). Constants another node also reads, or that are graph
+    inputs (a caller could feed others), are left as they are, and so are those scales."""
+    inits = {t.name: t for t in graph.initializer}
+    fed = {i.name for i in graph.input}
+    consumers = _consumers(graph)
+
+    def own_constant(name: str) -> bool:
+        return name in inits and name not in fed and len(consumers.get(name, [])) == 1
+
+    for node in graph.node:
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx"):
+            continue
+        scale = {a.name: a.f for a in node.attribute if a.name in ("alpha", "beta")}
+        folded = set()
+        alpha = scale.get("alpha", 1.0)
+        if alpha != 1.0 and own_constant(node.input[1]):
+            b = weights.array(inits[node.input[1]])
+            inits[node.input[1]].CopyFrom(weights.make_tensor((b.astype(np.float64) * alpha).astype(b.dtype), node.input[1]))
+            folded.add("alpha")
+        beta = scale.get("beta", 1.0)
+        c = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        # C is optional from opset 11: one that is not its own is dropped there at beta 0
+        if beta != 1.0 and c is not None and (own_constant(c) or (beta == 0.0 and opset >= 11)):
+            if not own_constant(c):
+                del node.input[2:]
+            else:
+                values = weights.array(inits[c])
+                inits[c].CopyFrom(weights.make_tensor((values.astype(np.float64) * beta).astype(values.dtype), c))
+            folded.add("beta")
+        if folded:
+            kept = [a for a in node.attribute if a.name not in folded]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+    _drop_unused_initializers(graph)
+
+
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
     used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
     dropped = {t.name for t in graph.initializer if t.name not in used}
@@ -389,6 +430,7 @@ def prepare(model: onnx.ModelProto, release: bool = False) -> tuple[onnx.ModelPr
     graph = out.graph
     _bypass_identities(graph, log)
     _fold_batchnorms(graph, log, release=release and weights.active() is not None)
+    _normalise_gemms(graph, default_opset(out))
     _name_nodes(graph)
     # stale intermediate shapes would contradict the pruned graph; re-inferred later
     del graph.value_info[:]

@@ -116,3 +116,37 @@ def test_prepare_is_idempotent_on_what_it_folds():
         twice, log = prepare(once)
         assert [n.name for n in twice.graph.node] == [n.name for n in once.graph.node]
         assert log.copied_dims == 0
+
+
+def _gemm_head(alpha: float, beta: float, opset: int = 13, with_c: bool = True) -> onnx.ModelProto:
+    b = tiny.Builder(channels=3, size=8, seed=1, opset=opset)
+    x = b.relu(b.conv("input", 3, 8))
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
+    inputs = [x, b.init(b.rng.normal(0, 0.25, (10, 8)) / alpha)]
+    if with_c:
+        inputs.append(b.init(b.rng.normal(0, 0.1, 10), "b"))
+    return b.model(b.node("Gemm", inputs, transB=1, alpha=alpha, beta=beta), ["N", 10])
+
+
+def test_gemm_scales_fold_into_its_constants():
+    # the refit writes a layer's intercept into C: every Gemm must compute A B + C
+    for alpha, beta, opset in [(0.25, 1.0, 13), (1.0, 3.0, 13), (0.5, 0.0, 13), (2.0, 0.0, 9)]:
+        model = _gemm_head(alpha, beta, opset)
+        prepared, _ = prepare(model)
+        (gemm,) = [n for n in prepared.graph.node if n.op_type == "Gemm"]
+        assert all(a.f == 1.0 for a in gemm.attribute if a.name in ("alpha", "beta")), (alpha, beta, opset)
+        onnx.checker.check_model(prepared, full_check=True)
+        x = sample(model)
+        assert rel_error(outputs(model, x), outputs(prepared, x)) < 1e-6, (alpha, beta, opset)
+
+
+def test_refit_of_a_scaled_gemm_matches_the_unscaled_one():
+    # (alpha 1, B) and (alpha 0.25, 4 B) are one function: pruned alike, refitted alike
+    import onnxprune
+
+    xs = np.random.default_rng(0).normal(1.0, 1.0, (200, 3, 8, 8)).astype(np.float32)
+    opts = onnxprune.PruneOptions(flops=0.5, holdout=0.0, round_to=1, latency=False)
+    plain = onnxprune.prune(_gemm_head(1.0, 1.0), xs, opts).model
+    scaled = onnxprune.prune(_gemm_head(0.25, 1.0), xs, opts).model
+    x = xs[:50]
+    assert rel_error(outputs(plain, x), outputs(scaled, x)) < 1e-5
