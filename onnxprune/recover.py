@@ -126,16 +126,22 @@ def _write_back(model: onnx.ModelProto, index: int, graph: gs.Graph, shared: Opt
     node = graph.nodes[0]
     proto = model.graph.node[index]
     inits = {t.name: i for i, t in enumerate(model.graph.initializer)}
+    own = set(proto.input)
     del proto.input[:]
     for t in node.inputs:
-        proto.input.append(t.name if t.name else "")
+        name = t.name
+        if isinstance(t, gs.Constant) and name not in own:
+            # new to this node (a bias it did not have): named in a graph of its own, so the name
+            # may be another tensor's here (a separate BiasAdd's "<layer>_bias")
+            name = _fresh(name, _names_in(model))
+        proto.input.append(name if name else "")
         if isinstance(t, gs.Constant):
             values = np.asarray(t.values)
-            if t.name in inits:
-                weights.assign(model.graph.initializer[inits[t.name]], values, shared)
+            if name in inits:
+                weights.assign(model.graph.initializer[inits[name]], values, shared)
             else:
-                model.graph.initializer.append(weights.make_tensor(values, t.name))
-                inits[t.name] = len(model.graph.initializer) - 1
+                model.graph.initializer.append(weights.make_tensor(values, name))
+                inits[name] = len(model.graph.initializer) - 1
     for a in proto.attribute:
         if a.name == "group":
             a.i = int(node.attrs.get("group", a.i))

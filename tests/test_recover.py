@@ -569,3 +569,27 @@ def test_a_narrow_layers_exact_fit_draws_at_least_min_rows():
     assert fit.rows_per_image * 64 >= MIN_ROWS > 16 * 73
     few = recover._patch_fit(conv, inits, lambda name: None, 4096, 0)
     assert few.rows_per_image == 1  # 4096 images: one position each is enough
+
+
+def test_a_new_bias_does_not_take_the_name_of_another_tensor():
+    # a Conv without bias, followed by a separate BiasAdd whose constant is named "<conv>_bias"
+    # (as exporters name it): the refit gives the Conv a bias of its own under another name
+    from onnx import helper, numpy_helper
+
+    b = Builder(channels=3, size=8, seed=3)
+    x = b.relu(b.conv("input", 3, 8))
+    w2 = b.init(b.rng.normal(0, 0.3, (8, 8, 3, 3)))
+    b.nodes.append(helper.make_node("Conv", [x, w2], ["c2_out"], name="c2", kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+    b.inits.append(numpy_helper.from_array(b.rng.normal(0, 1.0, (1, 8, 1, 1)).astype(np.float32), "c2_bias"))
+    y = b.relu(b.node("Add", ["c2_out", "c2_bias"]))
+    y = b.node("Flatten", [b.node("GlobalAveragePool", [y])], axis=1)
+    model = b.model(b.gemm(y, 8, 5), ["N", 5])
+    xs = np.random.default_rng(0).random((64, 3, 8, 8), dtype=np.float32)
+    result = onnxprune.prune(model, xs, onnxprune.PruneOptions(flops=0.3, holdout=0.0, latency=False))
+    assert result.report.refitted_layers >= 2
+    pruned = result.model
+    onnx.checker.check_model(pruned, full_check=True)
+    (add,) = [n for n in pruned.graph.node if n.op_type == "Add" and "c2_out" in n.input]
+    (conv,) = [n for n in pruned.graph.node if n.name == "c2"]
+    assert len(conv.input) == 3 and conv.input[2] != add.input[1]
+    assert rel_error(outputs(model, xs), outputs(pruned, xs)) < 0.2

@@ -265,19 +265,30 @@ def channel_axis_of_param(param_shape: Sequence[int], out_rank: int) -> Optional
     return axis if 0 <= axis < len(param_shape) else None
 
 
-def add_to_bias_input(node: gs.Node, index: int, delta: np.ndarray, dtype) -> None:
-    """Add ``delta`` to the bias held in input ``index``, creating the input if absent."""
+def fresh_name(graph: gs.Graph, base: str) -> str:
+    """``base``, or ``base_<k>``: a name no tensor of ``graph`` has."""
+    taken = graph.tensors().keys()
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    return name
+
+
+def add_to_bias_input(node: gs.Node, index: int, delta: np.ndarray, dtype, graph: gs.Graph) -> None:
+    """Add ``delta`` to the bias held in input ``index``, creating the input if absent (under a
+    name no tensor of ``graph`` has: a separate BiasAdd's constant is often named "<layer>_bias")."""
     if len(node.inputs) > index and node.inputs[index].name:
         bias = node.inputs[index]
         new = (bias.values.astype(np.float64) + delta.reshape(bias.values.shape)).astype(bias.values.dtype)
         if len(bias.outputs) > 1:
-            node.inputs[index] = gs.Constant(f"{bias.name}_{node.name}", new)
+            node.inputs[index] = gs.Constant(fresh_name(graph, f"{bias.name}_{node.name}"), new)
         else:
             bias.values = new
     else:
         while len(node.inputs) < index:
             node.inputs.append(gs.Variable.empty())
-        node.inputs.append(gs.Constant(f"{node.name}_bias", delta.astype(dtype)))
+        node.inputs.append(gs.Constant(fresh_name(graph, f"{node.name}_bias"), delta.astype(dtype)))
 
 
 def bias_input(node: gs.Node, index: int, outputs: int) -> np.ndarray:

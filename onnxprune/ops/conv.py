@@ -95,7 +95,7 @@ class ConvRule(Rule):
         _set_weight(node, 1, np.ascontiguousarray(new, dtype=w.dtype))
 
     def add_bias(self, node: gs.Node, delta: np.ndarray, graph: gs.Graph) -> None:
-        add_to_bias_input(node, 2, delta, const(node.inputs[1]).dtype)
+        add_to_bias_input(node, 2, delta, const(node.inputs[1]).dtype, graph)
 
     def bias(self, node: gs.Node) -> Optional[np.ndarray]:
         return bias_input(node, 2, const(node.inputs[1]).shape[0])
@@ -175,7 +175,7 @@ class ConvTransposeRule(Rule):
         _set_weight(node, 1, np.ascontiguousarray(filters.reshape(w.shape), dtype=w.dtype))
 
     def add_bias(self, node: gs.Node, delta: np.ndarray, graph: gs.Graph) -> None:
-        add_to_bias_input(node, 2, delta, const(node.inputs[1]).dtype)
+        add_to_bias_input(node, 2, delta, const(node.inputs[1]).dtype, graph)
 
     def bias(self, node: gs.Node) -> Optional[np.ndarray]:
         w = const(node.inputs[1])

@@ -8,7 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .base import (ChannelState, CountContext, Resized, RewriteContext, Rule, add_to_bias_input, attr, bias_input,
-                   const, opt_input, prod)
+                   const, fresh_name, opt_input, prod)
 from .conv import _set_weight
 
 
@@ -63,7 +63,7 @@ class GemmRule(Rule):
         if c is not None and const(c) is not None and const(c).shape != (len(delta),) and const(c).size != len(delta):
             # a broadcast bias (scalar or (1, 1)): widen it so each output can move on its own
             c.values = np.broadcast_to(const(c), (len(delta),)).astype(const(c).dtype).copy()
-        add_to_bias_input(node, 2, delta / beta if beta else delta, const(node.inputs[1]).dtype)
+        add_to_bias_input(node, 2, delta / beta if beta else delta, const(node.inputs[1]).dtype, graph)
 
     def bias(self, node: gs.Node) -> Optional[np.ndarray]:
         b = const(node.inputs[1])
@@ -127,8 +127,8 @@ class MatMulRule(Rule):
     def add_bias(self, node: gs.Node, delta: np.ndarray, graph: gs.Graph) -> None:
         """MatMul has no bias: follow it with an Add of a constant."""
         out = node.outputs[0]
-        pre = gs.Variable(f"{out.name}_before_bias", dtype=out.dtype)
-        bias = gs.Constant(f"{node.name}_bias", delta.astype(const(node.inputs[1]).dtype))
+        pre = gs.Variable(fresh_name(graph, f"{out.name}_before_bias"), dtype=out.dtype)
+        bias = gs.Constant(fresh_name(graph, f"{node.name}_bias"), delta.astype(const(node.inputs[1]).dtype))
         node.outputs[0] = pre
         graph.nodes.append(gs.Node("Add", name=f"{node.name}_bias_add", inputs=[pre, bias], outputs=[out]))
 
