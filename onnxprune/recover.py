@@ -94,7 +94,7 @@ def recover(analysis: Analysis, keep_player: np.ndarray, stats: ChannelStats, ri
             f[kept] += np.einsum("rk,rot->kot", a, f_removed)
             consumer.set_channel_filters(f)
             log.refitted.append(consumer.node.name)
-        delta = np.einsum("rot,r->o", f_removed, b)
+        delta = np.einsum("rot,r->o", f_removed, b) * consumer.rule.tap_share(consumer.node)
         out = consumer.node.outputs[0]
         consumer.rule.add_bias(consumer.node, delta, analysis.graph)
         if consumer.node.outputs[0] is not out:  # a bias node was inserted after the layer

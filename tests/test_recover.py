@@ -593,3 +593,37 @@ def test_a_new_bias_does_not_take_the_name_of_another_tensor():
     (conv,) = [n for n in pruned.graph.node if n.name == "c2"]
     assert len(conv.input) == 3 and conv.input[2] != add.input[1]
     assert rel_error(outputs(model, xs), outputs(pruned, xs)) < 0.2
+
+
+def test_constant_channels_fold_into_a_strided_conv_transpose_by_its_mean_over_phases():
+    # conv1's filters 4..7 are zero with bias 1: after the ReLU those channels are exactly 1.0,
+    # and pruning them should move the ConvTranspose's bias by what they added on average. A
+    # stride-2 ConvTranspose gives each output pixel a quarter of its 4x4 taps, so that is a
+    # quarter of the tap sums, not all of them (which left the model further off than no fold)
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.5, (8, 3, 3, 3)).astype(np.float32)
+    w1[4:] = 0
+    b1 = np.zeros(8, np.float32)
+    b1[4:] = 1.0
+    wt = rng.normal(0, 0.3, (8, 4, 4, 4)).astype(np.float32)
+    bt = rng.normal(0, 0.1, 4).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("ConvTranspose", ["r1", "wt", "bt"], ["y"], name="up", kernel_shape=[4, 4], strides=[2, 2],
+                              pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", 1, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", 1, ["N", 4, 16, 16])],
+                              [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (wt, "wt"), (bt, "bt"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    xs = rng.random((64, 3, 8, 8), dtype=np.float32)
+    result = onnxprune.prune(model, xs, onnxprune.PruneOptions(flops=0.45, round_to=1, holdout=0.0, latency=False))
+    pruned = result.model
+    inits = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    (conv1_w,) = [v for v in inits.values() if v.ndim == 4 and v.shape[1] == 3]
+    assert np.array_equal(conv1_w, w1[:4])  # the constant channels are the ones removed
+    (up,) = [n for n in pruned.graph.node if n.op_type == "ConvTranspose"]
+    shift = inits[up.input[2]] - bt
+    np.testing.assert_allclose(shift, wt[4:].sum(axis=(0, 2, 3)) / 4, rtol=1e-4, atol=1e-6)

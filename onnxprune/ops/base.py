@@ -229,6 +229,13 @@ class Rule:
         """How many times each weight is applied per sample (output pixels of a conv)."""
         return 1
 
+    def tap_share(self, node: gs.Node) -> float:
+        """The share of a layer's taps (the last axis of :meth:`input_filters`) that one output
+        pixel receives, on average over the output: a constant input c of a channel moves the
+        output by this times the sum of that channel's taps times c. 1 where every output sums
+        over all the taps (dense layers, the interior of a conv)."""
+        return 1.0
+
     def resized(self, node: gs.Node, cin: Optional[int], cout: Optional[int]) -> Optional[Resized]:
         """This layer with ``cin`` input and ``cout`` output channels (None: as it is), for
         timing it alone at other widths; None where that is not a plain layer of this rule."""

@@ -185,6 +185,11 @@ class ConvTransposeRule(Rule):
         x = shape(node.inputs[0])
         return prod(x[2:]) if x is not None and None not in x[2:] else 1
 
+    def tap_share(self, node: gs.Node) -> float:
+        # each input pixel scatters all its taps over a window of outputs spaced by the strides:
+        # an output pixel receives 1 / prod(strides) of them on average (one phase of the kernel)
+        return 1.0 / prod(attr(node, "strides", [1] * (len(const(node.inputs[1]).shape) - 2)))
+
     def resized(self, node: gs.Node, cin: Optional[int], cout: Optional[int]) -> Optional[Resized]:
         return _resized(node, cin, cout, transposed=True)
 
