@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Set, Tuple, Union
 
 import numpy as np
 import onnx
@@ -34,6 +34,39 @@ def default_opset(model: onnx.ModelProto) -> int:
         if imp.domain in ("", "ai.onnx"):
             return imp.version
     return 0
+
+
+def subgraph_reads(node: onnx.NodeProto) -> Set[str]:
+    """Names a node's subgraphs (If branches, Loop and Scan bodies, at any depth) read from the
+    scopes around them: inputs of the node that its ``input`` list does not name. Every pass that
+    asks who reads a tensor must count these, or a tensor read only inside a branch looks unused."""
+    def graphs(n: onnx.NodeProto):
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield a.g
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                yield from a.graphs
+
+    reads: Set[str] = set()
+    made: Set[str] = set()
+    stack = list(graphs(node))
+    while stack:
+        g = stack.pop()
+        made.update(i.name for i in g.input)
+        made.update(t.name for t in g.initializer)
+        for n in g.node:
+            reads.update(x for x in n.input if x)
+            made.update(o for o in n.output if o)
+            stack.extend(graphs(n))
+    return reads - made
+
+
+def node_reads(node: onnx.NodeProto) -> List[str]:
+    """Every name ``node`` reads: its inputs, then what its subgraphs read from outside them."""
+    names = [x for x in node.input if x]
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+        names.extend(sorted(subgraph_reads(node) - set(names)))
+    return names
 
 
 def _external_info(tensor: onnx.TensorProto) -> dict:

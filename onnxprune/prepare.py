@@ -21,7 +21,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import weights
-from .load import default_opset
+from .load import default_opset, node_reads, subgraph_reads
 
 
 FOLD_LIMIT_BYTES = 64 * 2 ** 20  # never materialise a folded constant larger than this
@@ -46,11 +46,11 @@ def data_inputs(graph: onnx.GraphProto) -> List[onnx.ValueInfoProto]:
 
 
 def _consumers(graph: onnx.GraphProto) -> Dict[str, List[onnx.NodeProto]]:
+    """Who reads each name: a node that reads it inside a subgraph counts."""
     out: Dict[str, List[onnx.NodeProto]] = {}
     for node in graph.node:
-        for name in node.input:
-            if name:
-                out.setdefault(name, []).append(node)
+        for name in node_reads(node):
+            out.setdefault(name, []).append(node)
     return out
 
 
@@ -270,6 +270,7 @@ def _rename_input(graph: onnx.GraphProto, old: str, new: str) -> None:
 def _bypass_identities(graph: onnx.GraphProto, log: PrepareLog) -> None:
     outputs = {o.name for o in graph.output}
     consumers = _consumers(graph)
+    read_inside = {name for n in graph.node for name in subgraph_reads(n)}
     keep = []
     for node in graph.node:
         passthrough = node.op_type == "Identity" or (
@@ -278,7 +279,9 @@ def _bypass_identities(graph: onnx.GraphProto, log: PrepareLog) -> None:
             # Dropout in training mode (a constant True training_mode input) is not an identity
             and (len(node.input) < 3 or not node.input[2])
         )
-        if passthrough and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
+        # an output read inside a subgraph keeps its Identity: the branch names it, not its input
+        if (passthrough and node.domain in ("", "ai.onnx") and node.output[0] not in outputs
+                and node.output[0] not in read_inside):
             _rename_input(graph, node.output[0], node.input[0])
             log.bypassed += 1
         else:
@@ -384,7 +387,7 @@ def _normalise_gemms(graph: onnx.GraphProto, opset: int) -> None:
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+    used = {name for n in graph.node for name in node_reads(n)} | {o.name for o in graph.output}
     dropped = {t.name for t in graph.initializer if t.name not in used}
     keep = [t for t in graph.initializer if t.name not in dropped]
     del graph.initializer[:]
