@@ -37,7 +37,7 @@ from .ops.conv import grouping
 from .progress import Progress, silent
 from .refit import MIN_ROWS, PATCH_LIMIT, ROWS_PER_UNKNOWN, ChannelFit, PatchFit
 from .runtime import blas_single_thread, expose, make_session, run_feeds
-from .segments import Frontier, MemoryBudget, Segmenter
+from .segments import Frontier, MemoryBudget, Segmenter, image_rows, real_rows, rows_per_image
 from .shapes import Shape
 
 RIDGE = 1e-3  # relative to the mean variance of the kept channels
@@ -237,6 +237,10 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
         readable = None if patch_fits[name] is not None else _channel_weights(original, o_nodes[name], o_protos)
         if readable is not None:
             channel_weights[name] = readable
+    # axis 0 of a tensor crossing a cut is not always the batch: a MatMul's (N x H x W, C) input
+    # has H x W rows per image, a shape or a scalar is the batch's as a whole
+    rows = rows_per_image(original, cal.spec.name, cal.sample_shape, cal.spec.fixed_batch,
+                          None if cal.spec.fixed_batch else shapes)
     waves = _waves(pruned, layers)
     seg = Segmenter(pruned, [names[wave[0]] for wave in waves])
     bs = cal.batch_size
@@ -258,10 +262,11 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                 live = seg.live_at(seg.cuts[step])
                 sess = make_session(seg.segment(pruned, start, seg.cuts[step], prev_live, live), providers)
                 capture = (_Capture(original, o_nodes, patch_fits, set(channel_weights), targets, providers, shapes,
-                                    bool(cal.spec.fixed_batch)) if step == 0 else None)
+                                    bool(cal.spec.fixed_batch), rows) if step == 0 else None)
                 new = Frontier(folder, budget)
                 for b0 in range(0, n, bs):
                     real = min(bs, n - b0)
+                    images = bs if cal.spec.fixed_batch else real  # in this batch's runs
                     if prev is None:
                         batch = next(cal.batches(indices[b0:b0 + real]))
                         capture.run(cal.spec.name, batch, b0, real)
@@ -269,17 +274,20 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                     else:
                         feeds = {t: prev.read(t, b0, b0 + real) for t in prev_live}
                         if cal.spec.fixed_batch:  # the frontiers keep the real rows only
-                            feeds = {t: pad_batch(v, bs) for t, v in feeds.items()}
+                            feeds = {t: pad_batch(v, bs * rows[t]) if rows[t] else v for t, v in feeds.items()}
                     outs = dict(zip(live, run_feeds(sess, feeds, live)))
                     for t in live:
                         v = outs[t]
+                        r = image_rows(rows, t, v, images)
+                        kept = real_rows(v, r, real)
                         # a padded last batch (fixed-batch models) is copied: a view would keep,
                         # uncounted by the memory budget, the whole padded array alive
-                        new.write(t, b0, v if real == len(v) else v[:real].copy())
+                        new.write(t, b0, kept if kept is v else kept.copy(), r)
                     for name, fit in fits.items():
                         if fit is None:
                             continue
-                        x_new = outs[inputs[name]][:real]
+                        x_new = outs[inputs[name]]
+                        x_new = real_rows(x_new, image_rows(rows, inputs[name], x_new, images), real)
                         if isinstance(fit, PatchFit):
                             pos = targets[name].read("positions", b0, b0 + real) if targets[name].has("positions") else None
                             fit.add(targets[name].read("rows", b0, b0 + real), pos, x_new)
@@ -338,8 +346,9 @@ class _Capture:
 
     def __init__(self, original: onnx.ModelProto, o_nodes, patch_fits: Dict[str, Optional[PatchFit]],
                  channel_layers: set, targets: Dict[str, Frontier], providers: List[str], shapes: Dict[str, Shape],
-                 fixed_batch: bool):
-        self.patch_fits, self.targets = patch_fits, targets
+                 fixed_batch: bool, rows: Dict[str, int]):
+        """``rows``: rows of axis 0 per image of the original's tensors (:func:`rows_per_image`)."""
+        self.patch_fits, self.targets, self.rows = patch_fits, targets, rows
         largest = max((int(np.prod(s[1:])) for s in shapes.values() if len(s) > 1 and None not in s[1:]), default=0)
         # a batch in runs of fewer images where activations are large (a fixed batch axis cannot
         # be split): see CAPTURE_RUN_BYTES
@@ -389,7 +398,9 @@ class _Capture:
             fit, store = self.patch_fits.get(name), self.targets[name]
             if fit is None:
                 y = outs[tensor]
-                store.write("input", b0, y if real == len(y) else y[:real].copy())
+                r = image_rows(self.rows, tensor, y, len(batch))
+                kept = real_rows(y, r, real)
+                store.write("input", b0, kept if kept is y else kept.copy(), r)
                 continue
             if name in self.gathered:
                 rows, pos = fit.rows(outs[self.gathered[name][1]][:real]), drawn[name]

@@ -13,6 +13,7 @@ from .data import CalibrationSet, pad_batch
 from .errors import InputError, InternalError
 from .progress import Progress, silent
 from .runtime import expose, make_session, ort_message, out_of_memory, run
+from .segments import image_rows, real_rows
 
 
 def _io_signature(vis) -> List[tuple]:
@@ -145,7 +146,10 @@ def fidelity(original: onnx.ModelProto, candidates: Sequence[onnx.ModelProto], c
                 outs = [outs[k] for k in at]
             if kept is None:
                 kept = per_image(outs, len(batch))
-            old = [np.asarray(outs[i][:real], np.float64) for i in kept]
+                # rows of each compared output per image: 1, H x W where axis 0 folds the
+                # pixels in, 0 for an output that is not per image (compared whole)
+                rows = [image_rows({}, "", outs[i], len(batch)) for i in kept]
+            old = [np.asarray(real_rows(outs[i], r, real), np.float64) for i, r in zip(kept, rows)]
             norm += sum(float((a ** 2).sum()) for a in old)
             if classifier is None:
                 classifier = one_class_score(old)
@@ -155,7 +159,7 @@ def fidelity(original: onnx.ModelProto, candidates: Sequence[onnx.ModelProto], c
                 if first:
                     check_outputs(original, reference_outputs, outs[: len(graph_outputs)])
                     outs = [outs[k] for k in at]
-                new = [np.asarray(outs[j][:real], np.float64) for j in kept]
+                new = [np.asarray(real_rows(outs[j], r, real), np.float64) for j, r in zip(kept, rows)]
                 err[i] += sum(float(((a - c) ** 2).sum()) for a, c in zip(old, new))
                 if classifier:
                     agree[i] += int((top1 == new[0].argmax(1)).sum())

@@ -4,6 +4,7 @@ temporary files beyond it, read back unchanged."""
 import os
 
 import numpy as np
+import onnx
 import onnxprune
 import pytest
 
@@ -101,3 +102,91 @@ def test_an_error_during_the_refit_leaves_no_spill_file_behind(monkeypatch):
         onnxprune.prune(os.path.join(root, "models", "fmnist_resnet.onnx"), os.path.join(root, "models", "fmnist_resnet_calib"),
                         onnxprune.PruneOptions(flops=0.5, max_images=64, latency=False))
     assert caught.value is not None and folders and not any(os.path.exists(f) for f in folders)
+
+
+@pytest.mark.parametrize("limit", [0, 10 ** 9])
+def test_frontier_keeps_pixel_rows_and_whole_tensors(tmp_path, limit):
+    # an (N x 6, 3) matrix has 6 rows per image; a shape tensor is the batch's as a whole
+    frontier = Frontier(str(tmp_path), MemoryBudget(limit))
+    rng = np.random.default_rng(0)
+    rows = [rng.normal(size=(n * 6, 3)).astype(np.float32) for n in (4, 4, 2)]
+    shapes = [np.array([n, 3, 2, 3], np.int64) for n in (4, 4, 2)]
+    for i, (r, s) in enumerate(zip(rows, shapes)):
+        frontier.write("rows", 4 * i, r, 6)
+        frontier.write("shape", 4 * i, s, 0)
+    for i, (r, s) in enumerate(zip(rows, shapes)):
+        assert np.array_equal(frontier.read("rows", 4 * i, 4 * i + len(r) // 6), r)
+        assert np.array_equal(frontier.read("shape", 4 * i, 4 * i + len(r) // 6), s)
+    frontier.close()
+
+
+def _pixel_rows_model():
+    """A 1x1 conv as TF writes it, Transpose -> Reshape(-1, C) -> MatMul on (N x H x W, C) rows,
+    between convs: the refit cuts before the MatMul and the conv after it."""
+    from tiny import Builder
+
+    b = Builder(channels=1, size=8)
+    x = b.relu(b.conv("input", 1, 8))
+    x = b.relu(b.conv(x, 8, 6))
+    rows = b.node("Reshape", [b.node("Transpose", [x], perm=[0, 2, 3, 1]), b.ints([-1, 6], "rows_shape")])
+    y = b.node("MatMul", [rows, b.init(b.rng.normal(0, 0.4, (6, 6)))])
+    y = b.node("Transpose", [b.node("Reshape", [y, b.ints([-1, 8, 8, 6], "back")])], perm=[0, 3, 1, 2])
+    y = b.relu(b.conv(y, 6, 8))
+    y = b.node("Flatten", [b.node("GlobalAveragePool", [y])], axis=1)
+    return b.model(b.gemm(y, 8, 5), ["N", 5])
+
+
+def _shape_crossing_model(batch):
+    """A Shape tensor made early and read late (a reshape_as), crossing the refit's cuts."""
+    from tiny import Builder
+
+    b = Builder(channels=3, size=8, batch=batch)
+    x = b.relu(b.conv("input", 3, 8))
+    r2 = b.relu(b.conv(x, 8, 8))
+    s = b.node("Shape", [r2])
+    r3 = b.relu(b.conv(r2, 8, 8))
+    r4 = b.node("Reshape", [b.node("Flatten", [r3], axis=1), s])
+    y = b.relu(b.conv(r4, 8, 8))
+    y = b.node("Flatten", [b.node("GlobalAveragePool", [y])], axis=1)
+    return b.model(b.gemm(y, 8, 5), [batch, 5])
+
+
+@pytest.mark.parametrize("case", ["pixel_rows", "shape_dynamic", "shape_fixed_batch", "shape_spilled"])
+def test_refit_cuts_where_axis_0_is_not_one_row_per_image(case, monkeypatch):
+    # 34 images in batches of 16: the last batch has 2, fewer than the shape tensor's 4 entries
+    if case == "shape_spilled":
+        monkeypatch.setattr(segments, "SPILL_BYTES", 0)
+    model = _pixel_rows_model() if case == "pixel_rows" else _shape_crossing_model(16 if case == "shape_fixed_batch" else "N")
+    xs = np.random.default_rng(0).random((34,) + (1 if case == "pixel_rows" else 3, 8, 8), dtype=np.float32)
+    opts = onnxprune.PruneOptions(flops=0.3, batch_size=16, holdout=0.0, latency=False)
+    result = onnxprune.prune(model, xs, opts)
+    assert result.report.refitted_layers >= 3
+    ref, out = outputs(model, xs[:16])[0], outputs(result.model, xs[:16])[0]
+    assert np.linalg.norm(out - ref) < 0.05 * np.linalg.norm(ref)
+
+
+def test_fidelity_compares_every_row_of_an_output_that_folds_pixels_into_axis_0():
+    # a candidate off by 1 on all but the first 16 rows of an (N x 64, 6) output: the rows
+    # of the first images only would have read as a perfect match
+    from onnx import helper, numpy_helper
+
+    from onnxprune.data import input_spec, load_calibration
+    from onnxprune.verify import fidelity
+    from tiny import Builder
+
+    b = Builder(channels=1, size=8)
+    x = b.relu(b.conv("input", 1, 6))
+    rows = b.node("Reshape", [b.node("Transpose", [x], perm=[0, 2, 3, 1]), b.ints([-1, 6], "rows_shape")])
+    model = b.model(b.node("MatMul", [rows, b.init(b.rng.normal(0, 0.4, (6, 6)))]), [None, 6])
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    delta = np.concatenate([np.zeros((16, 6)), np.ones((16 * 64 - 16, 6))]).astype(np.float32)
+    other.graph.initializer.append(numpy_helper.from_array(delta, "delta"))
+    out = other.graph.output[0].name
+    other.graph.node[-1].output[0] = "pre"
+    other.graph.node.append(helper.make_node("Add", ["pre", "delta"], [out], name="shift"))
+    xs = np.random.default_rng(0).random((32, 1, 8, 8), dtype=np.float32)
+    opts = onnxprune.PruneOptions(flops=0.5, batch_size=16, holdout=0.5)
+    cal = load_calibration(xs, input_spec(model, opts), opts)
+    (fid,) = fidelity(model, [other], cal, ["CPUExecutionProvider"])
+    assert fid.relative_error > 1.0
