@@ -292,9 +292,10 @@ class _StatsGraph:
 
 def collect_stats(model: onnx.ModelProto, tensors: Dict[str, int], cal: CalibrationSet, indices: Sequence[int],
                   providers: List[str], progress: Progress = silent, label: str = "calibrating",
-                  absolute: bool = False) -> ChannelStats:
+                  absolute: bool = False, ours: bool = False) -> ChannelStats:
     """``tensors``: name -> positions per channel (1, or the pixels of a flattened map).
-    ``absolute``: also the mean |x| of each channel."""
+    ``absolute``: also the mean |x| of each channel. ``ours``: ``model`` is one onnxprune made
+    (a pruned model), so onnxruntime's failures on it are internal errors."""
     from .shapes import static_shapes
 
     start = time.perf_counter()
@@ -307,7 +308,7 @@ def collect_stats(model: onnx.ModelProto, tensors: Dict[str, int], cal: Calibrat
     # whose 10-bit mantissa the second moments were never checked against
     graph = _StatsGraph(model, tensors, shapes, types, cal.batch_size, absolute, bool(cal.spec.fixed_batch),
                         in_graph=providers[0] == "CPUExecutionProvider")
-    sess = make_session(graph.model, providers)
+    sess = make_session(graph.model, providers, ours=ours)
     wanted = graph.outputs()
     raw = {n: tensors[n] for n in graph.raw}
 

@@ -27,9 +27,10 @@ from .calibrate import collect_stats
 SCALE_LIMIT = 2.0
 
 
-def _moments(model: onnx.ModelProto, names: List[str], cal: CalibrationSet, indices, providers):
+def _moments(model: onnx.ModelProto, names: List[str], cal: CalibrationSet, indices, providers, ours: bool):
     """Per-channel mean and standard deviation of each named tensor over images and pixels."""
-    stats = collect_stats(model, {n: 1 for n in names}, cal, indices, providers, label="measuring BN drift")
+    stats = collect_stats(model, {n: 1 for n in names}, cal, indices, providers, label="measuring BN drift",
+                          ours=ours)
     out = {}
     for name in names:
         var = stats[name].covariance()
@@ -48,10 +49,10 @@ def correct_drift(original: onnx.ModelProto, pruned: onnx.ModelProto, folded_out
     if not names:
         return []
     inits = {t.name: t for t in pruned.graph.initializer}
-    target = _moments(original, names, cal, indices, providers)
+    target = _moments(original, names, cal, indices, providers, ours=False)
     corrected = set()
     for _ in range(rounds):
-        now = _moments(pruned, names, cal, indices, providers)
+        now = _moments(pruned, names, cal, indices, providers, ours=True)
         for name in names:
             node = convs[name]
             mask = keep(name)

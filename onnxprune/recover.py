@@ -260,7 +260,7 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                                                       if name in channel_weights else None)
                 inputs = {names[k]: pruned.graph.node[layers[k]].input[0] for k in wave}
                 live = seg.live_at(seg.cuts[step])
-                sess = make_session(seg.segment(pruned, start, seg.cuts[step], prev_live, live), providers)
+                sess = make_session(seg.segment(pruned, start, seg.cuts[step], prev_live, live), providers, ours=True)
                 capture = (_Capture(original, o_nodes, patch_fits, set(channel_weights), targets, providers, shapes,
                                     bool(cal.spec.fixed_batch), rows) if step == 0 else None)
                 new = Frontier(folder, budget)
@@ -381,7 +381,7 @@ class _Capture:
             model.graph.node.extend(nodes)
             model.graph.input.extend(inputs)
             model.graph.initializer.extend(inits + [weights.make_tensor(np.array([0, 0, -1], dtype=np.int64), flat)])
-        self.session = make_session(model, providers)
+        self.session = make_session(model, providers, ours=True)
 
     def run(self, input_name: str, batch: np.ndarray, b0: int, real: int) -> None:
         feeds, drawn = {input_name: batch}, {}

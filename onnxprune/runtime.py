@@ -14,7 +14,7 @@ import onnxruntime as ort
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from . import weights
-from .errors import InputError, UsageError
+from .errors import InputError, InternalError, UsageError
 
 ort.set_default_logger_severity(3)  # provider fallbacks are reported by us, in one line
 
@@ -111,7 +111,7 @@ def kernel_channel_block(providers: Sequence[str]) -> Tuple[int, int]:
 
 
 def make_session(model: onnx.ModelProto, providers: Sequence[str], threads: int = 0,
-                 optimize: bool = False) -> ort.InferenceSession:
+                 optimize: bool = False, ours: bool = False) -> ort.InferenceSession:
     """An onnxruntime session for ``model``, whose large weights may be stubs in the weight store.
 
     Small models (and ``optimize``, for latency) get onnxruntime's full graph optimisations;
@@ -146,11 +146,14 @@ def make_session(model: onnx.ModelProto, providers: Sequence[str], threads: int 
         sess = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=list(providers))
     except Exception as e:  # the model, not us: an IR version, op or type onnxruntime does not have
         text = ort_message(e)
+        if ours:  # a graph onnxprune made from one onnxruntime already ran: the fault is ours
+            raise InternalError(f"onnxruntime cannot load a model onnxprune made (nothing written): {text}") from e
         if "is not a registered function/op" in text:
             text += " (a custom op: onnxprune does not load custom op libraries)"
         raise InputError(f"onnxruntime cannot load the model: {text}") from e
     # onnxruntime reads these arrays for as long as the session lives, without holding them
     sess._onnxprune_initializers = values
+    sess._onnxprune_ours = ours
     if providers[0] == "CUDAExecutionProvider" and sess.get_providers()[0] != "CUDAExecutionProvider":
         # the CUDA libraries failed to load after all: say so rather than pretend
         raise UsageError("onnxruntime could not start its CUDA provider; use --device cpu")
@@ -191,13 +194,16 @@ def ort_message(e: BaseException, limit: int = 300) -> str:
 
 def run_feeds(sess: ort.InferenceSession, feeds: dict, outputs: Optional[List[str]] = None,
               batch_size: Optional[int] = None) -> List[np.ndarray]:
-    """``sess.run`` with onnxruntime's failures as one-line InputErrors (``batch_size``, where
-    known, goes into the out-of-memory message)."""
+    """``sess.run`` with onnxruntime's failures as one-line InputErrors, InternalErrors for a
+    session on a graph onnxprune made (``make_session(..., ours=True)``); running out of memory
+    is the user's to mend either way (``batch_size``, where known, goes into that message)."""
     try:
         return sess.run(outputs, feeds)
     except Exception as e:  # onnxruntime raises its own exception types per failure
         text = ort_message(e)
         out_of_memory(e, text, batch_size)
+        if getattr(sess, "_onnxprune_ours", False):
+            raise InternalError(f"onnxruntime failed to run a model onnxprune made (nothing written): {text}") from e
         raise InputError(f"onnxruntime failed to run the model: {text}") from e
 
 

@@ -281,6 +281,22 @@ def test_internal_failure_writes_nothing(work, capsys, monkeypatch):
     _expect_error(work, capsys, _prune_args(work), 70, ["onnxruntime cannot load the pruned model", "nothing written"])
 
 
+def test_a_graph_we_built_that_onnxruntime_cannot_run_is_an_internal_error(work, capsys, monkeypatch):
+    """The refit's segments are cut from the pruned model: a fault there is not the user's model."""
+    import onnxprune.segments
+
+    cut = onnxprune.segments.Segmenter.segment
+
+    def broken(self, *args, **kwargs):
+        seg = cut(self, *args, **kwargs)
+        seg.graph.node[0].input[0] = "nowhere"  # reads a tensor nothing makes
+        return seg
+
+    monkeypatch.setattr(onnxprune.segments.Segmenter, "segment", broken)
+    _expect_error(work, capsys, _prune_args(work), 70, ["onnxruntime cannot load a model onnxprune made",
+                                                         "nothing written"])
+
+
 def test_unexpected_bug_is_one_line_without_verbose_and_a_traceback_with_it(work, capsys, monkeypatch):
     import onnxprune.api
 
