@@ -412,6 +412,18 @@ def _name_nodes(graph: onnx.GraphProto) -> None:
         seen.add(node.name)
 
 
+def keep_declared_outputs(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """Give the graph outputs back the types ``template`` declares. Shape inference and constant
+    folding also rewrite the outputs, filling in a dim the model leaves symbolic or unknown (an
+    'N' batch behind a fixed input batch, a tf2onnx 'unk__' dim, torch's 'Convout0_dim_2'): the
+    written model would then declare another signature than the original. Graph outputs are
+    never pruned, so the declared types stay true."""
+    declared = {vi.name: vi for vi in template.graph.output}
+    for vi in model.graph.output:
+        if vi.name in declared:
+            vi.CopyFrom(declared[vi.name])
+
+
 def prepare(model: onnx.ModelProto, release: bool = False) -> tuple[onnx.ModelProto, PrepareLog]:
     """Return a normalised copy of ``model``; the input's protobuf is not modified.
 
@@ -437,4 +449,5 @@ def prepare(model: onnx.ModelProto, release: bool = False) -> tuple[onnx.ModelPr
     _name_nodes(graph)
     # stale intermediate shapes would contradict the pruned graph; re-inferred later
     del graph.value_info[:]
+    keep_declared_outputs(out, model)
     return out, log

@@ -12,7 +12,7 @@ from . import weights
 from .analyse import Analysis
 from .load import default_opset
 from .ops import RewriteContext, rule_for
-from .prepare import copy_model_fields
+from .prepare import copy_model_fields, keep_declared_outputs
 
 
 def rewrite(analysis: Analysis, keep_player: Optional[np.ndarray], template: onnx.ModelProto) -> Tuple[onnx.ModelProto, Set[str]]:
@@ -70,17 +70,5 @@ def rewrite(analysis: Analysis, keep_player: Optional[np.ndarray], template: onn
     model = weights.export_graph(graph)  # large weights stay in the store
     copy_model_fields(template, model)
     model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    _keep_declared_outputs(model, template)
+    keep_declared_outputs(model, template)
     return model, changed
-
-
-def _keep_declared_outputs(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
-    """Give the graph outputs back the types ``template`` declares. Shape inference also
-    rewrites the outputs, filling in a dim the model leaves symbolic or unknown (an 'N' batch
-    behind a fixed input batch, a tf2onnx 'unk__' dim): the pruned model would then declare
-    another signature than the original. Graph outputs are never pruned, so the declared
-    types stay true."""
-    declared = {vi.name: vi for vi in template.graph.output}
-    for vi in model.graph.output:
-        if vi.name in declared:
-            vi.CopyFrom(declared[vi.name])

@@ -150,3 +150,20 @@ def test_refit_of_a_scaled_gemm_matches_the_unscaled_one():
     scaled = onnxprune.prune(_gemm_head(0.25, 1.0), xs, opts).model
     x = xs[:50]
     assert rel_error(outputs(plain, x), outputs(scaled, x)) < 1e-5
+
+
+def test_declared_outputs_survive_the_folds():
+    # torch names output dims it cannot tell ('classes' here); inference during the folds fills
+    # them in, and the model written must still declare what the original did
+    model = _view_flatten()
+    dim = model.graph.output[0].type.tensor_type.shape.dim[1]
+    dim.Clear()
+    dim.dim_param = "classes"
+    prepared, log = prepare(model)
+    assert log.copied_dims == 1
+    assert prepared.graph.output[0] == model.graph.output[0]
+    import onnxprune
+
+    x = np.random.default_rng(0).random((32, 3, 4, 4), dtype=np.float32)
+    pruned = onnxprune.prune(model, x, onnxprune.PruneOptions(flops=0.3, latency=False)).model
+    assert pruned.graph.output[0] == model.graph.output[0]
