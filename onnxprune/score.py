@@ -20,13 +20,21 @@ def _per_player(analysis: Analysis, values_of):
     nodes = {n.name: n for n in analysis.graph.nodes}
     atom_value = np.zeros(len(analysis.atom_player))
     covered = np.zeros(len(analysis.atom_player))
+    starts = sorted({s.start for s in analysis.spaces} | {len(analysis.atom_player)})
+    size = dict(zip(starts, np.diff(starts).tolist()))  # atoms are made space after space
     for space in analysis.spaces:
         node = nodes.get(space.node)
         if node is None or not space.prunable:
             continue
         values = values_of(node)
-        if values is None:
+        if values is None or not size.get(space.start):
             continue
+        n_atoms = size[space.start]
+        if len(values) != n_atoms:
+            if len(values) % n_atoms:
+                continue
+            # a grouped conv's output j is atom j % n_atoms (its filters tied across the groups)
+            values = np.asarray(values).reshape(-1, n_atoms).sum(axis=0)
         atom_value[space.start:space.start + len(values)] = values
         covered[space.start:space.start + len(values)] = 1.0
     n = analysis.num_players

@@ -42,3 +42,24 @@ def test_bn_scale_refuses_a_model_without_batchnorm(tmp_path):
     x = np.random.default_rng(0).normal(size=(8, 3, 8, 8)).astype(np.float32)
     with pytest.raises(onnxprune.UsageError, match="bn-scale needs BatchNormalization"):
         onnxprune.prune(residual_cnn(), x, onnxprune.PruneOptions(flops=0.3, criterion="bn-scale", latency=False))
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2"])
+def test_filter_norms_of_grouped_convs_fold_onto_their_tied_channels(criterion):
+    # a depthwise conv with a channel multiplier (groups 8, 16 outputs) then a grouped conv:
+    # a grouped conv's output j is player j % (outputs / groups), so its filters' norms are
+    # summed over the groups (they overflowed the players' array before)
+    from tiny import Builder
+
+    b = Builder(channels=3, size=8)
+    x = b.relu(b.conv("input", 3, 32))
+    x = b.relu(b.conv(x, 32, 64, group=32))
+    x = b.relu(b.conv(x, 64, 32, k=1, group=4))
+    model = b.model(b.gemm(b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1), 32, 5), ["N", 5])
+    _, analysis = analysis_of(model)
+    scores = score_players(analysis, criterion)
+    prunable = np.isin(analysis.player_group, [g.index for g in analysis.prunable_groups()])
+    assert np.isfinite(scores).all() and (scores[prunable] > 0).all()
+    xs = np.random.default_rng(0).random((32, 3, 8, 8), dtype=np.float32)
+    result = onnxprune.prune(model, xs, onnxprune.PruneOptions(flops=0.3, criterion=criterion, latency=False))
+    assert result.report.flops_reduction >= 0.3
