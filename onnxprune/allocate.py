@@ -228,8 +228,9 @@ def _check_reachable(plan: _Planner, before: int, target: int, flops: float, wha
     if plan.macs(floor) > target:
         best = 1.0 - plan.macs(floor) / before
         flag = "--flops" if what == "FLOPs" else "--latency"
+        shown = math.floor(best * 1000) / 10  # rounded down: the share quoted can be asked for
         raise TargetError(
-            f"{flag} {flops:g} cannot be reached: at most {best:.1%} of {what} can be removed "
+            f"{flag} {flops:g} cannot be reached: at most {shown:.1f}% of {what} can be removed "
             f"(with --min-keep, --round-to, --ignore and the channels that cannot be pruned)"
         )
 

@@ -98,6 +98,8 @@ def load_labelled(path: str) -> Labelled:
         # as for calibration arrays: raw 8-bit pixels would be fed unscaled
         raise InputError(f"labelled data {path!r}: 'x' is {x.dtype}; give preprocessed float inputs, "
                          "as the model takes them")
+    if not np.isfinite(x).all():  # a NaN row scores class 0 and could count as right
+        raise InputError(f"labelled data {path!r}: 'x' contains NaN or infinite values")
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]  # a column of class ids
     elif y.ndim == 2 and np.issubdtype(y.dtype, np.number):

@@ -15,7 +15,7 @@ from typing import get_type_hints
 import click
 
 from . import __version__
-from .errors import PruneError, UsageError
+from .errors import InternalError, PruneError, TargetError, UsageError
 from .options import OPTION_SPECS, PruneOptions
 
 PREPROCESSING_HELP = """\
@@ -150,7 +150,7 @@ def main(model_in, model_out, analyze, calib, sweep_targets, eval_path, report_p
     if calib is None:
         raise UsageError("missing option --calib PATH (a folder of images or a .npy/.npz file)")
     opts = PruneOptions(**option_values).validate()
-    check_output_path(model_out, model_in if os.path.exists(model_in) else None)
+    check_output_path(model_out, model_in if os.path.exists(model_in) else None, [calib, eval_path])
     labelled = load_labelled(eval_path) if eval_path else None
     result = prune(model_in, calib, opts, evaluate=labelled, progress=_bar,
                    log=lambda line: click.echo(line, err=True))
@@ -186,12 +186,20 @@ def _sweep(model_in, out_dir, calib, targets_text, eval_path, option_values):
         out_dir = os.path.splitext(os.path.basename(model_in))[0] + "-sweep"
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"with --sweep, OUT is a folder; {out_dir!r} is a file")
+    if os.path.isdir(calib):
+        inside = os.path.relpath(os.path.realpath(out_dir), os.path.realpath(calib))
+        if inside == os.curdir or not inside.startswith(os.pardir):
+            # its models and chart would be read as calibration files by later runs
+            raise UsageError(f"with --sweep, OUT {out_dir!r} is inside the calibration folder; give another folder")
     labelled = load_labelled(eval_path) if eval_path else None
     sweep = run_sweep(model_in, calib, targets, out_dir, opts, evaluate=labelled, progress=_bar,
                       log=lambda line: click.echo(line, err=True))
     click.echo(format_table(sweep))
     for note in sweep.notes:
         click.echo(f"note: {note}")
+    if not any(r.reached for r in sweep.rows):
+        raise TargetError(f"no --sweep target can be reached ({sweep.rows[0].message}); wrote only "
+                          f"{sweep.table_path} and {sweep.json_path}")
     click.echo(f"wrote {len([r for r in sweep.rows if r.reached])} models, {sweep.table_path}, {sweep.json_path}"
                + (f" and {sweep.plot_path}" if sweep.plot_path else ""), err=True)
 
@@ -215,7 +223,8 @@ def run(argv=None) -> int:
     except PruneError as e:
         if verbose:
             traceback.print_exc()
-        click.echo(f"onnxprune: error: {e}", err=True)
+        kind = "internal error" if isinstance(e, InternalError) else "error"
+        click.echo(f"onnxprune: {kind}: {e}", err=True)
         return e.exit_code
     except KeyboardInterrupt:
         click.echo("onnxprune: interrupted", err=True)

@@ -306,13 +306,15 @@ def _load_array(path: str) -> np.ndarray:
         if path.lower().endswith(".npy"):
             return np.load(path, mmap_mode="r", allow_pickle=False)
         data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.lib.npyio.NpzFile):
+            keys = list(data.keys())
+            if not keys:
+                raise InputError(f"{path!r} holds no arrays")
+            return data[_npz_key(keys)]  # read here: an object array fails only now
+    except InputError:
+        raise
     except Exception as e:
         raise InputError(f"cannot read calibration tensors {path!r}: {e}") from e
-    if isinstance(data, np.lib.npyio.NpzFile):
-        keys = list(data.keys())
-        if not keys:
-            raise InputError(f"{path!r} holds no arrays")
-        return data[_npz_key(keys)]
     return data
 
 
@@ -340,8 +342,23 @@ def load_calibration(source: Union[str, os.PathLike, np.ndarray], spec: InputSpe
                 cal.labels = _array_labels(path, cal)
         else:
             raise InputError(f"calibration path {path!r} is neither a folder of images nor a .npy/.npz file")
+    if cal.array is not None:
+        _refuse_preprocessing(opts)
     _split(cal, opts)
+    if not len(cal.fit):
+        raise UsageError(f"--holdout {opts.holdout:g} leaves none of the {len(cal)} calibration images to score "
+                         "and fit with; lower it or give more images")
     return cal
+
+
+def _refuse_preprocessing(opts: PruneOptions) -> None:
+    """Tensors are fed as they are: preprocessing options would be silently ignored."""
+    default = type(opts)()
+    given = [flag for flag, field in (("--mean", "mean"), ("--std", "std"), ("--scale", "scale"), ("--bgr", "bgr"))
+             if getattr(opts, field) != getattr(default, field)]
+    if given:
+        raise UsageError(f"{', '.join(given)} preprocess images; calibration tensors (.npy/.npz or an array) are "
+                         "fed to the model as they are: leave them out or give a folder of images")
 
 
 def _folder_labels(folder: str, files: List[str]) -> np.ndarray:

@@ -8,6 +8,7 @@ here once and appears in both, with one help text and one default.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -147,7 +148,9 @@ class PruneOptions:
                              "--allocation do not apply to it")
         if self.method not in METHODS:
             raise UsageError(f"--method must be one of {', '.join(METHODS)}")
-        if self.gate_steps < 1 or self.gate_lr <= 0 or self.gate_flops_weight < 0 or self.gate_binary_weight < 0:
+        if self.gate_steps < 1 or not self.gate_lr > 0 or not self.gate_flops_weight >= 0 \
+                or not self.gate_binary_weight >= 0 or not all(map(math.isfinite, (
+                    self.gate_lr, self.gate_flops_weight, self.gate_binary_weight))):  # NaN passes < and >
             raise UsageError("--gate-steps must be at least 1, --gate-lr positive and the gate weights non-negative")
         if self.criterion not in CRITERIA:
             raise UsageError(f"--criterion must be one of {', '.join(CRITERIA)}")
@@ -165,6 +168,8 @@ class PruneOptions:
             raise UsageError("--input-size must be two positive integers H,W")
         if len(self.mean) not in (1, 3) or len(self.std) not in (1, 3):
             raise UsageError("--mean and --std take one value or three")
+        if not all(map(math.isfinite, tuple(self.mean) + tuple(self.std) + (self.scale,))):
+            raise UsageError("--mean, --std and --scale must be finite numbers")
         if any(s == 0 for s in self.std):
             raise UsageError("--std must not contain 0")
         if self.max_images < 1 or self.batch_size < 1:

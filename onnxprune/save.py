@@ -47,14 +47,33 @@ def _check_writable_file(path: str, what: str) -> None:
         raise UsageError(f"{what} folder {folder!r} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"{what} folder {folder!r} is not writable")
+    try:
+        longest = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        longest = 255
+    if len(os.fsencode(os.path.basename(path_abs))) > longest:
+        raise UsageError(f"{what} file name is too long for its folder (at most {longest} bytes)")
+    # a folder the permission bits call writable may still refuse files (/proc, /sys): try one,
+    # named as the files this run writes are, before any work
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".onnxprune-", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"{what} folder {folder!r} is not writable ({e.strerror or e})") from None
 
 
-def check_output_path(out_path: str, in_path: str | None) -> None:
-    """Fail early, before any work, if OUT cannot be written or is IN."""
+def check_output_path(out_path: str, in_path: str | None, inputs: Iterable[Optional[str]] = ()) -> None:
+    """Fail early, before any work, if OUT cannot be written or is IN, or if OUT (or OUT.data)
+    is another file this run reads (``inputs``: --calib, --eval)."""
     out_abs = os.path.abspath(out_path)
     if in_path is not None and not os.path.isdir(out_abs):
         if out_abs == os.path.abspath(in_path) or (os.path.exists(out_abs) and os.path.samefile(out_abs, in_path)):
             raise UsageError("output is the input model; refusing to write over it")
+    read = [f for f in inputs if f and os.path.isfile(f)]
+    if _is_one_of(out_abs, read) or _is_one_of(data_path(out_abs), read):
+        raise UsageError(f"output {out_path!r} (or its .data file) is a file this run reads (--calib or --eval); "
+                         "give another name")
     _check_writable_file(out_path, "output")
 
 

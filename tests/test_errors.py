@@ -30,7 +30,7 @@ def _expect_error(work, capsys, args, code, words):
     assert run(args) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert err, "an error message is printed"
-    assert err[-1].startswith("onnxprune: error: ")
+    assert err[-1].startswith("onnxprune: internal error: " if code == 70 else "onnxprune: error: ")
     assert sum("error" in line for line in err) == 1
     assert not any("Traceback" in line for line in err)
     for word in words:
@@ -481,6 +481,7 @@ def test_sweep_report_is_refused(work, capsys):
     ("uint8", ["'x' is uint8", "preprocessed float inputs"]),
     ("strings", ["'y' must hold integer class ids"]),
     ("too_many_classes", ["the labels go up to 99"]),
+    ("nan", ["'x' contains NaN"]),
 ])
 def test_bad_eval_data(work, capsys, case, words):
     x = np.load(EVAL)["x"][:20]
@@ -489,6 +490,9 @@ def test_bad_eval_data(work, capsys, case, words):
         x = (x * 255).astype(np.uint8)
     elif case == "strings":
         y = np.array([str(v) for v in y])
+    elif case == "nan":
+        x = x.copy()
+        x[5] = np.nan
     else:
         y = y.copy()
         y[3] = 99
@@ -561,3 +565,79 @@ def test_a_calibration_array_cannot_resize_a_fixed_axis(work, capsys):
     np.save(work / "x.npy", np.zeros((8, 1, 20, 20), np.float32))
     _expect_error(work, capsys, _prune_args(work, model=work / "half.onnx", calib=work / "x.npy"), 2,
                   ["the calibration array gives height 20", "fixed height of 12"])
+
+
+def _calib_array(work, name="c.npy"):
+    x = np.load(EVAL)["x"][:40]
+    path = work / name
+    if name.endswith(".npz"):
+        np.savez(path, x=x)
+    else:
+        np.save(path, x)
+    return path
+
+
+@pytest.mark.parametrize("which", ["calib_npy", "calib_npz", "eval"])
+def test_output_that_is_another_input_is_refused(work, capsys, which):
+    calib = _calib_array(work, "c.npz" if which == "calib_npz" else "c.npy")
+    args = _prune_args(work, calib=calib, out=calib) + ["--no-latency"]
+    if which == "eval":
+        shutil.copy(EVAL, work / "e.npz")
+        args = _prune_args(work, calib=calib, out=work / "e.npz") + ["--eval", str(work / "e.npz"), "--no-latency"]
+    _expect_error(work, capsys, args, 2, ["is a file this run reads"])
+
+
+@pytest.mark.parametrize("target", ["out", "report"])
+def test_a_file_name_too_long_is_refused_before_any_work(work, capsys, target):
+    long_name = str(work / "out" / ("a" * 300 + ".onnx"))
+    args = _prune_args(work, out=long_name if target == "out" else None) + ["--no-latency"]
+    if target == "report":
+        args += ["--report", long_name]
+    _expect_error(work, capsys, args, 2, ["file name is too long"])
+
+
+def test_a_holdout_that_leaves_nothing_to_fit_is_refused(work, capsys):
+    _expect_error(work, capsys, _prune_args(work) + ["--max-images", "10", "--holdout", "0.96"], 2,
+                  ["--holdout 0.96 leaves none of the 10 calibration images"])
+
+
+def test_an_object_array_npz_is_an_input_error(work, capsys):
+    np.savez(work / "obj.npz", x=np.empty(3, dtype=object))
+    _expect_error(work, capsys, _prune_args(work, calib=work / "obj.npz"), 3, ["cannot read calibration tensors"])
+
+
+@pytest.mark.parametrize("flag", ["--gate-lr", "--gate-flops-weight", "--gate-binary-weight", "--scale"])
+def test_nan_option_values_are_refused(work, capsys, flag):
+    extra = ["--method", "bottleneck"] if flag.startswith("--gate") else []
+    _expect_error(work, capsys, _prune_args(work) + extra + [flag, "nan"], 2, ["gate" if extra else flag])
+
+
+def test_preprocessing_options_with_tensors_are_refused(work, capsys):
+    args = _prune_args(work, calib=_calib_array(work)) + ["--mean", "0.5", "--bgr"]
+    _expect_error(work, capsys, args, 2, ["--mean, --bgr preprocess images"])
+
+
+def test_sweep_into_the_calibration_folder_is_refused(work, capsys):
+    folder = work / "imgs"
+    shutil.copytree(CALIB, folder)
+    args = [str(work / "in.onnx"), str(folder / "sweep"), "--calib", str(folder), "--sweep", "0.3"]
+    _expect_error(work, capsys, args, 2, ["inside the calibration folder"])
+    assert sorted(os.listdir(folder)) == sorted(os.listdir(CALIB))
+
+
+def test_a_sweep_that_reaches_no_target_fails(work, capsys):
+    args = [str(work / "in.onnx"), str(work / "out" / "sw"), "--calib", str(CALIB), "--sweep", "0.995",
+            "--no-latency", "--max-images", "32"]
+    assert run(args) == 4
+    err = capsys.readouterr().err
+    assert "no --sweep target can be reached" in err and "Traceback" not in err
+    assert not [f for f in os.listdir(work / "out" / "sw") if f.endswith(".onnx")]
+
+
+def test_the_most_that_can_be_removed_is_quoted_rounded_down(work, capsys):
+    assert run(_prune_args(work, flops="0.995") + ["--no-latency", "--max-images", "32"]) == 4
+    import re
+
+    err = capsys.readouterr().err
+    most = float(re.search(r"at most ([0-9.]+)% of FLOPs", err).group(1)) / 100
+    assert run(_prune_args(work, flops=f"{most:.3f}") + ["--no-latency", "--max-images", "32"]) == 0
