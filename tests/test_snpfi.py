@@ -192,3 +192,27 @@ def test_filter_factor_reproduces_the_gram_whether_or_not_it_is_singular():
         factor = filter_factor(gram)
         assert factor.shape == (12, 12)
         np.testing.assert_allclose(factor @ factor.T, gram, atol=1e-10 * np.abs(gram).max())
+
+
+def test_channels_read_by_a_grouped_conv_are_scored_by_what_they_feed():
+    # conv1's channels 1, 5, 9 and 13 are dead (zero after the ReLU) and only a grouped conv
+    # (2 groups) reads them: the payoff must see that they feed nothing, so a small target
+    # removes exactly those (they were unscored and cut from the end of the group as if free)
+    import onnxprune
+    from onnx import numpy_helper
+
+    b = Builder(channels=3, size=8, seed=2)
+    x = b.relu(b.conv("input", 3, 16))
+    w = numpy_helper.to_array(b.inits[0]).copy()
+    bias = numpy_helper.to_array(b.inits[1]).copy()
+    dead = [1, 5, 9, 13]
+    w[dead], bias[dead] = 0.0, -1.0
+    b.inits[0] = numpy_helper.from_array(w, b.inits[0].name)
+    b.inits[1] = numpy_helper.from_array(bias, b.inits[1].name)
+    model = b.model(b.conv(x, 16, 16, group=2), ["N", 16, 8, 8])  # conv1's group is the only prunable one
+    xs = np.random.default_rng(0).random((48, 3, 8, 8), dtype=np.float32)
+    opts = onnxprune.PruneOptions(flops=0.05, recover=False, round_to=1, min_keep=0.0, latency=False)
+    result = onnxprune.prune(model, xs, opts)
+    assert result.report.flops_reduction >= 0.05
+    ref, out = outputs(model, xs)[0], outputs(result.model, xs)[0]
+    assert np.abs(out - ref).max() < 1e-4 * np.abs(ref).max()

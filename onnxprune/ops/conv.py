@@ -85,11 +85,24 @@ class ConvRule(Rule):
 
     def input_filters(self, node: gs.Node):
         w = const(node.inputs[1])
-        if w is None or int(attr(node, "group", 1)) != 1:
-            return None
-        return np.moveaxis(w, 1, 0).reshape(w.shape[1], w.shape[0], -1)
+        group = int(attr(node, "group", 1))
+        if w is None or is_depthwise(group, w.shape[1] * group, w.shape[0]):
+            return None  # a depthwise conv passes its channels through: it reads no group as a layer
+        if group == 1:
+            return np.moveaxis(w, 1, 0).reshape(w.shape[1], w.shape[0], -1)
+        # a grouped conv as the dense layer it equals, zero between the groups: so the channels
+        # it reads are scored by what they feed (they had no payoff and were cut as if free)
+        cin_g, cout_g = w.shape[1], w.shape[0] // group
+        dense = np.zeros((cin_g * group, w.shape[0], int(np.prod(w.shape[2:], dtype=np.int64))), dtype=w.dtype)
+        for g in range(group):
+            block = w[g * cout_g:(g + 1) * cout_g]
+            dense[g * cin_g:(g + 1) * cin_g, g * cout_g:(g + 1) * cout_g] = np.moveaxis(block, 1, 0).reshape(
+                cin_g, cout_g, -1)
+        return dense
 
     def set_input_filters(self, node: gs.Node, filters: np.ndarray) -> None:
+        if int(attr(node, "group", 1)) != 1:  # grouped convs are scored, never refitted
+            raise NotImplementedError("set_input_filters of a grouped Conv")
         w = const(node.inputs[1])
         new = np.moveaxis(filters.reshape((w.shape[1], w.shape[0]) + w.shape[2:]), 0, 1)
         _set_weight(node, 1, np.ascontiguousarray(new, dtype=w.dtype))
