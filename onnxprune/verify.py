@@ -132,8 +132,8 @@ def fidelity(original: onnx.ModelProto, candidates: Sequence[onnx.ModelProto], c
     s_new = [_session_checked(expose(c, names), providers) for c in candidates]
     s_old = make_session(expose(original, names), providers)
     agree = [0] * len(candidates)
-    err = [0.0] * len(candidates)
-    norm = 0.0
+    err = [None] * len(candidates)  # per candidate, per compared output: the summed squared error
+    norm = None  # per compared output: the original's summed squares
     total = 0
     classifier = kept = None
     with progress("measuring fidelity", len(indices)) as update:
@@ -150,7 +150,8 @@ def fidelity(original: onnx.ModelProto, candidates: Sequence[onnx.ModelProto], c
                 # pixels in, 0 for an output that is not per image (compared whole)
                 rows = [image_rows({}, "", outs[i], len(batch)) for i in kept]
             old = [np.asarray(real_rows(outs[i], r, real), np.float64) for i, r in zip(kept, rows)]
-            norm += sum(float((a ** 2).sum()) for a in old)
+            norm = np.zeros(len(old)) if norm is None else norm
+            norm += [float((a ** 2).sum()) for a in old]
             if classifier is None:
                 classifier = one_class_score(old)
             top1 = old[0].argmax(1) if classifier else None
@@ -160,14 +161,25 @@ def fidelity(original: onnx.ModelProto, candidates: Sequence[onnx.ModelProto], c
                     check_outputs(original, reference_outputs, outs[: len(graph_outputs)])
                     outs = [outs[k] for k in at]
                 new = [np.asarray(real_rows(outs[j], r, real), np.float64) for j, r in zip(kept, rows)]
-                err[i] += sum(float(((a - c) ** 2).sum()) for a, c in zip(old, new))
+                err[i] = np.zeros(len(old)) if err[i] is None else err[i]
+                err[i] += [float(((a - c) ** 2).sum()) for a, c in zip(old, new)]
                 if classifier:
                     agree[i] += int((top1 == new[0].argmax(1)).sum())
             total += real
             update(real)
-    return [Fidelity(total, a / total if classifier and total else None,
-                     float(np.sqrt(e / norm)) if norm > 0 else float(np.sqrt(e)), held_out)
+    return [Fidelity(total, a / total if classifier and total else None, _relative_error(e, norm), held_out)
             for a, e in zip(agree, err)]
+
+
+def _relative_error(err: Optional[np.ndarray], norm: Optional[np.ndarray]) -> float:
+    """The root of the mean over compared outputs of each one's squared error over its own
+    squares: one output's relative error where there is one; with several (a detector's heads,
+    logits beside a feature map) each counts alike, so a large output does not hide a small one
+    that is far off. An output that is all zeros counts its absolute error."""
+    if err is None:
+        return 0.0
+    share = np.where(norm > 0, err / np.where(norm > 0, norm, 1.0), err)
+    return float(np.sqrt(share.mean()))
 
 
 def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, providers: List[str], batch_size: int = 256) -> float:

@@ -190,3 +190,28 @@ def test_fidelity_compares_every_row_of_an_output_that_folds_pixels_into_axis_0(
     cal = load_calibration(xs, input_spec(model, opts), opts)
     (fid,) = fidelity(model, [other], cal, ["CPUExecutionProvider"])
     assert fid.relative_error > 1.0
+
+
+def test_fidelity_weighs_each_output_by_its_own_size():
+    # logits beside a large feature map: a head off by 14% must not read as a 0.4% error
+    from onnx import helper, numpy_helper
+
+    from onnxprune.data import input_spec, load_calibration
+    from onnxprune.verify import fidelity
+    from tiny import Builder
+
+    b = Builder(channels=3, size=8)
+    feat = b.relu(b.conv("input", 3, 32))
+    logits = b.gemm(b.node("Flatten", [b.node("GlobalAveragePool", [feat])], axis=1), 32, 5)
+    model = b.model(logits, ["N", 5])
+    model.graph.output.append(helper.make_tensor_value_info(feat, 1, ["N", 32, 8, 8]))
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    other.graph.initializer.append(numpy_helper.from_array(np.float32(1.2), "gain"))
+    other.graph.node[-1].output[0] = "pre"
+    other.graph.node.append(helper.make_node("Mul", ["pre", "gain"], [logits], name="off"))
+    xs = np.random.default_rng(0).random((32, 3, 8, 8), dtype=np.float32)
+    opts = onnxprune.PruneOptions(flops=0.5, batch_size=16, holdout=0.5)
+    cal = load_calibration(xs, input_spec(model, opts), opts)
+    (fid,) = fidelity(model, [other], cal, ["CPUExecutionProvider"])
+    np.testing.assert_allclose(fid.relative_error, 0.2 / np.sqrt(2), rtol=1e-3)
