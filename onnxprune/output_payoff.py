@@ -39,6 +39,7 @@ from .analyse import Analysis
 from .data import CalibrationSet
 from .errors import InputError, UsageError
 from .runtime import make_session
+from .shapes import static_shapes
 from .snpfi import GroupGame
 from .verify import compared_tensors, one_class_score, per_image
 
@@ -57,9 +58,11 @@ class OutputGames:
     budget: int
 
 
-def _gated_model(model: onnx.ModelProto, analysis: Analysis):
+def _gated_model(model: onnx.ModelProto, analysis: Analysis, types: Optional[Dict[str, int]] = None):
     """The model with a per-sample gate and offset after every producer of prunable channels.
-    Returns it and, per gate, (gate input name, offset input name, atoms, rank of the tensor)."""
+    Returns it and, per gate, (gate input name, offset input name, atoms, rank of the tensor).
+    Gates and offsets are fed in float32 and cast to a tensor of another type (``types``: each
+    tensor's element type, where known), so a float16 model is gated in float16."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
@@ -84,8 +87,17 @@ def _gated_model(model: onnx.ModelProto, analysis: Analysis):
         dims = ["n", len(atoms)] + [1] * (len(shape) - 2)
         g.input.extend([helper.make_tensor_value_info(gate, TensorProto.FLOAT, dims),
                         helper.make_tensor_value_info(offset, TensorProto.FLOAT, dims)])
-        added[node.name] = [helper.make_node("Mul", [ungated, gate], [name + "__scaled"], name=f"__gate_mul_{i}"),
-                            helper.make_node("Add", [name + "__scaled", offset], [name], name=f"__gate_add_{i}")]
+        cast = []
+        elem = (types or {}).get(name, TensorProto.FLOAT)
+        if elem != TensorProto.FLOAT:
+            cast = [helper.make_node("Cast", [gate], [gate + "__typed"], to=elem, name=f"__gate_cast_{i}"),
+                    helper.make_node("Cast", [offset], [offset + "__typed"], to=elem, name=f"__offset_cast_{i}")]
+            gate_in, offset_in = gate + "__typed", offset + "__typed"
+        else:
+            gate_in, offset_in = gate, offset
+        added[node.name] = cast + [
+            helper.make_node("Mul", [ungated, gate_in], [name + "__scaled"], name=f"__gate_mul_{i}"),
+            helper.make_node("Add", [name + "__scaled", offset_in], [name], name=f"__gate_add_{i}")]
         gates.append((gate, offset, atoms, len(shape), ungated))
     nodes = []
     for n in g.node:
@@ -99,14 +111,16 @@ def _gated_model(model: onnx.ModelProto, analysis: Analysis):
 def output_games(model: onnx.ModelProto, analysis: Analysis, cal: CalibrationSet, providers, centred: bool,
                  budget: Optional[int], seed: int = 0, progress=None) -> OutputGames:
     start = time.perf_counter()
-    gated, gates = _gated_model(model, analysis)
+    types: Dict[str, int] = {}
+    static_shapes(model, {cal.spec.name: (1,) + tuple(cal.sample_shape)}, types)
+    gated, gates = _gated_model(model, analysis, types)
     scores = compared_tensors(gated)  # every output's scores, before a final Softmax
     present = {o.name for o in gated.graph.output}
-    gated.graph.output.extend([helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
-                               for t in dict.fromkeys(scores) if t not in present])
+    # untyped: a float16 model's tensors come out as float16
+    gated.graph.output.extend([helper.make_empty_tensor_value_info(t) for t in dict.fromkeys(scores) if t not in present])
     for _, _, _, _, ungated in gates:
-        gated.graph.output.extend([helper.make_tensor_value_info(ungated, TensorProto.FLOAT, None)])
-    sess = make_session(gated, providers)
+        gated.graph.output.extend([helper.make_empty_tensor_value_info(ungated)])
+    sess = make_session(gated, providers, ours=True)
     input_name = cal.spec.name
     indices = cal.fit[:EVAL_IMAGES] if len(cal.fit) else cal.holdout[:EVAL_IMAGES]
     x = np.concatenate(list(cal.batches(indices)))[: len(indices)]

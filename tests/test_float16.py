@@ -51,3 +51,13 @@ def test_bn_correct_keeps_float16_weights():
     assert any("BN drift corrected" in n for n in result.report.notes)
     assert _float16_types(result.model) == {TensorProto.FLOAT16}
     assert np.isfinite(_run(result.model, xs)).all()
+
+
+def test_output_payoff_gates_a_float16_model_in_its_own_type():
+    model = _half(tiny.plain_cnn())
+    xs = np.random.default_rng(0).random((48, 3, 8, 8)).astype(np.float16)
+    opts = onnxprune.PruneOptions(flops=0.3, latency=False, payoff="output", budget=200)
+    result = onnxprune.prune(model, xs, opts)
+    assert result.report.flops_reduction >= 0.3
+    assert _float16_types(result.model) == {TensorProto.FLOAT16}
+    assert np.isfinite(_run(result.model, xs)).all()
