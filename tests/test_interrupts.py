@@ -150,3 +150,11 @@ def test_interrupt_while_writing_leaves_no_partial_file(tmp_path, monkeypatch, c
     assert code == 130
     # the earlier file is replaced only whole: here not at all
     assert os.listdir(out_dir) == ["o.onnx"] and (out_dir / "o.onnx").read_bytes() == b"previous model"
+
+
+def test_the_command_line_starts_before_the_heavy_imports():
+    # numpy, onnx and onnxruntime load inside the command's error handling: a Ctrl-C while they
+    # load (the first half second) ends in "onnxprune: interrupted" and exit 130, not a traceback
+    code = "import sys, onnxprune.cli; print(sorted(m for m in ('numpy', 'onnx', 'onnxruntime') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
