@@ -504,7 +504,9 @@ def _at_target(run: _Run, opts: PruneOptions, progress, first: bool) -> PruneRes
             f"achieved reduction {report.flops_reduction:.1%} is more than 1 point from the target: "
             + ("the smallest pruning step of some group is large; try --round-to 1"
                if all(r > 1 for r, _ in roundings + [(opts.round_to, 0)]) else
-               "some groups can only be pruned in large steps even unrounded (coupled channels, --min-keep)"))
+               "with channels unrounded the allocation still overshot: coupled channels and --min-keep make some "
+               "steps large, and its greedy order can miss a closer split (another --criterion or --allocation "
+               "may land nearer)"))
     if store.lean:
         report.notes.append(
             f"large model ({_gb(weights.stored_bytes(original))} of weights): one copy of the weights kept, so the "

@@ -53,7 +53,7 @@ def test_finer_rounding_where_the_blocks_overshoot_the_target(block_16):
     assert report.rounding.startswith("channels in multiples of 8;") and "could not meet the target" in report.rounding
 
 
-@pytest.mark.parametrize("round_to, advice", [(8, "try --round-to 1"), (None, "even unrounded"), (1, "even unrounded")])
+@pytest.mark.parametrize("round_to, advice", [(8, "try --round-to 1"), (None, "with channels unrounded"), (1, "with channels unrounded")])
 def test_missed_target_note_advises_only_what_was_not_tried(round_to, advice):
     """A two-channel group moves in steps of half its FLOPs: -20% cannot be met within a point.
     The default rounding already falls back to unrounded counts, so it must not advise them."""
