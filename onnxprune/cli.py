@@ -198,8 +198,9 @@ def _sweep(model_in, out_dir, calib, targets_text, eval_path, option_values):
     for note in sweep.notes:
         click.echo(f"note: {note}")
     if not any(r.reached for r in sweep.rows):
+        written = [sweep.table_path, sweep.json_path] + ([sweep.plot_path] if sweep.plot_path else [])
         raise TargetError(f"no --sweep target can be reached ({sweep.rows[0].message}); wrote only "
-                          f"{sweep.table_path} and {sweep.json_path}")
+                          f"{', '.join(written)}")
     click.echo(f"wrote {len([r for r in sweep.rows if r.reached])} models, {sweep.table_path}, {sweep.json_path}"
                + (f" and {sweep.plot_path}" if sweep.plot_path else ""), err=True)
 

@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 
 from .errors import UsageError
 
+FLOAT32_MAX = 3.4028234663852886e38  # inputs are float32: a larger scale or mean overflows
 METHODS = ("snpfi", "bottleneck")
 CRITERIA = ("snpfi", "l1", "l2", "random", "activation", "bn-scale")
 ALLOCATIONS = ("auto", "uniform")
@@ -168,8 +169,8 @@ class PruneOptions:
             raise UsageError("--input-size must be two positive integers H,W")
         if len(self.mean) not in (1, 3) or len(self.std) not in (1, 3):
             raise UsageError("--mean and --std take one value or three")
-        if not all(map(math.isfinite, tuple(self.mean) + tuple(self.std) + (self.scale,))):
-            raise UsageError("--mean, --std and --scale must be finite numbers")
+        if not all(math.isfinite(v) and abs(v) < FLOAT32_MAX for v in tuple(self.mean) + tuple(self.std) + (self.scale,)):
+            raise UsageError("--mean, --std and --scale must be finite numbers within float32's range")
         if any(s == 0 for s in self.std):
             raise UsageError("--std must not contain 0")
         if self.max_images < 1 or self.batch_size < 1:

@@ -144,11 +144,11 @@ class Report:
             lm = self.latency_model
             measured = "measured above" if self.latency else "the whole model not measured (--no-latency)"
             add(f"latency target -{_share(self.latency_target)} at batch {lm['batch']}: modelled "
-                f"{lm['before_ms']:.2f} -> {lm['after_ms']:.2f} ms (-{lm['reduction']:.1%}) from "
+                f"{lm['before_ms']:.2f} -> {lm['after_ms']:.2f} ms ({_change(lm['reduction'])}) from "
                 f"{lm['layers_timed']} layers timed at candidate widths; {measured}")
             if lm.get("steps"):
                 add("  allocations timed whole (model share asked -> measured reduction): " + ", ".join(
-                    f"-{asked:.1%} -> -{measured:.1%}" for asked, measured in lm["steps"]))
+                    f"{_change(asked)} -> {_change(measured)}" for asked, measured in lm["steps"]))
         target = f"FLOPs target -{_share(self.flops_target)}, achieved" if not self.latency_target else "FLOPs"
         add(f"{target} -{self.flops_reduction:.1%}; "
             f"{'method bottleneck, ' if self.method == 'bottleneck' else ''}criterion {self.criterion}{' (' + self.payoff + ' payoff)' if self.payoff else ''}, allocation {self.allocation}"
@@ -199,6 +199,11 @@ def _si(n: float) -> str:
         if abs(n) >= div:
             return f"{n / div:.2f}{unit}"
     return str(int(n))
+
+
+def _change(reduction: float) -> str:
+    """A reduction as a signed change: -30.0%, or +12.0% where the model got slower."""
+    return f"-{reduction:.1%}" if reduction >= 0 else f"+{-reduction:.1%}"
 
 
 def _share(r: float) -> str:

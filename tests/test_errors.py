@@ -606,10 +606,11 @@ def test_an_object_array_npz_is_an_input_error(work, capsys):
     _expect_error(work, capsys, _prune_args(work, calib=work / "obj.npz"), 3, ["cannot read calibration tensors"])
 
 
-@pytest.mark.parametrize("flag", ["--gate-lr", "--gate-flops-weight", "--gate-binary-weight", "--scale"])
-def test_nan_option_values_are_refused(work, capsys, flag):
+@pytest.mark.parametrize("flag,value", [("--gate-lr", "nan"), ("--gate-flops-weight", "nan"),
+                                        ("--gate-binary-weight", "nan"), ("--scale", "nan"), ("--mean", "1e39")])
+def test_option_values_that_are_not_numbers_a_run_can_use_are_refused(work, capsys, flag, value):
     extra = ["--method", "bottleneck"] if flag.startswith("--gate") else []
-    _expect_error(work, capsys, _prune_args(work) + extra + [flag, "nan"], 2, ["gate" if extra else flag])
+    _expect_error(work, capsys, _prune_args(work) + extra + [flag, value], 2, ["gate" if extra else flag])
 
 
 def test_preprocessing_options_with_tensors_are_refused(work, capsys):
@@ -631,6 +632,8 @@ def test_a_sweep_that_reaches_no_target_fails(work, capsys):
     assert run(args) == 4
     err = capsys.readouterr().err
     assert "no --sweep target can be reached" in err and "Traceback" not in err
+    written = err.split("wrote only ")[1]
+    assert all(f in written for f in os.listdir(work / "out" / "sw"))  # the table, its JSON and any plot
     assert not [f for f in os.listdir(work / "out" / "sw") if f.endswith(".onnx")]
 
 

@@ -121,3 +121,16 @@ def test_steering_stops_where_a_correction_asks_more_than_the_model_can_give():
     assert steps[0] == [0.4, 0.08] and chosen.keep_player == max(s for s, _ in steps) <= 0.6
     with pytest.raises(TargetError):  # the first try is the target itself: that error stands
         steer_to_measured_latency(allocate_at, 0.7, lambda share: share)
+
+
+def test_a_model_that_got_slower_reads_as_a_signed_change():
+    # the latency model can predict a slowdown at some width: "+12.0%", not "--12.0%"
+    from onnxprune.report import Report
+
+    report = Report()
+    report.latency_target, report.macs_before, report.macs_after = 0.3, 100, 80
+    report.fidelity_images, report.fidelity_relative_error = 10, 0.05
+    report.latency_model = {"batch": 32, "before_ms": 1.0, "after_ms": 1.2, "reduction": -0.2, "layers_timed": 3,
+                            "steps": [(0.3, -0.12)]}
+    text = report.format_text()
+    assert "(+20.0%)" in text and "-30.0% -> +12.0%" in text and "--2" not in text and "--1" not in text
