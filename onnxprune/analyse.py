@@ -128,7 +128,6 @@ def analyse(graph: gs.Graph, shapes: Dict[str, Shape], opset: int, ignore: Seque
         rule_for(node.op, node.domain or "").propagate(node, st)
     for t in graph.outputs:
         st.block(st.channels(t), _Named(t.name, "output"), "reaches a graph output")
-    _block_subgraph_reads(st, nodes)
     _block_ignored(st, nodes, ignore)
     return _build(graph, shapes, st, nodes)
 
@@ -136,20 +135,6 @@ def analyse(graph: gs.Graph, shapes: Dict[str, Shape], opset: int, ignore: Seque
 class _Named:
     def __init__(self, name: str, op: str):
         self.name, self.op = name, op
-
-
-def _block_subgraph_reads(st: ChannelState, nodes: Iterable[gs.Node]) -> None:
-    """Channels read inside an If branch or a Loop body are left whole: no rule follows them
-    there, and the branch would compute something else over fewer channels."""
-    for node in nodes:
-        inner = [n for g in node.subgraphs(recursive=True) for n in g.nodes]
-        if not inner:
-            continue
-        made = {t.name for n in inner for t in n.outputs}
-        made.update(t.name for g in node.subgraphs(recursive=True) for t in g.inputs)
-        for name in {t.name for n in inner for t in n.inputs if t.name} - made:
-            if name in st.cmap:
-                st.block(st.cmap[name], node, f"read inside a subgraph of {node.op}")
 
 
 def _block_ignored(st: ChannelState, nodes: Iterable[gs.Node], ignore: Sequence[str]) -> None:

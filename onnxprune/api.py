@@ -235,6 +235,7 @@ class _Run:
     roundings: List[Tuple[int, int]]
     input_shapes: dict
     shapes: dict
+    types: dict  # each tensor's element type, from the same inference as ``shapes``
     params_before: int
     macs_before: int
     evaluate: Optional[Labelled]  # the labelled set, and the original's accuracy on it
@@ -288,7 +289,8 @@ def _begin(model, calib, opts: PruneOptions, evaluate, progress, log, store: wei
     # counted on the prepared model, the same network with its shape arithmetic folded: shape
     # inference can lose the shapes behind a run-time Slice or Reshape of the original, and
     # layers of unknown shape count no MACs
-    shapes = static_shapes(prepared, input_shapes)
+    types: dict = {}
+    shapes = static_shapes(prepared, input_shapes, types)
     macs_before = count_macs(prepared, input_shapes, shapes)
     if opts.criterion == "bn-scale" and opts.method == "snpfi" and not prep_log.bn_scale:
         raise UsageError("--criterion bn-scale needs BatchNormalization after the convolutions; "
@@ -312,7 +314,7 @@ def _begin(model, calib, opts: PruneOptions, evaluate, progress, log, store: wei
                               absolute=opts.criterion == "activation")
         seconds["calibrate"] = time.perf_counter() - t
     return _Run(loaded, original, prepared, reference, prep_log, cal, providers, provider_text, roundings,
-                input_shapes, shapes, params_before, macs_before, evaluate, accuracy_before, stats, store, seconds,
+                input_shapes, shapes, types, params_before, macs_before, evaluate, accuracy_before, stats, store, seconds,
                 time.perf_counter() - start, analysis)
 
 
@@ -323,7 +325,7 @@ def _score(run: _Run, analysis: Analysis, opts: PruneOptions, progress, narrow: 
     if opts.criterion == "snpfi" and opts.payoff == "output":
         with progress("sampling the output payoff", len(analysis.prunable_groups())) as update:
             sampled = output_games(run.prepared, analysis, run.cal, run.providers, centred=opts.recover,
-                                   budget=opts.budget, seed=opts.seed, progress=lambda n: update)
+                                   budget=opts.budget, seed=opts.seed, progress=lambda n: update, types=run.types)
         ranked, loss, importance = _from_games(sampled.games)
     else:
         with progress("scoring channels", 1) as update:

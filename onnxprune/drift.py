@@ -23,6 +23,7 @@ import onnx
 from . import weights
 from .data import CalibrationSet
 from .calibrate import collect_stats
+from .load import free_name, names_in
 
 SCALE_LIMIT = 2.0
 
@@ -75,19 +76,8 @@ def correct_drift(original: onnx.ModelProto, pruned: onnx.ModelProto, folded_out
             if len(node.input) > 2 and node.input[2]:
                 weights.assign(inits[node.input[2]], new_b)
             else:
-                bias = weights.make_tensor(new_b, _fresh_name(pruned, name + "_drift_bias"))
+                bias = weights.make_tensor(new_b, free_name(name + "_drift_bias", names_in(pruned)))
                 pruned.graph.initializer.append(bias)
                 inits[bias.name] = pruned.graph.initializer[-1]
                 node.input.append(bias.name)
     return [convs[n].name for n in names if n in corrected]
-
-
-def _fresh_name(model: onnx.ModelProto, base: str) -> str:
-    """``base``, or ``base_k``: a name no tensor of ``model`` has."""
-    taken = ({t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
-             | {o for n in model.graph.node for o in n.output})
-    name, k = base, 0
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    return name

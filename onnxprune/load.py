@@ -69,6 +69,21 @@ def node_reads(node: onnx.NodeProto) -> List[str]:
     return names
 
 
+def names_in(model: onnx.ModelProto) -> set:
+    """Every name in the graph: tensors, initializers, inputs and nodes."""
+    names = {t for n in model.graph.node for t in list(n.input) + list(n.output)} | {n.name for n in model.graph.node}
+    return names | {t.name for t in model.graph.initializer} | {t.name for t in model.graph.input}
+
+
+def free_name(name: str, taken: set) -> str:
+    """``name``, or ``name_<i>`` where it is in ``taken``; taken from then on."""
+    base, i = name, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
 def _external_info(tensor: onnx.TensorProto) -> dict:
     return {e.key: e.value for e in tensor.external_data}
 

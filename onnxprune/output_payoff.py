@@ -109,10 +109,13 @@ def _gated_model(model: onnx.ModelProto, analysis: Analysis, types: Optional[Dic
 
 
 def output_games(model: onnx.ModelProto, analysis: Analysis, cal: CalibrationSet, providers, centred: bool,
-                 budget: Optional[int], seed: int = 0, progress=None) -> OutputGames:
+                 budget: Optional[int], seed: int = 0, progress=None,
+                 types: Optional[Dict[str, int]] = None) -> OutputGames:
+    """``types``: each tensor's element type (static_shapes), where the caller has them."""
     start = time.perf_counter()
-    types: Dict[str, int] = {}
-    static_shapes(model, {cal.spec.name: (1,) + tuple(cal.sample_shape)}, types)
+    if types is None:
+        types = {}
+        static_shapes(model, {cal.spec.name: (1,) + tuple(cal.sample_shape)}, types)
     gated, gates = _gated_model(model, analysis, types)
     scores = compared_tensors(gated)  # every output's scores, before a final Softmax
     present = {o.name for o in gated.graph.output}

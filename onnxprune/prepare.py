@@ -371,13 +371,12 @@ def _normalise_gemms(graph: onnx.GraphProto, opset: int) -> None:
             folded.add("alpha")
         beta = scale.get("beta", 1.0)
         c = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        # C is optional from opset 11: one that is not its own is dropped there at beta 0
-        if beta != 1.0 and c is not None and (own_constant(c) or (beta == 0.0 and opset >= 11)):
-            if not own_constant(c):
-                del node.input[2:]
-            else:
-                values = weights.array(inits[c])
-                inits[c].CopyFrom(weights.make_tensor((values.astype(np.float64) * beta).astype(values.dtype), c))
+        if beta != 1.0 and c is not None and own_constant(c):
+            values = weights.array(inits[c])
+            inits[c].CopyFrom(weights.make_tensor((values.astype(np.float64) * beta).astype(values.dtype), c))
+            folded.add("beta")
+        elif beta == 0.0 and c is not None and opset >= 11:  # C is optional from opset 11: drop it
+            del node.input[2:]
             folded.add("beta")
         if folded:
             kept = [a for a in node.attribute if a.name not in folded]

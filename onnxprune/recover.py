@@ -32,6 +32,7 @@ from .analyse import Analysis
 from .calibrate import ChannelStats
 from .consumers import find_consumers, from_channel_view, to_channel_view
 from .data import CalibrationSet, pad_batch
+from .load import free_name, names_in
 from .ops import rule_for
 from .ops.conv import grouping
 from .progress import Progress, silent
@@ -133,7 +134,7 @@ def _write_back(model: onnx.ModelProto, index: int, graph: gs.Graph, shared: Opt
         if isinstance(t, gs.Constant) and name not in own:
             # new to this node (a bias it did not have): named in a graph of its own, so the name
             # may be another tensor's here (a separate BiasAdd's "<layer>_bias")
-            name = _fresh(name, _names_in(model))
+            name = free_name(name, names_in(model))
         proto.input.append(name if name else "")
         if isinstance(t, gs.Constant):
             values = np.asarray(t.values)
@@ -279,10 +280,7 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                     for t in live:
                         v = outs[t]
                         r = image_rows(rows, t, v, images)
-                        kept = real_rows(v, r, real)
-                        # a padded last batch (fixed-batch models) is copied: a view would keep,
-                        # uncounted by the memory budget, the whole padded array alive
-                        new.write(t, b0, kept if kept is v else kept.copy(), r)
+                        new.write(t, b0, real_rows(v, r, real), r)
                     for name, fit in fits.items():
                         if fit is None:
                             continue
@@ -357,8 +355,8 @@ class _Capture:
         self.read.update({name: o_nodes[name].input[0] for name in channel_layers})
         self.gathered: Dict[str, Tuple[str, str, int]] = {}  # layer -> (positions in, rows out, H * W)
         nodes, inputs, inits = [], [], []
-        taken = _names_in(original)
-        flat = _fresh("onnxprune_flat_shape", taken)
+        taken = names_in(original)
+        flat = free_name("onnxprune_flat_shape", taken)
         for name, fit in patch_fits.items():
             shape = shapes.get(self.read[name]) if fit is not None else None
             # GatherElements is opset 11, the oldest that load() accepts
@@ -367,7 +365,7 @@ class _Capture:
             c, hw = int(shape[1]), int(shape[2] * shape[3])
             if fit.rows_per_image >= hw:
                 continue  # every position: the output itself
-            pos, wide, y3, rows, channels = (_fresh(f"{self.read[name]}_{suffix}", taken)
+            pos, wide, y3, rows, channels = (free_name(f"{self.read[name]}_{suffix}", taken)
                                              for suffix in ("positions", "positions_wide", "flat", "rows", "channels"))
             inits.append(weights.make_tensor(np.array([1, c, 1], dtype=np.int64), channels))
             nodes += [onnx.helper.make_node("Reshape", [self.read[name], flat], [y3]),
@@ -399,8 +397,7 @@ class _Capture:
             if fit is None:
                 y = outs[tensor]
                 r = image_rows(self.rows, tensor, y, len(batch))
-                kept = real_rows(y, r, real)
-                store.write("input", b0, kept if kept is y else kept.copy(), r)
+                store.write("input", b0, real_rows(y, r, real), r)
                 continue
             if name in self.gathered:
                 rows, pos = fit.rows(outs[self.gathered[name][1]][:real]), drawn[name]
@@ -429,21 +426,6 @@ def _waves(model: onnx.ModelProto, layers: Sequence[int]) -> List[List[int]]:
     return waves
 
 
-def _names_in(model: onnx.ModelProto) -> set:
-    """Every name in the graph: tensors, initializers, inputs and nodes."""
-    names = {t for n in model.graph.node for t in list(n.input) + list(n.output)} | {n.name for n in model.graph.node}
-    return names | {t.name for t in model.graph.initializer} | {t.name for t in model.graph.input}
-
-
-def _fresh(name: str, taken: set) -> str:
-    """``name``, or ``name_<i>`` where it is in ``taken``; taken from then on."""
-    base, i = name, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    taken.add(name)
-    return name
-
-
 def _add_bias_nodes(model: onnx.ModelProto, names: Sequence[str]) -> Dict[str, str]:
     """A zero bias Add after each layer to refit whose op has no bias of its own (a MatMul:
     ``Rule.bias`` is None), so that its fit has a bias to set. It must be in the model before
@@ -451,7 +433,7 @@ def _add_bias_nodes(model: onnx.ModelProto, names: Sequence[str]) -> Dict[str, s
     bias. Returns layer name -> bias initializer name."""
     wanted = set(names)
     inits = {t.name: t for t in model.graph.initializer}
-    taken = _names_in(model)
+    taken = names_in(model)
     nodes, biases = [], {}
     for node in model.graph.node:
         nodes.append(node)
@@ -463,10 +445,10 @@ def _add_bias_nodes(model: onnx.ModelProto, names: Sequence[str]) -> Dict[str, s
         # a weight the op rule cannot read: the layer gets no fit either
         if filters is None or rule.bias(g_node) is not None:
             continue
-        out, pre, bias = node.output[0], _fresh(f"{node.output[0]}_before_bias", taken), _fresh(f"{node.name}_bias", taken)
+        out, pre, bias = node.output[0], free_name(f"{node.output[0]}_before_bias", taken), free_name(f"{node.name}_bias", taken)
         model.graph.initializer.append(weights.make_tensor(np.zeros(len(filters), weights.numpy_dtype(w)), bias))
         node.output[0] = pre
-        nodes.append(onnx.helper.make_node("Add", [pre, bias], [out], name=_fresh(f"{node.name}_bias_add", taken)))
+        nodes.append(onnx.helper.make_node("Add", [pre, bias], [out], name=free_name(f"{node.name}_bias_add", taken)))
         biases[node.name] = bias
     if biases:
         del model.graph.node[:]

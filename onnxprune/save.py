@@ -30,6 +30,7 @@ from .errors import UsageError
 
 TWO_GB = 2 ** 31 - 1  # the most a protobuf parser reads as one message
 ALIGN = 4096  # external data offsets, so that readers can map tensors page by page
+TEMP_NAMES = {"prefix": ".onnxprune-", "suffix": ".tmp"}  # the temporary files beside a target
 
 
 def data_path(out_path: str) -> str:
@@ -56,7 +57,7 @@ def _check_writable_file(path: str, what: str) -> None:
     # a folder the permission bits call writable may still refuse files (/proc, /sys): try one,
     # named as the files this run writes are, before any work
     try:
-        fd, probe = tempfile.mkstemp(prefix=".onnxprune-", suffix=".tmp", dir=folder)
+        fd, probe = tempfile.mkstemp(**TEMP_NAMES, dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
@@ -205,7 +206,7 @@ def _commit(files) -> None:
     temps: List[str] = []
     try:
         for target, writer in files:
-            fd, tmp = tempfile.mkstemp(prefix=".onnxprune-", suffix=".tmp", dir=os.path.dirname(target))
+            fd, tmp = tempfile.mkstemp(**TEMP_NAMES, dir=os.path.dirname(target))
             temps.append(tmp)
             try:
                 os.fchmod(fd, _mode_for(target))

@@ -118,21 +118,27 @@ def rows_per_image(model: onnx.ModelProto, input_name: str, sample_shape: Sequen
     return out
 
 
+def rows_seen(value: np.ndarray, images: int) -> int:
+    """Rows per image of a tensor as one batch of ``images`` images shows them (0: not per image)."""
+    n = len(value) if value.ndim else 0
+    return n // images if n and n % images == 0 else 0
+
+
 def image_rows(known: Dict[str, int], name: str, value: np.ndarray, images: int) -> int:
     """``rows_per_image``'s answer for ``name``; for a tensor it could not tell, read off the
-    first batch it is seen in (``images`` images) and kept, so every batch is cut alike."""
+    first batch it is seen in and kept, so every batch is cut alike."""
     if name not in known:
-        n = len(value) if value.ndim else 0
-        known[name] = n // images if n and n % images == 0 else 0
+        known[name] = rows_seen(value, images)
     return known[name]
 
 
 def real_rows(value: np.ndarray, rows: int, real: int) -> np.ndarray:
     """The rows of a tensor that belong to the first ``real`` images of its batch (all of one
-    that is not per image)."""
+    that is not per image). Those of a padded batch are copied: a view would keep the whole
+    padded array alive, uncounted by the frontiers' memory budget."""
     if not rows or len(value) == real * rows:
         return value
-    return value[:real * rows]
+    return value[:real * rows].copy()
 
 
 class _SpillFile:

@@ -13,7 +13,7 @@ from .data import CalibrationSet, pad_batch
 from .errors import InputError, InternalError
 from .progress import Progress, silent
 from .runtime import expose, make_session, ort_message, out_of_memory, run
-from .segments import image_rows, real_rows
+from .segments import real_rows, rows_seen
 
 
 def _io_signature(vis) -> List[tuple]:
@@ -148,7 +148,7 @@ def fidelity(original: onnx.ModelProto, candidates: Sequence[onnx.ModelProto], c
                 kept = per_image(outs, len(batch))
                 # rows of each compared output per image: 1, H x W where axis 0 folds the
                 # pixels in, 0 for an output that is not per image (compared whole)
-                rows = [image_rows({}, "", outs[i], len(batch)) for i in kept]
+                rows = [rows_seen(outs[i], len(batch)) for i in kept]
             old = [np.asarray(real_rows(outs[i], r, real), np.float64) for i, r in zip(kept, rows)]
             norm = np.zeros(len(old)) if norm is None else norm
             norm += [float((a ** 2).sum()) for a in old]

@@ -119,9 +119,13 @@ class ChannelState:
             self.cmap[tensor.name] = atoms
 
     def block_inputs(self, node: gs.Node, reason: str) -> None:
+        """Block what the node reads: its inputs, and what its subgraphs (If branches, Loop
+        bodies) read from around them, which no rule follows there either."""
         for t in node.inputs:
             if not isinstance(t, gs.Constant) and t.name:
                 self.block(self.channels(t), node, reason)
+        for t in _subgraph_reads(node):
+            self.block(self.cmap.get(t.name), node, f"read inside a subgraph of {node.op}")
 
     def opaque_outputs(self, node: gs.Node, reason: str) -> None:
         for t in node.outputs:
@@ -258,6 +262,14 @@ def attr(node: gs.Node, name: str, default=None):
 
 def const(tensor: Optional[gs.Tensor]) -> Optional[np.ndarray]:
     return tensor.values if isinstance(tensor, gs.Constant) else None
+
+
+def _subgraph_reads(node: gs.Node) -> List[gs.Tensor]:
+    """The tensors a node's subgraphs, at any depth, read from the scopes around them."""
+    graphs = list(node.subgraphs(recursive=True))
+    made = {t.name for g in graphs for t in g.inputs} | {t.name for g in graphs for n in g.nodes for t in n.outputs}
+    reads = {t.name: t for g in graphs for n in g.nodes for t in n.inputs if t.name and t.name not in made}
+    return list(reads.values())
 
 
 def opt_input(node: gs.Node, index: int) -> Optional[gs.Tensor]:
