@@ -32,7 +32,7 @@ from .analyse import Analysis
 from .calibrate import ChannelStats
 from .consumers import find_consumers, from_channel_view, to_channel_view
 from .data import CalibrationSet, pad_batch
-from .load import free_name, names_in
+from .load import free_name, names_in, node_reads
 from .ops import rule_for
 from .ops.conv import grouping
 from .progress import Progress, silent
@@ -228,10 +228,17 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
     shapes = shapes or {}
     indices = np.asarray(indices)
     n = len(indices)
+    waves = _waves(pruned, layers)
+    seg = Segmenter(pruned, [names[wave[0]] for wave in waves])
+    lives = [seg.live_at(cut) for cut in seg.cuts]
+    uses = _output_uses(original, names, keep, shapes,
+                        {names[k]: set(lives[step]) for step, wave in enumerate(waves) for k in wave})
     # what each fit reads from the original is stored before the first is made: the patch fits
     # are made now (they hold no weights, and they draw the rows they are fitted against); the
     # channel fits, which copy their layer's weights, at their turn; other layers get no fit
-    patch_fits = {name: _patch_fit(o_nodes[name], o_inits, keep, n, seed + step) for step, name in enumerate(names)}
+    patch_fits = {name: _patch_fit(o_nodes[name], o_inits, keep, n, seed + step,
+                                   RELU_STEPS if uses[name].relu else 0)
+                  for step, name in enumerate(names)}
     channel_weights = {}  # layer -> (rule, one-node graph node) over views of its weights; the fit copies them at its turn
     o_protos = {t.name: t for t in original.graph.initializer}
     for name in names:
@@ -242,8 +249,6 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
     # has H x W rows per image, a shape or a scalar is the batch's as a whole
     rows = rows_per_image(original, cal.spec.name, cal.sample_shape, cal.spec.fixed_batch,
                           None if cal.spec.fixed_batch else shapes)
-    waves = _waves(pruned, layers)
-    seg = Segmenter(pruned, [names[wave[0]] for wave in waves])
     bs = cal.batch_size
     folder = tempfile.mkdtemp(prefix="onnxprune-")
     budget = MemoryBudget()
@@ -260,10 +265,10 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                     fits[name] = patch_fits[name] or (_channel_fit(*channel_weights[name], o_nodes[name], keep, repeat)
                                                       if name in channel_weights else None)
                 inputs = {names[k]: pruned.graph.node[layers[k]].input[0] for k in wave}
-                live = seg.live_at(seg.cuts[step])
+                live = lives[step]
                 sess = make_session(seg.segment(pruned, start, seg.cuts[step], prev_live, live), providers, ours=True)
                 capture = (_Capture(original, o_nodes, patch_fits, set(channel_weights), targets, providers, shapes,
-                                    bool(cal.spec.fixed_batch), rows) if step == 0 else None)
+                                    bool(cal.spec.fixed_batch), rows, uses) if step == 0 else None)
                 new = Frontier(folder, budget)
                 for b0 in range(0, n, bs):
                     real = min(bs, n - b0)
@@ -288,7 +293,11 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                         x_new = real_rows(x_new, image_rows(rows, inputs[name], x_new, images), real)
                         if isinstance(fit, PatchFit):
                             pos = targets[name].read("positions", b0, b0 + real) if targets[name].has("positions") else None
-                            fit.add(targets[name].read("rows", b0, b0 + real), pos, x_new)
+                            skip = uses[name].skip
+                            if skip is not None:
+                                v = outs[skip]
+                                skip = fit.skip_rows(real_rows(v, image_rows(rows, skip, v, images), real), pos)
+                            fit.add(targets[name].read("rows", b0, b0 + real), pos, x_new, skip)
                         else:
                             fit.add(targets[name].read("input", b0, b0 + real), x_new)
                 for k in wave:
@@ -344,14 +353,15 @@ class _Capture:
 
     def __init__(self, original: onnx.ModelProto, o_nodes, patch_fits: Dict[str, Optional[PatchFit]],
                  channel_layers: set, targets: Dict[str, Frontier], providers: List[str], shapes: Dict[str, Shape],
-                 fixed_batch: bool, rows: Dict[str, int]):
-        """``rows``: rows of axis 0 per image of the original's tensors (:func:`rows_per_image`)."""
+                 fixed_batch: bool, rows: Dict[str, int], uses: Dict[str, "_OutputUse"]):
+        """``rows``: rows of axis 0 per image of the original's tensors (:func:`rows_per_image`);
+        ``uses``: what each patch fit is fitted against (:func:`_output_uses`)."""
         self.patch_fits, self.targets, self.rows = patch_fits, targets, rows
         largest = max((int(np.prod(s[1:])) for s in shapes.values() if len(s) > 1 and None not in s[1:]), default=0)
         # a batch in runs of fewer images where activations are large (a fixed batch axis cannot
         # be split): see CAPTURE_RUN_BYTES
         self.images_per_run = None if fixed_batch or not largest else max(1, CAPTURE_RUN_BYTES // (4 * largest))
-        self.read = {name: o_nodes[name].output[0] for name, fit in patch_fits.items() if fit is not None}
+        self.read = {name: uses[name].target for name, fit in patch_fits.items() if fit is not None}
         self.read.update({name: o_nodes[name].input[0] for name in channel_layers})
         self.gathered: Dict[str, Tuple[str, str, int]] = {}  # layer -> (positions in, rows out, H * W)
         nodes, inputs, inits = [], [], []
@@ -406,6 +416,62 @@ class _Capture:
             store.write("rows", b0, rows)
             if pos is not None:
                 store.write("positions", b0, pos)
+
+
+# majorize-minimize steps on the error after a Relu (PatchFit._relu_steps). Held-out error
+# (-30/-50/-70%) against none, with the residual sums: alexnet_mnist 0.073/0.073/0.159 ->
+# 0.066/0.066/0.146 with one step, 0.063/0.062/0.137 with three.
+RELU_STEPS = 3
+
+
+@dataclass
+class _OutputUse:
+    """What a patch fit matches: ``target``, a tensor of the original (the layer's output, or
+    its sum with ``skip`` where the layer's output goes into nothing but that Add); ``relu``:
+    ``target`` goes into nothing but a Relu."""
+    target: str
+    skip: Optional[str] = None
+    relu: bool = False
+
+
+def _output_uses(original: onnx.ModelProto, names: Sequence[str], keep, shapes: Dict[str, Shape],
+                 live: Dict[str, set]) -> Dict[str, _OutputUse]:
+    """Per layer to refit, what its fit matches. A residual block's last conv is fitted
+    against the block's sum less the pruned model's skip tensor, so that it makes up for the
+    error the skip path carries as well as its own; this needs the skip tensor from the run
+    that feeds the layer's fit (``live[name]``: the tensors there) with the layer's kept
+    channels, and both addends of the same static shape (no broadcast)."""
+    readers: Dict[str, List[onnx.NodeProto]] = {}
+    for node in original.graph.node:
+        for t in set(node_reads(node)):
+            readers.setdefault(t, []).append(node)
+    outputs = {o.name for o in original.graph.output}
+    constants = {t.name for t in original.graph.initializer}
+    by_name = {n.name: n for n in original.graph.node}
+
+    def only_reader(tensor):
+        found = readers.get(tensor, [])
+        return found[0] if len(found) == 1 and tensor not in outputs else None
+
+    def same_mask(a, b):
+        ka, kb = keep(a), keep(b)
+        return (ka is None and kb is None) or (ka is not None and kb is not None and np.array_equal(ka, kb))
+
+    uses = {}
+    for name in names:
+        out = by_name[name].output[0]
+        use = _OutputUse(out)
+        add = only_reader(out)
+        if add is not None and add.op_type == "Add" and len(add.input) == 2 and add.input[0] != add.input[1]:
+            other = add.input[1] if add.input[0] == out else add.input[0]
+            shape = shapes.get(out)
+            if (other not in constants and other in live.get(name, ()) and shape is not None
+                    and None not in shape and shapes.get(other) == shape and same_mask(out, other)):
+                use = _OutputUse(add.output[0], other)
+        after = only_reader(use.target)
+        use.relu = after is not None and after.op_type == "Relu"
+        uses[name] = use
+    return uses
 
 
 def _waves(model: onnx.ModelProto, layers: Sequence[int]) -> List[List[int]]:
@@ -478,7 +544,7 @@ def _drop_zero_biases(model: onnx.ModelProto, biases: Dict[str, str]) -> None:
         del model.graph.initializer[i]
 
 
-def _patch_fit(node_o: onnx.NodeProto, inits, keep, images: int, seed: int) -> Optional[PatchFit]:
+def _patch_fit(node_o: onnx.NodeProto, inits, keep, images: int, seed: int, relu_steps: int = 0) -> Optional[PatchFit]:
     """The exact fit of a dense 2-D Conv whose im2col rows (kept inputs x taps) are at most
     PATCH_LIMIT wide, with ROWS_PER_UNKNOWN rows per unknown (MIN_ROWS at least) over
     ``images``; None for any other layer."""
@@ -494,7 +560,7 @@ def _patch_fit(node_o: onnx.NodeProto, inits, keep, images: int, seed: int) -> O
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node_o.attribute}
     rows = max(ROWS_PER_UNKNOWN * (width + 1), MIN_ROWS)
     return PatchFit(w.shape[2:], attrs, in_mask, out_mask, rows_per_image=_per_image(rows, images),
-                    seed=seed)
+                    seed=seed, relu_steps=relu_steps)
 
 
 def _channel_weights(original: onnx.ModelProto, node_o: onnx.NodeProto, inits: Dict[str, onnx.TensorProto]):

@@ -19,7 +19,6 @@ The ridge is relative to the mean diagonal of the Gram matrix.
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional, Tuple
 
 import numpy as np
@@ -46,7 +45,8 @@ ROWS_PER_UNKNOWN = 16
 MIN_ROWS = 4096
 
 
-def _solve(gram: np.ndarray, rhs: np.ndarray, ridge: float) -> Optional[np.ndarray]:
+def _factor(gram: np.ndarray, ridge: float):
+    """The Cholesky factor of ``gram`` with the ridge added, or None where it has none."""
     d = np.diag(gram)[:-1]
     scale = float(d.mean()) if len(d) else 1.0
     if not np.isfinite(scale) or scale <= 0:
@@ -54,14 +54,21 @@ def _solve(gram: np.ndarray, rhs: np.ndarray, ridge: float) -> Optional[np.ndarr
     reg = np.full(len(gram), ridge * scale)
     reg[-1] = 1e-9 * scale  # the intercept is not shrunk
     try:
-        with warnings.catch_warnings():
-            # an ill-conditioned system (dead or duplicate channels) is what the ridge is for;
-            # scipy's warning would reach the user once per layer and say nothing they can act on
-            warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-            sol = scipy.linalg.solve(gram + np.diag(reg), rhs, assume_a="pos")
+        return scipy.linalg.cho_factor(gram + np.diag(reg))
     except (np.linalg.LinAlgError, ValueError):
         return None
+
+
+def _solve_with(factor, rhs: np.ndarray) -> Optional[np.ndarray]:
+    sol = scipy.linalg.cho_solve(factor, rhs)
     return sol if np.isfinite(sol).all() else None
+
+
+def _solve(gram: np.ndarray, rhs: np.ndarray, ridge: float) -> Optional[np.ndarray]:
+    """Ridge least squares from the normal equations. An ill-conditioned system (dead or
+    duplicate channels) is what the ridge is for."""
+    factor = _factor(gram, ridge)
+    return None if factor is None else _solve_with(factor, rhs)
 
 
 BLOCK_ELEMENTS = 2 ** 22  # weights are taken to float64 this many elements at a time
@@ -174,7 +181,9 @@ class PatchFit:
     layer's input when the refit reaches the layer."""
 
     def __init__(self, kernel, attrs: dict, keep_in: np.ndarray, keep_out: np.ndarray, rows_per_image: int,
-                 seed: int = 0):
+                 seed: int = 0, relu_steps: int = 0):
+        """``relu_steps``: the layer's output (or its sum with a skip tensor, see :meth:`add`) goes
+        into a Relu, and the fit takes this many majorize-minimize steps on the error after it."""
         self.kernel = list(kernel)
         self.attrs = attrs
         self.strides = list(attrs.get("strides", [1, 1]))
@@ -184,6 +193,8 @@ class PatchFit:
         self.keep_in = keep_in
         self.keep_out = np.flatnonzero(keep_out)
         self.gram = self.rhs = None  # made at the first batch: a fit waits for its turn holding nothing
+        self.relu_steps = relu_steps
+        self.kept: list = []  # (rows, pre-activation target, skip) per batch, for the ReLU steps
 
     def positions(self, images: int, positions: int) -> Optional[np.ndarray]:
         """The output positions to fit at, ``rows_per_image`` random ones of each image's
@@ -207,13 +218,30 @@ class PatchFit:
             y3 = np.take_along_axis(y3, pos[:, None, :], axis=2)
         return self.rows(y3), pos
 
-    def add(self, rows: np.ndarray, pos: Optional[np.ndarray], x_new: np.ndarray) -> None:
+    @staticmethod
+    def skip_rows(skip: np.ndarray, pos: Optional[np.ndarray]) -> np.ndarray:
+        """The rows of a pruned model's tensor of the layer's output shape (N, kept, Ho, Wo) at
+        the :meth:`positions` ``pos``, laid out as :meth:`rows`."""
+        s3 = skip.reshape(skip.shape[0], skip.shape[1], -1)
+        if pos is not None:
+            s3 = np.take_along_axis(s3, pos[:, None, :], axis=2)
+        return np.ascontiguousarray(s3.transpose(0, 2, 1), dtype=np.float32)
+
+    def add(self, rows: np.ndarray, pos: Optional[np.ndarray], x_new: np.ndarray,
+            skip: Optional[np.ndarray] = None) -> None:
         """``rows``: :meth:`rows` of the original layer's output at the :meth:`positions`
-        ``pos``; ``x_new``: the pruned layer's input, for the same images."""
+        ``pos``; ``x_new``: the pruned layer's input, for the same images. ``skip``: where the
+        layer's output is added to another tensor (a residual block's last conv and its skip
+        connection), ``rows`` are the original sum's and ``skip`` the pruned model's other
+        tensor at the same rows: the layer is fitted to what the sum needs from it, so that it
+        also makes up for the error the skip path carries, which no layer there can."""
         pads = conv_pads(self.attrs, x_new.shape[2:], self.kernel, self.strides, self.dilations)
         geometry = (self.kernel, self.strides, pads, self.dilations)
         p_new = im2col(x_new, *geometry) if pos is None else gather_patches(x_new, *geometry, pos)
         target = rows.reshape(-1, rows.shape[-1])
+        skip = None if skip is None else np.asarray(skip, dtype=np.float32).reshape(target.shape)
+        if skip is not None:
+            target = target - skip
         # one batch's products in float32 (BLAS speed), accumulated across batches in float64
         a = _with_ones(np.ascontiguousarray(p_new, dtype=np.float32))
         count, d = a.shape
@@ -223,15 +251,48 @@ class PatchFit:
         with blas_threads_for(count * (d * d / 2 + d * target.shape[1])):
             self.gram += a.T @ a
             self.rhs += a.T @ target
+        if self.relu_steps:
+            self.kept.append((a, np.asarray(target, dtype=np.float32), skip))
 
     def solve(self, ridge: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
         if self.gram is None:
             return None
-        sol = _solve(self.gram, self.rhs, ridge)
+        factor = _factor(self.gram, ridge)
+        sol = None if factor is None else _solve_with(factor, self.rhs)
+        if sol is not None and self.kept:
+            sol = self._relu_steps(sol, factor)
+        self.kept = []
         if sol is None:
             return None
         k = int(self.keep_in.sum())
         return sol[:-1].T.reshape((len(self.keep_out), k) + tuple(self.kernel)), sol[-1]
+
+    def _relu_steps(self, sol: np.ndarray, factor) -> np.ndarray:
+        """Least squares on the pre-activation charges errors that the Relu after the layer
+        erases: wherever the original pre-activation y is negative, any prediction u below zero
+        gives the same output. Majorize-minimize on |relu(u) - relu(y)|^2: each step sets the
+        target of those entries to min(u, 0) at the current solution, which bounds that error
+        from above and equals it there, and solves again; so no step makes the post-Relu error
+        on the fitted rows larger (the ridge aside). Only the right-hand side changes: the
+        Gram matrix is factorized once."""
+        rows = sum(len(a) for a, _, _ in self.kept)
+        for _ in range(self.relu_steps):
+            shift = np.zeros_like(self.rhs)  # A^T (new target - target)
+            with blas_threads_for(2 * rows * len(sol) * sol.shape[1]):
+                w = sol.astype(np.float32)
+                for a, target, skip in self.kept:
+                    u = a @ w  # the layer's output; the Relu sees u + skip against target + skip
+                    if skip is None:
+                        change = np.where(target > 0, 0.0, np.minimum(u, 0.0) - target)
+                    else:
+                        y = target + skip
+                        change = np.where(y > 0, 0.0, np.minimum(u + skip, 0.0) - y)
+                    shift += a.T @ change
+            step = _solve_with(factor, self.rhs + shift)
+            if step is None:
+                break
+            sol = step
+        return sol
 
 
 class ChannelFit:

@@ -627,3 +627,82 @@ def test_constant_channels_fold_into_a_strided_conv_transpose_by_its_mean_over_p
     (up,) = [n for n in pruned.graph.node if n.op_type == "ConvTranspose"]
     shift = inits[up.input[2]] - bt
     np.testing.assert_allclose(shift, wt[4:].sum(axis=(0, 2, 3)) / 4, rtol=1e-4, atol=1e-6)
+
+
+def _skip_path_model():
+    """A conv whose input channels get pruned (so its refit is not exact) makes the skip
+    tensor of a residual block: conv A -> relu -> conv S -> relu = t -> conv 1 (wider) -> relu ->
+    conv 2, Add(conv 2, t) -> relu -> GAP -> Gemm. Returns the model and the sum's name."""
+    b = Builder(seed=5)
+    a = b.relu(b.conv("input", 3, 8))
+    t = b.relu(b.conv(a, 8, 8))
+    y = b.relu(b.conv(t, 8, 16))
+    total = b.node("Add", [b.conv(y, 16, 8), t])
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [b.relu(total)])], axis=1)
+    return b.model(b.gemm(x, 8, 5), ["N", 5]), total
+
+
+def _refit_first_group(model, x, monkeypatch, plain: bool):
+    """``model`` with 4 of the 8 channels of its first conv removed and the layers after
+    refitted; ``plain``: every fit matches its own layer's output (no residual sums, no Relu steps)."""
+    from onnxprune import recover
+    from onnxprune.data import input_spec, load_calibration
+    from onnxprune.rewrite import rewrite
+    from surgery import analysis_of
+
+    if plain:
+        monkeypatch.setattr(recover, "_output_uses", lambda original, names, *args: {
+            n: recover._OutputUse(next(o.output[0] for o in original.graph.node if o.name == n)) for n in names})
+    opts = onnxprune.PruneOptions(flops=0.5)
+    cal = load_calibration(x, input_spec(model, opts), opts)
+    prepared, analysis = analysis_of(model)
+    group = min((g for g in analysis.groups if g.prunable), key=lambda g: g.index)
+    keep = np.ones(analysis.num_players, dtype=bool)
+    keep[np.flatnonzero(analysis.player_group == group.index)[4:]] = False
+    pruned, changed = rewrite(analysis, keep, prepared)
+    log = recover.refit_sequential(prepared, pruned, analysis.keep_fn(keep), lambda name: 1, changed, cal, cal.fit,
+                                   ["CPUExecutionProvider"], ridge=1e-9, shapes=analysis.shapes)
+    assert len(log.patch) == 3 and not log.failed
+    onnx.checker.check_model(pruned, full_check=True)
+    return pruned
+
+
+def test_a_residual_blocks_last_conv_makes_up_for_the_error_its_skip_path_carries(monkeypatch):
+    """Fitted against the block's sum less the pruned skip tensor, the last conv takes on the
+    skip path's error too (the conv making the skip tensor lost input channels): the sum is
+    closer to the original's than with the conv fitted to its own output."""
+    from onnxprune import recover
+    from onnxprune.runtime import expose
+
+    model, total = _skip_path_model()
+    x = np.random.default_rng(0).normal(size=(64, 3, 8, 8)).astype(np.float32)
+    monkeypatch.setattr(recover, "RELU_STEPS", 0)
+    residual = _refit_first_group(model, x, monkeypatch, plain=False)
+    plain = _refit_first_group(model, x, monkeypatch, plain=True)
+    want = outputs(expose(model, [total]), x)
+    err_residual = rel_error(want, outputs(expose(residual, [total]), x))
+    err_plain = rel_error(want, outputs(expose(plain, [total]), x))
+    assert err_residual < 0.97 * err_plain, (err_residual, err_plain)
+
+
+def test_relu_steps_lower_the_error_after_the_relu_and_never_raise_it():
+    """A layer that lost input channels cannot match the original pre-activation; least
+    squares on it spends the fit on negative entries the Relu erases. Each majorize-minimize
+    step lowers the post-Relu error on the fitted rows, and the last is well below plain
+    least squares'."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(64, 6, 6, 6)).astype(np.float32)
+    w = rng.normal(size=(5, 6, 3, 3)) / np.sqrt(54)
+    cols = im2col(x, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1])
+    y = (cols @ w.reshape(5, -1).T - 0.3).reshape(64, 6, 6, 5).transpose(0, 3, 1, 2)
+    keep_in = np.array([1, 1, 1, 0, 0, 0], dtype=bool)
+    attrs = {"pads": [1, 1, 1, 1], "strides": [1, 1]}
+    errors = []
+    for steps in range(4):
+        fit = PatchFit([3, 3], attrs, keep_in, np.ones(5, dtype=bool), rows_per_image=36, relu_steps=steps)
+        fit.add(*fit.targets(y), x[:, keep_in])
+        w2, b2 = fit.solve(ridge=1e-9)
+        u = im2col(x[:, keep_in], [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]) @ w2.reshape(5, -1).T + b2
+        errors.append(float(((np.maximum(u, 0) - np.maximum(y.transpose(0, 2, 3, 1).reshape(-1, 5), 0)) ** 2).sum()))
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 0.95 * errors[0], errors
