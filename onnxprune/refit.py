@@ -8,6 +8,8 @@ output matches the original layer's output on its kept channels:
 
 - PatchFit: a dense Conv, exactly, over im2col patches of the pruned input
   (rows sampled per image when there are many, which the solve does not need);
+  against a residual sum less the pruned skip tensor where the conv ends a
+  residual block, and with a few steps on the error after a Relu that follows;
 - ChannelFit: any layer that sums over channels (a Conv of many channels, a
   fully connected layer, one behind a Flatten viewed per channel): regress
   the original input's channels on the pruned input's, pixel by pixel, and
