@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Set, Tuple, Union
+from typing import Dict, List, Optional, Set, Tuple, Union
 
 import numpy as np
 import onnx
@@ -67,6 +67,16 @@ def node_reads(node: onnx.NodeProto) -> List[str]:
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
         names.extend(sorted(subgraph_reads(node) - set(names)))
     return names
+
+
+def readers(graph: onnx.GraphProto) -> Dict[str, List[onnx.NodeProto]]:
+    """Who reads each name, once per time a node names it (:func:`node_reads`: a node that
+    reads it inside a subgraph counts)."""
+    out: Dict[str, List[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node_reads(node):
+            out.setdefault(name, []).append(node)
+    return out
 
 
 def names_in(model: onnx.ModelProto) -> set:

@@ -21,7 +21,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import weights
-from .load import default_opset, node_reads, subgraph_reads
+from .load import default_opset, node_reads, readers, subgraph_reads
 
 
 FOLD_LIMIT_BYTES = 64 * 2 ** 20  # never materialise a folded constant larger than this
@@ -43,15 +43,6 @@ def data_inputs(graph: onnx.GraphProto) -> List[onnx.ValueInfoProto]:
     """Graph inputs that are fed at run time (old IR lists initializers as inputs too)."""
     inits = {i.name for i in graph.initializer}
     return [i for i in graph.input if i.name not in inits]
-
-
-def _consumers(graph: onnx.GraphProto) -> Dict[str, List[onnx.NodeProto]]:
-    """Who reads each name: a node that reads it inside a subgraph counts."""
-    out: Dict[str, List[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node_reads(node):
-            out.setdefault(name, []).append(node)
-    return out
 
 
 def constant_nodes_to_initializers(graph: onnx.GraphProto, log: PrepareLog) -> None:
@@ -161,7 +152,7 @@ def _copied_dims_to_zero(model: onnx.ModelProto, log: PrepareLog) -> bool:
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
-    consumers = _consumers(graph)
+    consumers = readers(graph)
     dims = None
     zero = None
     changed = False
@@ -269,7 +260,7 @@ def _rename_input(graph: onnx.GraphProto, old: str, new: str) -> None:
 
 def _bypass_identities(graph: onnx.GraphProto, log: PrepareLog) -> None:
     outputs = {o.name for o in graph.output}
-    consumers = _consumers(graph)
+    consumers = readers(graph)
     read_inside = {name for n in graph.node for name in subgraph_reads(n)}
     keep = []
     for node in graph.node:
@@ -293,7 +284,7 @@ def _bypass_identities(graph: onnx.GraphProto, log: PrepareLog) -> None:
 def _fold_batchnorms(graph: onnx.GraphProto, log: PrepareLog, release: bool = False) -> None:
     inits = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
-    consumers = _consumers(graph)
+    consumers = readers(graph)
     producer = {o: n for n in graph.node for o in n.output}
     removed = set()
     for bn in list(graph.node):
@@ -354,7 +345,7 @@ def _normalise_gemms(graph: onnx.GraphProto, opset: int) -> None:
     inputs (a caller could feed others), are left as they are, and so are those scales."""
     inits = {t.name: t for t in graph.initializer}
     fed = {i.name for i in graph.input}
-    consumers = _consumers(graph)
+    consumers = readers(graph)
 
     def own_constant(name: str) -> bool:
         return name in inits and name not in fed and len(consumers.get(name, [])) == 1
@@ -366,14 +357,12 @@ def _normalise_gemms(graph: onnx.GraphProto, opset: int) -> None:
         folded = set()
         alpha = scale.get("alpha", 1.0)
         if alpha != 1.0 and own_constant(node.input[1]):
-            b = weights.array(inits[node.input[1]])
-            inits[node.input[1]].CopyFrom(weights.make_tensor((b.astype(np.float64) * alpha).astype(b.dtype), node.input[1]))
+            _scale_in_place(inits[node.input[1]], alpha)
             folded.add("alpha")
         beta = scale.get("beta", 1.0)
         c = node.input[2] if len(node.input) > 2 and node.input[2] else None
         if beta != 1.0 and c is not None and own_constant(c):
-            values = weights.array(inits[c])
-            inits[c].CopyFrom(weights.make_tensor((values.astype(np.float64) * beta).astype(values.dtype), c))
+            _scale_in_place(inits[c], beta)
             folded.add("beta")
         elif beta == 0.0 and c is not None and opset >= 11:  # C is optional from opset 11: drop it
             del node.input[2:]
@@ -383,6 +372,11 @@ def _normalise_gemms(graph: onnx.GraphProto, opset: int) -> None:
             del node.attribute[:]
             node.attribute.extend(kept)
     _drop_unused_initializers(graph)
+
+
+def _scale_in_place(tensor: onnx.TensorProto, factor: float) -> None:
+    values = weights.array(tensor)
+    tensor.CopyFrom(weights.make_tensor((values.astype(np.float64) * factor).astype(values.dtype), tensor.name))
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:

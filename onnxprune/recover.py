@@ -32,7 +32,7 @@ from .analyse import Analysis
 from .calibrate import ChannelStats
 from .consumers import find_consumers, from_channel_view, to_channel_view
 from .data import CalibrationSet, pad_batch
-from .load import free_name, names_in, node_reads
+from .load import free_name, names_in, readers
 from .ops import rule_for
 from .ops.conv import grouping
 from .progress import Progress, silent
@@ -231,8 +231,9 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
     waves = _waves(pruned, layers)
     seg = Segmenter(pruned, [names[wave[0]] for wave in waves])
     lives = [seg.live_at(cut) for cut in seg.cuts]
+    live_sets = [set(live) for live in lives]
     uses = _output_uses(original, names, keep, shapes,
-                        {names[k]: set(lives[step]) for step, wave in enumerate(waves) for k in wave})
+                        {names[k]: live_sets[step] for step, wave in enumerate(waves) for k in wave})
     # what each fit reads from the original is stored before the first is made: the patch fits
     # are made now (they hold no weights, and they draw the rows they are fitted against); the
     # channel fits, which copy their layer's weights, at their turn; other layers get no fit
@@ -282,21 +283,18 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                         if cal.spec.fixed_batch:  # the frontiers keep the real rows only
                             feeds = {t: pad_batch(v, bs * rows[t]) if rows[t] else v for t, v in feeds.items()}
                     outs = dict(zip(live, run_feeds(sess, feeds, live)))
-                    for t in live:
-                        v = outs[t]
-                        r = image_rows(rows, t, v, images)
-                        new.write(t, b0, real_rows(v, r, real), r)
+                    for t in live:  # the rows of the real images, which the frontier and the fits take
+                        r = image_rows(rows, t, outs[t], images)
+                        outs[t] = real_rows(outs[t], r, real)
+                        new.write(t, b0, outs[t], r)
                     for name, fit in fits.items():
                         if fit is None:
                             continue
                         x_new = outs[inputs[name]]
-                        x_new = real_rows(x_new, image_rows(rows, inputs[name], x_new, images), real)
                         if isinstance(fit, PatchFit):
                             pos = targets[name].read("positions", b0, b0 + real) if targets[name].has("positions") else None
                             skip = uses[name].skip
-                            if skip is not None:
-                                v = outs[skip]
-                                skip = fit.skip_rows(real_rows(v, image_rows(rows, skip, v, images), real), pos)
+                            skip = fit.skip_rows(outs[skip], pos) if skip is not None else None
                             fit.add(targets[name].read("rows", b0, b0 + real), pos, x_new, skip)
                         else:
                             fit.add(targets[name].read("input", b0, b0 + real), x_new)
@@ -441,16 +439,13 @@ def _output_uses(original: onnx.ModelProto, names: Sequence[str], keep, shapes: 
     error the skip path carries as well as its own; this needs the skip tensor from the run
     that feeds the layer's fit (``live[name]``: the tensors there) with the layer's kept
     channels, and both addends of the same static shape (no broadcast)."""
-    readers: Dict[str, List[onnx.NodeProto]] = {}
-    for node in original.graph.node:
-        for t in set(node_reads(node)):
-            readers.setdefault(t, []).append(node)
+    read_by = readers(original.graph)
     outputs = {o.name for o in original.graph.output}
     constants = {t.name for t in original.graph.initializer}
     by_name = {n.name: n for n in original.graph.node}
 
-    def only_reader(tensor):
-        found = readers.get(tensor, [])
+    def only_reader(tensor):  # the one node that reads ``tensor``, once (an Add(x, x) reads it twice)
+        found = read_by.get(tensor, [])
         return found[0] if len(found) == 1 and tensor not in outputs else None
 
     def same_mask(a, b):
@@ -462,7 +457,7 @@ def _output_uses(original: onnx.ModelProto, names: Sequence[str], keep, shapes: 
         out = by_name[name].output[0]
         use = _OutputUse(out)
         add = only_reader(out)
-        if add is not None and add.op_type == "Add" and len(add.input) == 2 and add.input[0] != add.input[1]:
+        if add is not None and add.op_type == "Add" and len(add.input) == 2:
             other = add.input[1] if add.input[0] == out else add.input[0]
             shape = shapes.get(out)
             if (other not in constants and other in live.get(name, ()) and shape is not None

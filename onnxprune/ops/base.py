@@ -21,6 +21,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..load import free_name
+
 Shape = Tuple[Optional[int], ...]
 
 
@@ -286,12 +288,7 @@ def channel_axis_of_param(param_shape: Sequence[int], out_rank: int) -> Optional
 
 def fresh_name(graph: gs.Graph, base: str) -> str:
     """``base``, or ``base_<k>``: a name no tensor of ``graph`` has."""
-    taken = graph.tensors().keys()
-    name, k = base, 0
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    return name
+    return free_name(base, set(graph.tensors()))
 
 
 def add_to_bias_input(node: gs.Node, index: int, delta: np.ndarray, dtype, graph: gs.Graph) -> None:
