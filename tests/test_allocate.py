@@ -87,3 +87,42 @@ def test_default_rounding_is_the_cpu_kernels_block(monkeypatch):
     assert runtime.kernel_channel_block(["CUDAExecutionProvider", "CPUExecutionProvider"]) == (8, 0)
     monkeypatch.setattr(runtime, "_cpu_has_avx512", lambda: False)
     assert runtime.kernel_channel_block(["CPUExecutionProvider"]) == (8, 0)
+
+
+def test_gap_closing_trades_the_steps_that_lose_least_payoff():
+    # Coarse steps make the greedy overshoot the target by more than a point; of the trades of
+    # single steps (one group up, another down) that land within the point, the allocation
+    # must not take one that loses more payoff than another would. It used to take the trade
+    # landing closest to the target whatever it cost.
+    from itertools import permutations
+
+    from onnxprune.allocate import _give_back, _greedy, _Planner, essentials_first
+
+    _, analysis = analysis_of(tiny.residual_cnn())
+    ranked = _ranked(analysis)
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(60):
+        loss = {g: np.concatenate([np.sort(rng.random(len(p)))[::-1] * rng.uniform(0.1, 3), [0.0]])
+                for g, p in ranked.items()}
+        ratio = float(rng.uniform(0.2, 0.6))
+        a = allocate(analysis, ranked, ratio, 0.1, 2, "auto", loss)
+        ordered, essential = essentials_first(analysis, ranked)
+        plan = _Planner(analysis, ordered, 0.1, 2, essential)
+        tolerance = int(np.floor(a.macs_before * 0.01))
+        greedy = _give_back(plan, _greedy(plan, a.target_macs, loss), a.target_macs, loss)
+        if a.target_macs - plan.macs(greedy) <= tolerance:
+            continue  # the greedy landed within the point: no trade was made
+        trades = []
+        for up, down in permutations(greedy, 2):
+            trial = dict(greedy)
+            trial[up], trial[down] = plan.step_up(up, greedy[up]), plan.step_down(down, greedy[down])
+            if trial[up] != greedy[up] and trial[down] != greedy[down] and \
+                    a.target_macs - tolerance <= plan.macs(trial) <= a.target_macs:
+                trades.append(sum(loss[g][k] for g, k in trial.items()))
+        if not trades:
+            continue
+        checked += 1
+        assert a.target_macs - tolerance <= a.macs_after <= a.target_macs
+        assert sum(loss[g][k] for g, k in a.kept.items()) <= min(trades) + 1e-12
+    assert checked >= 5
