@@ -298,7 +298,7 @@ def markdown(rows: List[Row], args, started: datetime.datetime, elapsed: float) 
         "then writes the better, on those images, of that slice and the --no-recover conversion (here the "
         "latter: the two columns agree). Before the check these refits were written: MobileNetV3 3.6e+00, "
         "YOLO 1.9e+00.",
-        f"- fuzz (`bash bench/fuzz.sh`: tests/test_fuzz.py with 500 hypothesis examples per property, random "
+        f"- fuzz (`bash bench/fuzz.sh N`: tests/test_fuzz.py with N hypothesis examples per property, random "
         f"networks at opsets 11-21, same code): {fuzz_line(args.fuzz_log)}",
         "",
         "| family | model | opset | BN folded? | weights in Constant nodes? | FLOPs share prunable | most removable "
