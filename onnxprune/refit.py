@@ -284,12 +284,9 @@ class PatchFit:
                 w = sol.astype(np.float32)
                 for a, target, skip in self.kept:
                     u = a @ w  # the layer's output; the Relu sees u + skip against target + skip
-                    if skip is None:
-                        change = np.where(target > 0, 0.0, np.minimum(u, 0.0) - target)
-                    else:
-                        y = target + skip
-                        change = np.where(y > 0, 0.0, np.minimum(u + skip, 0.0) - y)
-                    shift += a.T @ change
+                    s = 0.0 if skip is None else skip
+                    y = target + s
+                    shift += a.T @ np.where(y > 0, 0.0, np.minimum(u + s, 0.0) - y)
             step = _solve_with(factor, self.rhs + shift)
             if step is None:
                 break

@@ -132,8 +132,10 @@ def fidelity(original: onnx.ModelProto, candidates: Sequence[onnx.ModelProto], c
     s_new = [_session_checked(expose(c, names), providers) for c in candidates]
     s_old = make_session(expose(original, names), providers)
     agree = [0] * len(candidates)
-    err = [None] * len(candidates)  # per candidate, per compared output: the summed squared error
-    norm = None  # per compared output: the original's summed squares
+    # per compared output, made with the first batch: the original's summed squares (norm) and
+    # each candidate's summed squared error (err)
+    err = [None] * len(candidates)
+    norm = None
     total = 0
     classifier = kept = None
     with progress("measuring fidelity", len(indices)) as update:
@@ -149,8 +151,9 @@ def fidelity(original: onnx.ModelProto, candidates: Sequence[onnx.ModelProto], c
                 # rows of each compared output per image: 1, H x W where axis 0 folds the
                 # pixels in, 0 for an output that is not per image (compared whole)
                 rows = [rows_seen(outs[i], len(batch)) for i in kept]
+                norm = np.zeros(len(kept))
+                err = [np.zeros(len(kept)) for _ in candidates]
             old = [np.asarray(real_rows(outs[i], r, real), np.float64) for i, r in zip(kept, rows)]
-            norm = np.zeros(len(old)) if norm is None else norm
             norm += [float((a ** 2).sum()) for a in old]
             if classifier is None:
                 classifier = one_class_score(old)
@@ -161,7 +164,6 @@ def fidelity(original: onnx.ModelProto, candidates: Sequence[onnx.ModelProto], c
                     check_outputs(original, reference_outputs, outs[: len(graph_outputs)])
                     outs = [outs[k] for k in at]
                 new = [np.asarray(real_rows(outs[j], r, real), np.float64) for j, r in zip(kept, rows)]
-                err[i] = np.zeros(len(old)) if err[i] is None else err[i]
                 err[i] += [float(((a - c) ** 2).sum()) for a, c in zip(old, new)]
                 if classifier:
                     agree[i] += int((top1 == new[0].argmax(1)).sum())
