@@ -62,8 +62,10 @@ def test_patch_fit_is_exact_least_squares():
     fit = PatchFit(w.shape[2:], attrs, np.ones(3, dtype=bool), np.ones(4, dtype=bool), rows_per_image=36)
     fit.add(*fit.targets(y.transpose(0, 3, 1, 2)), x)  # the original layer's output from the same input: it must come back
     w2, b2 = fit.solve(ridge=1e-9)
-    np.testing.assert_allclose(w2, w, atol=1e-6)
-    np.testing.assert_allclose(b2, b, atol=1e-6)
+    # each batch's products are taken in float32 (refit.PatchFit.add): the weights come back to
+    # float32 rounding, which differs between BLAS kernels (1.4e-6 off on one AVX-512 machine)
+    np.testing.assert_allclose(w2, w, atol=1e-5)
+    np.testing.assert_allclose(b2, b, atol=1e-5)
 
 
 def test_patch_fit_reads_kept_outputs_at_the_sampled_positions():
