@@ -185,7 +185,7 @@ def elimination_order(q: np.ndarray) -> np.ndarray:
     removing channel i after the set R costs Q_ii + 2 sum_{j in R} Q_ij more; the cheapest goes
     first (ties: the later position). O(n^2) in all. ``q`` is symmetric (the games make it so):
     each step adds row i, contiguous, where column i would be read with a stride of n (MobileNetV1's
-    7 groups, 1376 steps: 12 -> 7 ms; the same numbers, as row i is column i)."""
+    7 groups, 1376 steps: 9.5 -> 3.2 ms; the same numbers, as row i is column i)."""
     n = len(q)
     cost = np.diag(q).astype(np.float64).copy()
     backwards = cost[::-1]  # a view: argmin on it finds the last of equal costs
