@@ -52,6 +52,7 @@ def correct_drift(original: onnx.ModelProto, pruned: onnx.ModelProto, folded_out
     inits = {t.name: t for t in pruned.graph.initializer}
     target = _moments(original, names, cal, indices, providers, ours=False)
     corrected = set()
+    taken = names_in(pruned)  # for the biases added below; free_name adds each one it gives out
     for _ in range(rounds):
         now = _moments(pruned, names, cal, indices, providers, ours=True)
         for name in names:
@@ -76,7 +77,7 @@ def correct_drift(original: onnx.ModelProto, pruned: onnx.ModelProto, folded_out
             if len(node.input) > 2 and node.input[2]:
                 weights.assign(inits[node.input[2]], new_b)
             else:
-                bias = weights.make_tensor(new_b, free_name(name + "_drift_bias", names_in(pruned)))
+                bias = weights.make_tensor(new_b, free_name(name + "_drift_bias", taken))
                 pruned.graph.initializer.append(bias)
                 inits[bias.name] = pruned.graph.initializer[-1]
                 node.input.append(bias.name)
