@@ -207,6 +207,7 @@ def _slicing_instead(run: "_Run", rejected: PruneResult, opts: PruneOptions, pro
         return rejected
     theirs.recovery = theirs.refit_rejected = True
     theirs.fidelity_rejected_refit = mine.fidelity_rejected_refit
+    theirs.accuracy_rejected_refit = mine.accuracy_rejected_refit
     theirs.notes = [n for n in mine.notes if n.startswith("the refit made")] + [
         f"channels chosen as --no-recover chooses them did better still on the held-out images "
         f"({theirs.fidelity_relative_error:.4f}): that model is written, channels and all"] + [
@@ -285,7 +286,11 @@ def _begin(model, calib, opts: PruneOptions, evaluate, progress, log, store: wei
         store.retain([prepared])
         reference = prepared
     # the original's accuracy first: labels the model cannot score fail before any work
+    t_eval = time.perf_counter()
     accuracy_before = accuracy(reference, *evaluate, providers) if evaluate is not None else None
+    t += time.perf_counter() - t_eval  # evaluation is timed as its own stage
+    if evaluate is not None:
+        seconds["evaluate"] = time.perf_counter() - t_eval
     # counted on the prepared model, the same network with its shape arithmetic folded: shape
     # inference can lose the shapes behind a run-time Slice or Reshape of the original, and
     # layers of unknown shape count no MACs
@@ -460,8 +465,8 @@ def _at_target(run: _Run, opts: PruneOptions, progress, first: bool) -> PruneRes
             drift_corrected(model)
         return model
 
-    pruned, fid = _checked_refit(pruned, sliced if opts.recover else None, report, original, reference, cal,
-                                 providers, progress, store.lean)
+    pruned, fid, unwritten = _checked_refit(pruned, sliced if opts.recover else None, report, original, reference,
+                                            cal, providers, progress, store.lean)
     report.macs_before = run.macs_before
     report.macs_after = count_macs(pruned, run.input_shapes)
     report.params_before, report.params_after = run.params_before, count_params(pruned)
@@ -471,12 +476,21 @@ def _at_target(run: _Run, opts: PruneOptions, progress, first: bool) -> PruneRes
     report.fidelity_top1_agreement, report.fidelity_relative_error = fid.top1_agreement, fid.relative_error
     report.fidelity_held_out, report.fidelity_images = fid.held_out, fid.images
     report.holdout_images = fid.images if fid.held_out else 0
+    seconds["verify"] = time.perf_counter() - t
     if run.evaluate is not None:
+        t = time.perf_counter()
         x, y = run.evaluate
         report.accuracy_before = run.accuracy_before
         report.accuracy_after = accuracy(pruned, x, y, providers)
+        if unwritten is not None:  # what recovery bought, on the labelled set: the same channels without it, or the other way
+            other = accuracy(unwritten, x, y, providers)
+            if report.refit_rejected:
+                report.accuracy_rejected_refit = other
+            else:
+                report.accuracy_without_refit = other
         report.eval_samples = len(y)
-    seconds["verify"] = time.perf_counter() - t
+        seconds["evaluate"] = seconds.pop("evaluate", 0.0) + time.perf_counter() - t  # listed last
+    unwritten = None
     if opts.latency:
         t = time.perf_counter()
         batches = [cal.spec.fixed_batch] if cal.spec.fixed_batch else sorted({1, opts.latency_batch})
@@ -518,7 +532,8 @@ def _at_target(run: _Run, opts: PruneOptions, progress, first: bool) -> PruneRes
 
 def _checked_refit(refitted: onnx.ModelProto, make_sliced, report: Report, original, reference,
                    cal: CalibrationSet, providers, progress, lean: bool):
-    """The model to write and its fidelity on the held-out images.
+    """The model to write, its fidelity on the held-out images, and the model measured beside
+    it and not written (None where there was none).
 
     The refit must earn its place on images it never saw: the same channels merely sliced
     (``make_sliced()``) are measured beside it in the same pass, and the better is written.
@@ -531,13 +546,13 @@ def _checked_refit(refitted: onnx.ModelProto, make_sliced, report: Report, origi
         report.notes.append("model over 512 MiB of weights: the refit is not checked against slicing on held-out images")
         make_sliced = None
     if make_sliced is None:
-        return refitted, fidelity(reference, [refitted], cal, providers, progress)[0]
+        return refitted, fidelity(reference, [refitted], cal, providers, progress)[0], None
     sliced = make_sliced()
     check_graph(sliced, original)
     fid, without = fidelity(reference, [refitted, sliced], cal, providers, progress)
     if without.relative_error >= fid.relative_error:
         report.fidelity_without_refit = dict(relative_error=without.relative_error, top1_agreement=without.top1_agreement)
-        return refitted, fid
+        return refitted, fid, sliced
     # what is written is not refitted: the report must not say it is
     report.notes = [n for n in report.notes if not n.startswith(REFIT_NOTES)]
     report.notes.append(
@@ -547,7 +562,7 @@ def _checked_refit(refitted: onnx.ModelProto, make_sliced, report: Report, origi
     report.fidelity_rejected_refit = dict(relative_error=fid.relative_error, top1_agreement=fid.top1_agreement)
     report.refitted_layers = 0
     report.refit_rejected = True
-    return sliced, without
+    return sliced, without, refitted
 
 
 def peak_rss_bytes() -> Optional[int]:

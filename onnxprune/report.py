@@ -65,6 +65,10 @@ class Report:
     fidelity_rejected_refit: Optional[dict] = None  # then: the refit's own relative_error, top1_agreement
     accuracy_before: Optional[float] = None
     accuracy_after: Optional[float] = None
+    # with the refit checked against slicing: the accuracy of the model measured beside the
+    # written one, the same channels merely sliced (or, where it was rejected, the refit)
+    accuracy_without_refit: Optional[float] = None
+    accuracy_rejected_refit: Optional[float] = None
     eval_samples: int = 0
     folded_batchnorms: int = 0
     payoff_cost: Optional[dict] = None  # --payoff output: coalitions evaluated, seconds
@@ -131,6 +135,11 @@ class Report:
         if self.accuracy_before is not None:
             add(f"{'accuracy':22}{self.accuracy_before:>14.2%}{self.accuracy_after:>14.2%}"
                 f"{(self.accuracy_before - self.accuracy_after) * 100:>9.2f}p  ({self.eval_samples} labelled samples)")
+            for label, other in (("  without the refit", self.accuracy_without_refit),
+                                 ("  rejected refit", self.accuracy_rejected_refit)):
+                if other is not None:
+                    add(f"{label:22}{'':14}{other:>14.2%}{(self.accuracy_before - other) * 100:>9.2f}p  "
+                        "(the same channels)")
         add("")
         if self.latency:
             add(f"latency: median over fresh onnxruntime sessions on {self.provider.split(' (')[0]}, interleaved")
@@ -191,7 +200,7 @@ class Report:
 
 
 _STAGE_NAMES = {"load_prepare_analyse": "load", "score_allocate": "score and allocate",
-                "bn_correct": "BN drift", "latency": "latency measurement"}
+                "bn_correct": "BN drift", "latency": "latency measurement", "evaluate": "--eval accuracy"}
 
 
 def _si(n: float) -> str:

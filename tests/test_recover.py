@@ -211,6 +211,51 @@ def test_sliced_refit_channels_are_written_when_they_beat_no_recover(monkeypatch
     _assert_filters_are_sliced_originals(model, result.model)
 
 
+def _test_digits(n):
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    test = np.load(os.path.join(root, "models", "mnist_cnn_test.npz"))
+    return test["x"][:n].astype(np.float32), test["y"][:n].astype(np.int64)
+
+
+def test_eval_gives_the_accuracy_of_the_same_channels_without_the_refit(monkeypatch):
+    """With --eval, what recovery bought is measured on the labelled set: the accuracy of the
+    written (refitted) model and of the same channels merely sliced. Cross-checked against a run
+    where the refit is sabotaged and the --no-recover conversion made to lose, so that those
+    sliced channels are what is written."""
+    import onnxprune.api as api
+    from onnxprune.verify import accuracy
+
+    model, calib = _shipped("mnist_cnn")
+    x, y = _test_digits(300)
+    opts = onnxprune.PruneOptions(flops=0.5, max_images=128, latency=False)
+    report = onnxprune.prune(model, calib, opts, evaluate=(x, y)).report
+    assert not report.refit_rejected and report.accuracy_rejected_refit is None
+    # at -50% mnist_cnn's channels sliced lose tens of points that the refit gives back
+    assert report.accuracy_without_refit < report.accuracy_after - 0.05
+    assert "  without the refit" in report.format_text() and "(the same channels)" in report.format_text()
+    assert report.seconds["evaluate"] > 0 and list(report.seconds)[-1] == "evaluate"
+
+    _sabotage_refit(monkeypatch)
+    real_at_target = api._at_target
+
+    def at_target_with_bad_plain(run, opts, *args, **kwargs):
+        result = real_at_target(run, opts, *args, **kwargs)
+        if not opts.recover:
+            result.report.fidelity_relative_error = float("inf")
+        return result
+
+    monkeypatch.setattr(api, "_at_target", at_target_with_bad_plain)
+    forced = api.prune(model, calib, opts, evaluate=(x, y))
+    assert forced.report.refit_rejected and forced.report.refitted_layers == 0
+    assert forced.report.accuracy_without_refit is None
+    assert forced.report.accuracy_after == report.accuracy_without_refit
+    assert accuracy(forced.model, x, y, ["CPUExecutionProvider"]) == report.accuracy_without_refit
+    # the sabotaged refit (weights negated) is measured too, and is what lost
+    assert forced.report.accuracy_rejected_refit < forced.report.accuracy_after
+    assert "  rejected refit" in forced.report.format_text()
+
+
 def _conv_weights(model, node_name):
     node = next(n for n in model.graph.node if n.name == node_name)
     return next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == node.input[1])
