@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper, shape_inference
+from onnx import shape_inference
 from PIL import Image
 
 HERE = Path(__file__).resolve().parent
