@@ -184,12 +184,11 @@ def _assert_filters_are_sliced_originals(model, written):
         assert any(all(any(np.array_equal(c, o) for o in g) for c in f) for g in w_old)
 
 
-def test_sliced_refit_channels_are_written_when_they_beat_no_recover(monkeypatch):
-    """Force the --no-recover conversion to lose (its held-out error made worse than any), so
-    the rejected refit's channels, sliced, are what is written."""
+def _make_no_recover_lose(monkeypatch):
+    """Make the --no-recover conversion's held-out error worse than any, so that where the refit
+    is rejected its channels, sliced, are what is written."""
     import onnxprune.api as api
 
-    _sabotage_refit(monkeypatch)
     real_at_target = api._at_target
 
     def at_target_with_bad_plain(run, opts, *args, **kwargs):
@@ -199,6 +198,15 @@ def test_sliced_refit_channels_are_written_when_they_beat_no_recover(monkeypatch
         return result
 
     monkeypatch.setattr(api, "_at_target", at_target_with_bad_plain)
+
+
+def test_sliced_refit_channels_are_written_when_they_beat_no_recover(monkeypatch):
+    """Force the --no-recover conversion to lose (its held-out error made worse than any), so
+    the rejected refit's channels, sliced, are what is written."""
+    import onnxprune.api as api
+
+    _sabotage_refit(monkeypatch)
+    _make_no_recover_lose(monkeypatch)
     model, calib = _shipped("mnist_cnn")
     result = api.prune(model, calib, onnxprune.PruneOptions(flops=0.5, max_images=128, latency=False))
     report = result.report
@@ -237,15 +245,7 @@ def test_eval_gives_the_accuracy_of_the_same_channels_without_the_refit(monkeypa
     assert report.seconds["evaluate"] > 0 and list(report.seconds)[-1] == "evaluate"
 
     _sabotage_refit(monkeypatch)
-    real_at_target = api._at_target
-
-    def at_target_with_bad_plain(run, opts, *args, **kwargs):
-        result = real_at_target(run, opts, *args, **kwargs)
-        if not opts.recover:
-            result.report.fidelity_relative_error = float("inf")
-        return result
-
-    monkeypatch.setattr(api, "_at_target", at_target_with_bad_plain)
+    _make_no_recover_lose(monkeypatch)
     forced = api.prune(model, calib, opts, evaluate=(x, y))
     assert forced.report.refit_rejected and forced.report.refitted_layers == 0
     assert forced.report.accuracy_without_refit is None
