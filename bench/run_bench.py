@@ -5,7 +5,9 @@
 
 Calibration images come from the training split (the shipped PNG folders, or the
 benchmark cache's NAME_calib.npy); accuracy is top-1 on the full 10k test split,
-through onnxruntime. Every configuration of a model runs in the same process, one
+through onnxruntime. With recovery on, the tool also evaluates the same channels merely
+sliced (--eval's "without the refit"), and a second table per model gives the share of that
+loss recovery removes. Every configuration of a model runs in the same process, one
 after another, so the time ratios in a row are comparable; absolute seconds depend
 on the machine and its load. The table and a JSON file with every number go to
 --out, named by date and machine.
