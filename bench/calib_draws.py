@@ -41,13 +41,13 @@ DATASET = {"mnist_cnn": "mnist", "alexnet_mnist": "mnist", "fmnist_resnet": "fas
 IMAGES = 256
 
 
-def draws(dataset: str, count: int):
-    """``count`` sets of IMAGES training images, preprocessed as every benchmark model expects."""
+def draws(dataset: str, count: int, images: int = IMAGES):
+    """``count`` sets of ``images`` training images, preprocessed as every benchmark model expects."""
     import datasets
 
     x_train = datasets.LOADERS[dataset]()[0]
     for seed in range(count):
-        idx = np.sort(np.random.default_rng(1000 + seed).choice(len(x_train), size=IMAGES, replace=False))
+        idx = np.sort(np.random.default_rng(1000 + seed).choice(len(x_train), size=images, replace=False))
         yield seed, preprocessed(x_train[idx])
 
 
@@ -56,6 +56,7 @@ def main():
     ap.add_argument("--models", default=",".join(DATASET))
     ap.add_argument("--ratios", default="0.3,0.5")
     ap.add_argument("--draws", type=int, default=3)
+    ap.add_argument("--images", type=int, default=IMAGES, help="images per drawn set (the shipped sets have 256)")
     ap.add_argument("--name", default="calib-draws")
     args = ap.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -64,11 +65,11 @@ def main():
     for name in args.models.split(","):
         model_path, shipped, (x, y) = MODELS[name]()
         base = accuracy(model_path, x, y)
-        sets = [("shipped", shipped)] + [(f"draw {s}", c) for s, c in draws(DATASET[name], args.draws)]
+        sets = [("shipped", shipped)] + [(f"draw {s}", c) for s, c in draws(DATASET[name], args.draws, args.images)]
         for ratio in ratios:
             for label, calib in sets:
                 for recover in (True, False):
-                    opts = onnxprune.PruneOptions(flops=ratio, recover=recover, latency=False)
+                    opts = onnxprune.PruneOptions(flops=ratio, recover=recover, latency=False, max_images=max(256, args.images))
                     # with recovery the tool also evaluates the same channels merely sliced
                     r = onnxprune.prune(model_path, calib, opts, evaluate=(x, y) if recover else None)
                     acc = r.report.accuracy_after if recover else accuracy(r.model, x, y)
@@ -97,9 +98,10 @@ def table(rows, args, date, minutes) -> str:
     lines = [f"# Accuracy against the calibration images drawn, {date}", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()}; onnxruntime "
              f"{onnxruntime.__version__} (CPU provider); took {minutes:.1f} min. Command: "
-             f"`python bench/calib_draws.py --models {args.models} --ratios {args.ratios} --draws {args.draws}`", "",
+             f"`python bench/calib_draws.py --models {args.models} --ratios {args.ratios} --draws {args.draws}"
+             f"{' --images ' + str(args.images) if args.images != IMAGES else ''}{' --name ' + args.name if args.name != 'calib-draws' else ''}`", "",
              f"Default conversion (snpfi, auto, default rounding) with the shipped calibration set (the one of the "
-             f"accuracy table) and with {args.draws} sets of {IMAGES} images drawn from the same training split "
+             f"accuracy table) and with {args.draws} sets of {args.images} images drawn from the same training split "
              f"(seeds 1000..{1000 + args.draws - 1}). Cells: accuracy loss on the full test split in points "
              f"(positive: worse). \"sliced\": the channels of the recovery run merely sliced, as the tool measures "
              f"them beside the refit. Recovered share: 1 - loss with recovery / loss of those same channels "
