@@ -73,11 +73,8 @@ def main():
                     # with recovery the tool also evaluates the same channels merely sliced
                     r = onnxprune.prune(model_path, calib, opts, evaluate=(x, y) if recover else None)
                     acc = r.report.accuracy_after if recover else accuracy(r.model, x, y)
-                    sliced = None
-                    if recover:  # a rejected refit leaves the sliced channels as the model written
-                        sliced = acc if r.report.refit_rejected else r.report.accuracy_without_refit
                     rows.append(dict(model=name, ratio=ratio, calib=label, recover=recover, base=base, accuracy=acc,
-                                     accuracy_sliced=sliced,
+                                     accuracy_sliced=r.report.accuracy_without_refit,  # None: refit rejected
                                      flops_reduction=r.report.flops_reduction,
                                      fidelity_error=r.report.fidelity_relative_error))
                     print(f"{name} {ratio} {label:8} {'rec' if recover else '   '} {acc:.4f} "
@@ -124,10 +121,11 @@ def table(rows, args, date, minutes) -> str:
                          + f" | {np.mean(loss):.2f} | {min(loss):.2f} .. {max(loss):.2f} |")
         on = [r for r in rows if (r["model"], r["ratio"], r["recover"]) == (model, ratio, True)]
         off = [r for r in rows if (r["model"], r["ratio"], r["recover"]) == (model, ratio, False)]
-        sliced = [(r["base"] - r["accuracy_sliced"]) * 100 for r in on]
+        sliced_acc = [np.nan if r["accuracy_sliced"] is None else r["accuracy_sliced"] for r in on]  # nan: refit rejected
+        sliced = [(r["base"] - a) * 100 for r, a in zip(on, sliced_acc)]
         lines.append(f"| {model} | {ratio} | sliced | " + " | ".join(f"{v:.2f}" for v in sliced)
-                     + f" | {np.mean(sliced):.2f} | {min(sliced):.2f} .. {max(sliced):.2f} |")
-        for label, without in (("recovered share", [r["accuracy_sliced"] for r in on]),
+                     + f" | {np.nanmean(sliced):.2f} | {np.nanmin(sliced):.2f} .. {np.nanmax(sliced):.2f} |")
+        for label, without in (("recovered share", sliced_acc),
                                ("against --no-recover", [r["accuracy"] for r in off])):
             share = [1 - (a["base"] - a["accuracy"]) / (a["base"] - w) if a["base"] > w else float("nan")
                      for a, w in zip(on, without)]

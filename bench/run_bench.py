@@ -147,14 +147,14 @@ def run_model(name: str, ratios, full: bool, log, only=None, round_to=None):
             # the conversion proper; the latency measurement and the evaluation are timed on their own
             wall = time.perf_counter() - start - r.seconds.get("latency", 0.0) - r.seconds.get("evaluate", 0.0)
             acc = r.accuracy_after if r.accuracy_after is not None else accuracy(result.model, x, y)
-            # the same channels merely sliced (None where the refit was rejected: then that is what was written)
-            sliced = r.accuracy_without_refit if recover and not r.refit_rejected else (acc if recover else None)
             rows.append(dict(model=name, ratio=ratio, method=method, criterion=criterion, allocation=allocation, recover=recover,
                              flops_reduction=r.flops_reduction, accuracy=acc, base_accuracy=base,
                              fidelity_error=r.fidelity_relative_error, fidelity_top1=r.fidelity_top1_agreement,
                              wall_seconds=wall, plain_pass_seconds=plain, seconds=r.seconds,
                              round_to=r.round_to, block=round_to or BLOCK, latency=r.latency,
-                             refit_rejected=r.refit_rejected, accuracy_sliced=sliced))
+                             refit_rejected=r.refit_rejected,
+                             # the same channels merely sliced; None where the refit was rejected
+                             accuracy_sliced=r.accuracy_without_refit))
             log(f"  {ratio} {criterion:10} {allocation:7} {'rec' if recover else '   '} "
                 f"-{r.flops_reduction:.1%} acc {acc:.4f} ({(acc - base) * 100:+.2f}p) "
                 f"wall {wall:.1f}s = {wall / plain:.1f}x plain")

@@ -286,11 +286,12 @@ def _begin(model, calib, opts: PruneOptions, evaluate, progress, log, store: wei
         store.retain([prepared])
         reference = prepared
     # the original's accuracy first: labels the model cannot score fail before any work
-    t_eval = time.perf_counter()
-    accuracy_before = accuracy(reference, *evaluate, providers) if evaluate is not None else None
-    t += time.perf_counter() - t_eval  # evaluation is timed as its own stage
+    accuracy_before = None
     if evaluate is not None:
+        t_eval = time.perf_counter()
+        accuracy_before = accuracy(reference, *evaluate, providers)
         seconds["evaluate"] = time.perf_counter() - t_eval
+        t += seconds["evaluate"]  # timed as its own stage, not as loading
     # counted on the prepared model, the same network with its shape arithmetic folded: shape
     # inference can lose the shapes behind a run-time Slice or Reshape of the original, and
     # layers of unknown shape count no MACs

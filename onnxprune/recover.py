@@ -241,7 +241,7 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
     seg = Segmenter(pruned, [names[wave[0]] for wave in waves])
     lives = [seg.live_at(cut) for cut in seg.cuts]
     live_sets = [set(live) for live in lives]
-    uses = _output_uses(original, names, keep, shapes,
+    uses = _output_uses(original, o_nodes, names, keep, shapes,
                         {names[k]: live_sets[step] for step, wave in enumerate(waves) for k in wave})
     # what each fit reads from the original is stored before the first is made: the patch fits
     # are made now (they hold no weights, and they draw the rows they are fitted against); the
@@ -441,8 +441,8 @@ class _OutputUse:
     relu: bool = False
 
 
-def _output_uses(original: onnx.ModelProto, names: Sequence[str], keep, shapes: Dict[str, Shape],
-                 live: Dict[str, set]) -> Dict[str, _OutputUse]:
+def _output_uses(original: onnx.ModelProto, o_nodes: Dict[str, onnx.NodeProto], names: Sequence[str], keep,
+                 shapes: Dict[str, Shape], live: Dict[str, set]) -> Dict[str, _OutputUse]:
     """Per layer to refit, what its fit matches. A residual block's last conv is fitted
     against the block's sum less the pruned model's skip tensor, so that it makes up for the
     error the skip path carries as well as its own; this needs the skip tensor from the run
@@ -451,7 +451,6 @@ def _output_uses(original: onnx.ModelProto, names: Sequence[str], keep, shapes: 
     read_by = readers(original.graph)
     outputs = {o.name for o in original.graph.output}
     constants = {t.name for t in original.graph.initializer}
-    by_name = {n.name: n for n in original.graph.node}
 
     def only_reader(tensor):  # the one node that reads ``tensor``, once (an Add(x, x) reads it twice)
         found = read_by.get(tensor, [])
@@ -463,7 +462,7 @@ def _output_uses(original: onnx.ModelProto, names: Sequence[str], keep, shapes: 
 
     uses = {}
     for name in names:
-        out = by_name[name].output[0]
+        out = o_nodes[name].output[0]
         use = _OutputUse(out)
         add = only_reader(out)
         if add is not None and add.op_type == "Add" and len(add.input) == 2:

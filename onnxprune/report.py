@@ -135,11 +135,11 @@ class Report:
         if self.accuracy_before is not None:
             add(f"{'accuracy':22}{self.accuracy_before:>14.2%}{self.accuracy_after:>14.2%}"
                 f"{(self.accuracy_before - self.accuracy_after) * 100:>9.2f}p  ({self.eval_samples} labelled samples)")
-            for label, other in (("  without the refit", self.accuracy_without_refit),
-                                 ("  rejected refit", self.accuracy_rejected_refit)):
+            # a rejected refit may be of other channels than those written (--no-recover's won)
+            for label, other, which in (("  without the refit", self.accuracy_without_refit, "the same channels"),
+                                        ("  rejected refit", self.accuracy_rejected_refit, "not written")):
                 if other is not None:
-                    add(f"{label:22}{'':14}{other:>14.2%}{(self.accuracy_before - other) * 100:>9.2f}p  "
-                        "(the same channels)")
+                    add(f"{label:22}{'':14}{other:>14.2%}{(self.accuracy_before - other) * 100:>9.2f}p  ({which})")
         add("")
         if self.latency:
             add(f"latency: median over fresh onnxruntime sessions on {self.provider.split(' (')[0]}, interleaved")

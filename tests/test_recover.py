@@ -698,8 +698,8 @@ def _refit_first_group(model, x, monkeypatch, plain: bool):
     from surgery import analysis_of
 
     if plain:
-        monkeypatch.setattr(recover, "_output_uses", lambda original, names, *args: {
-            n: recover._OutputUse(next(o.output[0] for o in original.graph.node if o.name == n)) for n in names})
+        monkeypatch.setattr(recover, "_output_uses", lambda original, o_nodes, names, *args: {
+            n: recover._OutputUse(o_nodes[n].output[0]) for n in names})
     opts = onnxprune.PruneOptions(flops=0.5)
     cal = load_calibration(x, input_spec(model, opts), opts)
     prepared, analysis = analysis_of(model)
