@@ -1,14 +1,14 @@
-"""What onnxruntime's CPU convolutions give back when a residual block's inner width is cut.
+"""What onnxruntime's CPU convolutions give back when a residual block's widths are cut.
 
     python bench/block_speed.py [--batch 32] [--repeat 3]
 
 Builds, for each stage of resnet20_fmnist (16 channels at 28x28, 32 at 14x14, 64 at 7x7), a
 chain of three basic blocks (conv3x3 C->M, ReLU, conv3x3 M->C, Add, ReLU) at several inner
-widths M, and times each against the full-width chain as the report does (onnxprune.latency:
-median over fresh interleaved sessions, thread spinning off; with --repeat N, the median of N
-such measurements). The chain's MACs fall in proportion to M / C; the table says how much of
-that becomes speed. Random weights: only the time matters. Writes
-bench/results/DATE-block-speed.md.
+widths M, and with the residual stream C cut too, and times each against the full-width chain
+as the report does (onnxprune.latency: median over fresh interleaved sessions, thread spinning
+off; with --repeat N, the median of N such measurements). The chain's MACs fall in proportion
+to C x M; the table says how much of that becomes speed. Random weights: only the time
+matters. Writes bench/results/DATE-block-speed.md.
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-STAGES = ((16, 28, (16, 12, 8, 4)), (32, 14, (32, 24, 16, 8)), (64, 7, (64, 48, 32, 16)))
+# (stream C, map size, cut (stream, inner) widths): the inner width alone, then the stream with it
+STAGES = ((16, 28, ((16, 12), (16, 8), (16, 4), (8, 16), (8, 8))),
+          (32, 14, ((32, 24), (32, 16), (32, 8), (16, 32), (16, 16))),
+          (64, 7, ((64, 48), (64, 32), (64, 16), (32, 64), (32, 32))))
 
 
 def block_chain(channels: int, inner: int, size: int, blocks: int = 3) -> onnx.ModelProto:
@@ -49,8 +52,24 @@ def block_chain(channels: int, inner: int, size: int, blocks: int = 3) -> onnx.M
     return model
 
 
-def main() -> None:
+def _sample(channels: int, size: int, batch: int) -> np.ndarray:
+    return np.random.default_rng(1).random((batch, channels, size, size), dtype=np.float32)
+
+
+def _timed_pair(full: onnx.ModelProto, cut: onnx.ModelProto, x_full: np.ndarray, x_cut: np.ndarray):
+    """(full ms, cut ms) measured as onnxprune.latency.measure does (median over fresh sessions,
+    interleaved), each model fed its own input: a cut stream has fewer input channels."""
     from onnxprune import latency
+    from onnxprune.runtime import make_session
+
+    per = {"full": [], "cut": []}
+    for _ in range(latency.SESSIONS):
+        for key, model, x in (("full", full, x_full), ("cut", cut, x_cut)):
+            per[key].append(latency.time_session(make_session(model, ["CPUExecutionProvider"], optimize=True), {"x": x}))
+    return 1000 * float(np.median(per["full"])), 1000 * float(np.median(per["cut"]))
+
+
+def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=32)
@@ -60,20 +79,21 @@ def main() -> None:
              f"Machine: {platform.machine()}, {os.cpu_count()} cores; onnxruntime "
              f"{__import__('onnxruntime').__version__}, CPU provider. Command: `python bench/block_speed.py "
              f"--batch {args.batch} --repeat {args.repeat}`", "",
-             f"Three basic blocks (conv3x3 C->M, ReLU, conv3x3 M->C, Add, ReLU) at batch {args.batch}; "
-             "the chain's MACs are M/C of the full chain's.", "",
-             "| C | map | M | MACs | ms full -> cut | speedup |", "| --- | --- | --- | --- | --- | --- |"]
-    for channels, size, inners in STAGES:
+             f"Three basic blocks (conv3x3 C->M, ReLU, conv3x3 M->C, Add, ReLU) at batch {args.batch}, "
+             "full width C = M against the stream and inner widths cut to C' and M'; the chain's MACs "
+             "are C'M' / C^2 of the full chain's.", "",
+             "| C | map | C' (stream) | M' (inner) | MACs | ms full -> cut | speedup |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for channels, size, cuts in STAGES:
         full = block_chain(channels, channels, size)
-        sample = np.random.default_rng(1).random((channels, size, size), dtype=np.float32)
-        for inner in inners[1:]:
-            cut = block_chain(channels, inner, size)
-            runs = [latency.measure(full, cut, "x", sample, [args.batch], ["CPUExecutionProvider"])[0]
+        for stream, inner in cuts:
+            cut = block_chain(stream, inner, size)
+            runs = [_timed_pair(full, cut, _sample(channels, size, args.batch), _sample(stream, size, args.batch))
                     for _ in range(args.repeat)]
-            before = float(np.median([r.before_ms for r in runs]))
-            after = float(np.median([r.after_ms for r in runs]))
-            lines.append(f"| {channels} | {size}x{size} | {inner} | {inner / channels:.2f} | {before:.3f} -> {after:.3f} | "
-                         f"{before / after:.2f}x |")
+            before = float(np.median([r[0] for r in runs]))
+            after = float(np.median([r[1] for r in runs]))
+            lines.append(f"| {channels} | {size}x{size} | {stream} | {inner} | {stream * inner / channels ** 2:.2f} | "
+                         f"{before:.3f} -> {after:.3f} | {before / after:.2f}x |")
             print(lines[-1], flush=True)
     path = os.path.join(HERE, "results", f"{datetime.date.today().isoformat()}-block-speed.md")
     with open(path, "w") as f:
