@@ -11,7 +11,10 @@ the model (activations, pooling, additions) is the measured latency of the
 whole model minus the layers' sum, and is held constant, so the target is met
 by the layers alone: conservative, since the rest shrinks with the channels too.
 Layers that cannot be rebuilt alone are costed at the median time per MAC of
-those that were timed.
+those that were timed. Identical layers at identical widths (a ResNet's blocks
+within a stage) are the same single-layer model and are timed once: timed
+separately, three such layers of resnet20_fmnist were priced 0.28 to 0.51 ms
+for the same cut, so the allocation chose among them by timing noise.
 
 :class:`LatencyModel` has the interface of :class:`onnxprune.allocate.MacModel`
 (``counts``, ``macs_of_counts``, ``macs``, ``per_player``), with costs in
@@ -20,6 +23,7 @@ nanoseconds, so the allocation runs on it unchanged.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -103,6 +107,7 @@ class LatencyModel(MacModel):
         self.layers = []  # (factor indices, interpolator or None, seconds at full width, MACs at full width, base)
         self.fallback_layers: List[str] = []
         timed_rates = []
+        timed = {}  # digest of a single-layer model (weights included) -> its seconds
         update = progress(len(analysis.mac_nodes)) if progress else (lambda n: None)
         for node, factors, base in zip(analysis.mac_nodes, self.factors, self.base):
             grids = [_grid(int(full[f]), bool(prunable[f]), round_to, min_keep, narrow_unit) for f in factors]
@@ -116,8 +121,11 @@ class LatencyModel(MacModel):
                     ok = False
                     break
                 layer, in_shape = made
-                table[idx] = _seconds(layer, {"x": np.random.default_rng(0).normal(size=in_shape).astype(np.float32)},
-                                      providers)
+                key = hashlib.sha256(layer.SerializeToString()).digest()
+                if key not in timed:
+                    timed[key] = _seconds(layer, {"x": np.random.default_rng(0).normal(size=in_shape).astype(np.float32)},
+                                          providers)
+                table[idx] = timed[key]
             if ok:
                 # a wider layer is never modelled as faster than a narrower one: between grid
                 # points of the same kernel family, differences the other way are timing noise

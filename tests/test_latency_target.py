@@ -134,3 +134,37 @@ def test_a_model_that_got_slower_reads_as_a_signed_change():
                             "steps": [(0.3, -0.12)]}
     text = report.format_text()
     assert "(+20.0%)" in text and "-30.0% -> +12.0%" in text and "--2" not in text and "--1" not in text
+
+
+def test_identical_layers_are_timed_once_and_priced_alike(monkeypatch):
+    """Blocks of the same shape rebuild as the same single-layer model: one timing prices them
+    all, so the allocation does not choose among them by timing noise."""
+    import onnxprune.latency_model as latency_model
+    from tiny import Builder
+
+    b = Builder()
+    x = b.relu(b.conv("input", 3, 8))
+    for _ in range(4):  # four 3x3 convs of 8 -> 8 channels on the same map
+        x = b.relu(b.conv(x, 8, 8))
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
+
+    timed = []
+    real = latency_model._seconds
+
+    def counted(layer, feed, providers):
+        timed.append(layer.SerializeToString())
+        return real(layer, feed, providers)
+
+    monkeypatch.setattr(latency_model, "_seconds", counted)
+    prepared, analysis = analysis_of(b.model(b.gemm(x, 8, 10), ["N", 10]))
+    providers, _ = choose_providers("cpu")
+    sample = np.zeros(tuple(d.dim_value for d in prepared.graph.input[0].type.tensor_type.shape.dim[1:]), np.float32)
+    model = LatencyModel(analysis, prepared, prepared.graph.input[0].name, sample, 2, providers, 4, 0.1,
+                         default_opset(prepared))
+    layer_timings = timed[:-1]  # the last timing is the whole model's
+    assert len(layer_timings) == len(set(layer_timings))
+    # the four 8 -> 8 convs (the stem reads 3 channels, the Gemm writes 10): one price for all
+    middle = [entry for node, entry in zip(analysis.mac_nodes, model.layers)
+              if node.op == "Conv" and node.inputs[1].values.shape == (8, 8, 3, 3)]
+    assert len(middle) == 4
+    assert len({entry[2] for entry in middle}) == 1
