@@ -70,7 +70,6 @@ def _timed_pair(full: onnx.ModelProto, cut: onnx.ModelProto, x_full: np.ndarray,
 
 
 def main() -> None:
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3)
