@@ -52,29 +52,18 @@ def block_chain(channels: int, inner: int, size: int, blocks: int = 3) -> onnx.M
     return model
 
 
-def _sample(channels: int, size: int, batch: int) -> np.ndarray:
-    return np.random.default_rng(1).random((batch, channels, size, size), dtype=np.float32)
-
-
-def _timed_pair(full: onnx.ModelProto, cut: onnx.ModelProto, x_full: np.ndarray, x_cut: np.ndarray):
-    """(full ms, cut ms) measured as onnxprune.latency.measure does (median over fresh sessions,
-    interleaved), each model fed its own input: a cut stream has fewer input channels."""
-    from onnxprune import latency
-    from onnxprune.runtime import make_session
-
-    per = {"full": [], "cut": []}
-    for _ in range(latency.SESSIONS):
-        for key, model, x in (("full", full, x_full), ("cut", cut, x_cut)):
-            per[key].append(latency.time_session(make_session(model, ["CPUExecutionProvider"], optimize=True), {"x": x}))
-    return 1000 * float(np.median(per["full"])), 1000 * float(np.median(per["cut"]))
+def _sample(channels: int, size: int) -> np.ndarray:
+    return np.random.default_rng(1).random((channels, size, size), dtype=np.float32)
 
 
 def main() -> None:
+    from onnxprune import latency
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
-    lines = [f"# Residual blocks at cut inner widths, {datetime.date.today().isoformat()}", "",
+    lines = [f"# Residual blocks at cut widths, {datetime.date.today().isoformat()}", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores; onnxruntime "
              f"{__import__('onnxruntime').__version__}, CPU provider. Command: `python bench/block_speed.py "
              f"--batch {args.batch} --repeat {args.repeat}`", "",
@@ -87,10 +76,11 @@ def main() -> None:
         full = block_chain(channels, channels, size)
         for stream, inner in cuts:
             cut = block_chain(stream, inner, size)
-            runs = [_timed_pair(full, cut, _sample(channels, size, args.batch), _sample(stream, size, args.batch))
-                    for _ in range(args.repeat)]
-            before = float(np.median([r[0] for r in runs]))
-            after = float(np.median([r[1] for r in runs]))
+            # a cut stream takes fewer input channels: each chain gets its own sample
+            runs = [latency.measure(full, cut, "x", _sample(channels, size), [args.batch], ["CPUExecutionProvider"],
+                                    after_sample=_sample(stream, size))[0] for _ in range(args.repeat)]
+            before = float(np.median([r.before_ms for r in runs]))
+            after = float(np.median([r.after_ms for r in runs]))
             lines.append(f"| {channels} | {size}x{size} | {stream} | {inner} | {stream * inner / channels ** 2:.2f} | "
                          f"{before:.3f} -> {after:.3f} | {before / after:.2f}x |")
             print(lines[-1], flush=True)

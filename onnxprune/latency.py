@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import onnx
@@ -48,14 +48,16 @@ def time_session(sess, feed: dict, min_runs: int = MIN_RUNS, max_runs: int = MAX
 
 
 def measure(before: onnx.ModelProto, after: onnx.ModelProto, input_name: str, sample: np.ndarray,
-            batches: List[int], providers: List[str]) -> List[Latency]:
-    """``sample``: one input (without the batch axis), repeated to each batch size."""
+            batches: List[int], providers: List[str], after_sample: Optional[np.ndarray] = None) -> List[Latency]:
+    """``sample``: one input (without the batch axis), repeated to each batch size; fed to both
+    models, or to ``before`` only where ``after`` takes another shape (``after_sample``)."""
     out = []
     for batch in batches:
-        feed = {input_name: np.ascontiguousarray(np.repeat(sample[None], batch, axis=0))}
+        feeds = {key: {input_name: np.ascontiguousarray(np.repeat(x[None], batch, axis=0))}
+                 for key, x in (("before", sample), ("after", sample if after_sample is None else after_sample))}
         per: Dict[str, List[float]] = {"before": [], "after": []}
         for _ in range(SESSIONS):
             for key, model in (("before", before), ("after", after)):
-                per[key].append(time_session(make_session(model, providers, optimize=True), feed))
+                per[key].append(time_session(make_session(model, providers, optimize=True), feeds[key]))
         out.append(Latency(batch, 1000 * float(np.median(per["before"])), 1000 * float(np.median(per["after"]))))
     return out

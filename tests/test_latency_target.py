@@ -168,3 +168,22 @@ def test_identical_layers_are_timed_once_and_priced_alike(monkeypatch):
               if node.op == "Conv" and node.inputs[1].values.shape == (8, 8, 3, 3)]
     assert len(middle) == 4
     assert len({entry[2] for entry in middle}) == 1
+
+
+def test_latency_is_measured_between_models_of_different_input_widths():
+    """``after_sample``: the model after takes another input shape (a chain whose input channels
+    were cut, timed against the whole one); each model is fed its own sample."""
+    from onnxprune import latency
+    from tiny import Builder
+
+    def chain(channels):
+        b = Builder(channels=channels)
+        return b.model(b.relu(b.conv("input", channels, 8)))
+
+    whole, cut = chain(8), chain(4)
+    sample = np.zeros((8, 8, 8), np.float32)
+    with pytest.raises(Exception):  # one sample for both cannot feed the narrower input
+        latency.measure(whole, cut, "input", sample, [2], ["CPUExecutionProvider"])
+    (timed,) = latency.measure(whole, cut, "input", sample, [2], ["CPUExecutionProvider"],
+                               after_sample=np.zeros((4, 8, 8), np.float32))
+    assert timed.batch == 2 and timed.before_ms > 0 and timed.after_ms > 0

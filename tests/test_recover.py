@@ -220,10 +220,12 @@ def test_sliced_refit_channels_are_written_when_they_beat_no_recover(monkeypatch
 
 
 def _test_digits(n):
+    """The first ``n`` of mnist_cnn's shipped test digits, read as --eval reads them."""
     import os
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    test = np.load(os.path.join(root, "models", "mnist_cnn_test.npz"))
-    return test["x"][:n].astype(np.float32), test["y"][:n].astype(np.int64)
+
+    from onnxprune.api import load_labelled
+    x, y = load_labelled(os.path.join(os.path.dirname(_shipped("mnist_cnn")[0]), "mnist_cnn_test.npz"))
+    return x[:n].astype(np.float32), y[:n].astype(np.int64)
 
 
 def test_eval_gives_the_accuracy_of_the_same_channels_without_the_refit(monkeypatch):
