@@ -15,7 +15,7 @@ from . import weights
 from .allocate import Allocation, allocate
 from .analyse import Analysis, analyse
 from .calibrate import ChannelStats, collect_stats
-from .data import CalibrationSet, input_spec, load_calibration
+from .data import CalibrationSet, as_samples, input_spec, load_calibration
 from .errors import InputError, TargetError, UsageError
 from .flops import count_macs, count_params
 from . import latency
@@ -288,6 +288,7 @@ def _begin(model, calib, opts: PruneOptions, evaluate, progress, log, store: wei
     # the original's accuracy first: labels the model cannot score fail before any work
     accuracy_before = None
     if evaluate is not None:
+        evaluate = (as_samples(evaluate[0], spec, "'x' of the labelled data"), evaluate[1])
         t_eval = time.perf_counter()
         accuracy_before = accuracy(reference, *evaluate, providers)
         seconds["evaluate"] = time.perf_counter() - t_eval

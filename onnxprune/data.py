@@ -390,12 +390,25 @@ def _array_labels(path: str, cal: CalibrationSet) -> np.ndarray:
     return (y[cal.rows] if cal.rows is not None else y[:len(cal.array)]).astype(np.int64)
 
 
-def _from_array(array: np.ndarray, spec: InputSpec, opts: PruneOptions, what: str) -> CalibrationSet:
+def as_samples(array: np.ndarray, spec: InputSpec, what: str) -> np.ndarray:
+    """``array`` as a batch of the model's input: as given when it is one; one sample given
+    without its batch axis; or, for a single-channel input, images given without their
+    channel axis ((N, H, W) for an (N, 1, H, W) input), as grey image arrays often come."""
     expected = tuple(int(d) for d in spec.shape[1:])
-    if array.ndim == len(expected):
-        array = array[None]
-    if tuple(array.shape[1:]) != expected:
-        raise InputError(f"{what} has shape {tuple(array.shape)}; the model expects (N, {', '.join(map(str, expected))})")
+    given = tuple(array.shape)
+    if given[1:] == expected:
+        return array
+    if given == expected:
+        return array[None]
+    if spec.channels == 1 and len(given) == len(expected):
+        channel = len(expected) - 1 if spec.channels_last else 0
+        if given[1:] == expected[:channel] + expected[channel + 1:]:
+            return np.expand_dims(array, channel + 1)
+    raise InputError(f"{what} has shape {given}; the model expects (N, {', '.join(map(str, expected))})")
+
+
+def _from_array(array: np.ndarray, spec: InputSpec, opts: PruneOptions, what: str) -> CalibrationSet:
+    array = as_samples(array, spec, what)
     if not np.issubdtype(array.dtype, np.floating) and np.issubdtype(spec.dtype, np.floating):
         raise InputError(f"{what} has dtype {array.dtype}; expected preprocessed floating-point tensors")
     if len(array) == 0:

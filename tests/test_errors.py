@@ -87,9 +87,49 @@ def test_undecodable_image(work, capsys):
     _expect_error(work, capsys, _prune_args(work, calib=work / "imgs"), 3, ["cannot decode image", "b.png"])
 
 
-def test_tensors_of_wrong_shape(work, capsys):
-    np.save(work / "x.npy", np.zeros((8, 3, 32, 32), np.float32))
-    _expect_error(work, capsys, _prune_args(work, calib=work / "x.npy"), 3, ["shape", "(N, 1, 28, 28)"])
+@pytest.mark.parametrize("shape", [(8, 3, 32, 32), (8, 32, 32), (8, 3, 28, 28), (28, 28)])
+def test_tensors_of_wrong_shape(work, capsys, shape):
+    """The message gives the shape of the array as the user saved it, not a reshaped one."""
+    np.save(work / "x.npy", np.zeros(shape, np.float32))
+    _expect_error(work, capsys, _prune_args(work, calib=work / "x.npy"), 3,
+                  [f"has shape {shape}; the model expects (N, 1, 28, 28)"])
+
+
+def test_grey_images_without_their_channel_axis_are_taken(tmp_path):
+    """(N, 28, 28) for an (N, 1, 28, 28) input: grey image arrays often come without the channel
+    axis; calibration and --eval take them as the same images with it."""
+    from onnxprune.api import load_labelled
+    data = np.load(EVAL)
+    x, y = data["x"][:200], data["y"][:200]
+    np.savez(tmp_path / "eval3.npz", x=x[:, 0], y=y)
+    opts = onnxprune.PruneOptions(flops=0.3, latency=False)
+    with_axis = onnxprune.prune(MODEL, x[:64], opts, evaluate=(x, y))
+    without = onnxprune.prune(MODEL, x[:64, 0], opts, evaluate=load_labelled(str(tmp_path / "eval3.npz")))
+    assert without.report.calibration_images == with_axis.report.calibration_images == 64
+    assert without.report.accuracy_before == with_axis.report.accuracy_before
+    assert without.report.accuracy_after == with_axis.report.accuracy_after
+    assert without.report.flops_reduction == with_axis.report.flops_reduction
+
+
+@pytest.mark.parametrize("declared,channels_last,given,taken", [
+    ((None, 1, 28, 28), False, (5, 28, 28), (5, 1, 28, 28)),
+    ((None, 28, 28, 1), True, (5, 28, 28), (5, 28, 28, 1)),
+    ((None, 1, 28, 28), False, (1, 28, 28), (1, 1, 28, 28)),  # one sample without its batch axis
+    ((None, 3, 28, 28), False, (3, 28, 28), (1, 3, 28, 28)),
+])
+def test_arrays_are_taken_as_batches_of_the_input(declared, channels_last, given, taken):
+    from onnxprune.data import InputSpec, as_samples
+    spec = InputSpec("input", declared, channels_last, np.dtype(np.float32))
+    assert as_samples(np.zeros(given, np.float32), spec, "x").shape == taken
+    with pytest.raises(onnxprune.InputError, match=r"has shape \(5, 28, 29\)"):
+        as_samples(np.zeros((5, 28, 29), np.float32), spec, "x")
+
+
+def test_eval_inputs_of_wrong_shape_are_refused_with_their_shape(work, capsys):
+    data = np.load(EVAL)
+    np.savez(work / "eval.npz", x=np.zeros((20, 3, 28, 28), np.float32), y=data["y"][:20])
+    _expect_error(work, capsys, _prune_args(work) + ["--eval", str(work / "eval.npz"), "--no-latency"], 3,
+                  ["'x' of the labelled data has shape (20, 3, 28, 28); the model expects (N, 1, 28, 28)"])
 
 
 def test_integer_tensors(work, capsys):
