@@ -196,7 +196,7 @@ class PatchFit:
         self.keep_out = np.flatnonzero(keep_out)
         self.gram = self.rhs = None  # made at the first batch: a fit waits for its turn holding nothing
         self.relu_steps = relu_steps
-        self.kept: list = []  # (rows, pre-activation target, skip) per batch, for the ReLU steps
+        self.kept: list = []  # (rows, the original pre-activation, skip) per batch, for the ReLU steps
 
     def positions(self, images: int, positions: int) -> Optional[np.ndarray]:
         """The output positions to fit at, ``rows_per_image`` random ones of each image's
@@ -254,7 +254,9 @@ class PatchFit:
             self.gram += a.T @ a
             self.rhs += a.T @ target
         if self.relu_steps:
-            self.kept.append((a, np.asarray(target, dtype=np.float32), skip))
+            target = np.asarray(target, dtype=np.float32)
+            # what the Relu sees in the original (the sum, where there is a skip): the same at every step
+            self.kept.append((a, target if skip is None else target + skip, skip))
 
     def solve(self, ridge: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
         if self.gram is None:
@@ -282,11 +284,11 @@ class PatchFit:
             shift = np.zeros_like(self.rhs)  # A^T (new target - target)
             with blas_threads_for(2 * rows * len(sol) * sol.shape[1]):
                 w = sol.astype(np.float32)
-                for a, target, skip in self.kept:
-                    u = a @ w  # the layer's output; the Relu sees u + skip against target + skip
-                    s = 0.0 if skip is None else skip
-                    y = target + s
-                    shift += a.T @ np.where(y > 0, 0.0, np.minimum(u + s, 0.0) - y)
+                for a, y, skip in self.kept:
+                    u = a @ w  # the layer's output; the Relu sees u + skip against y
+                    if skip is not None:
+                        u += skip
+                    shift += a.T @ np.where(y > 0, 0.0, np.minimum(u, 0.0) - y)
             step = _solve_with(factor, self.rhs + shift)
             if step is None:
                 break
