@@ -201,7 +201,7 @@ def test_statistics_reduced_inside_onnxruntime_match_numpys(monkeypatch, fixed_b
 def test_sampled_statistics_inside_onnxruntime_keep_exact_means(monkeypatch):
     import onnxprune.calibrate as calibrate
     monkeypatch.setattr(calibrate, "GRAM_MIN_SAMPLES", 64)  # force sampling of a 28x28 map
-    monkeypatch.setattr(calibrate, "GRAM_SAMPLES_PER_CHANNEL", 16)  # 512 of each batch's 7840 pixels
+    monkeypatch.setattr(calibrate, "GRAM_SAMPLES_PER_CHANNEL", 32)  # 1024 of the 15680 pixels, 512 a batch
     model = onnx.load(GREY_MODEL)
     x = np.random.default_rng(3).random((20, 1, 28, 28), dtype=np.float32)
     opts = PruneOptions(flops=0.5, batch_size=10, holdout=0.0)
@@ -217,6 +217,31 @@ def test_sampled_statistics_inside_onnxruntime_keep_exact_means(monkeypatch):
     cov = np.cov(out.transpose(1, 0, 2, 3).reshape(out.shape[1], -1))
     # about a thousand samples: within a tenth of the largest entry
     np.testing.assert_allclose(s.covariance(), cov, rtol=0, atol=0.1 * np.abs(cov).max())
+
+
+@pytest.mark.parametrize("in_graph", [False, True])
+def test_second_moments_take_the_same_share_of_samples_whatever_the_batch_size(monkeypatch, in_graph):
+    """The Gram's sample is a budget over the whole calibration, spread over its batches: smaller
+    batches do not buy more samples (and cost), nor larger ones fewer."""
+    import onnxprune.calibrate as calibrate
+    monkeypatch.setattr(calibrate, "GRAM_MIN_SAMPLES", 64)
+    monkeypatch.setattr(calibrate, "GRAM_SAMPLES_PER_CHANNEL", 32)  # 1024 of the 39200 pixels of 50 images
+    monkeypatch.setattr(calibrate, "REDUCE_IN_GRAPH_WORK", 0 if in_graph else 2 ** 62)
+    model = onnx.load(GREY_MODEL)
+    x = np.random.default_rng(4).random((50, 1, 28, 28), dtype=np.float32)
+    from onnxprune.prepare import prepare
+    prepared, _ = prepare(model)
+    first = next(n for n in prepared.graph.node if n.op_type == "Conv")
+    channels = onnxruntime_output(prepared, first.output[0], x[:1]).shape[1]
+    counts = []
+    for batch in (5, 10, 25):
+        opts = PruneOptions(flops=0.5, batch_size=batch, holdout=0.0)
+        cal = load_calibration(x, input_spec(model, opts), opts)
+        s = calibrate.collect_stats(prepared, {first.output[0]: 1}, cal, cal.fit, ["CPUExecutionProvider"])
+        counts.append(s[first.output[0]].gram_count)
+    budget = 32 * channels
+    # each batch rounds its share up (in the graph: to whole positions per image)
+    assert all(budget <= c <= budget + 50 * 28 for c in counts), (budget, counts)
 
 
 def onnxruntime_output(model, name, x):
