@@ -185,6 +185,15 @@ def _shared_cell(row, base) -> str:
     return f"{sliced:.2f} -> {rec:.2f} ({share})"
 
 
+def _config_cells(rows, c, a, rec, ratios, cell):
+    """One configuration's cells, ``cell(row)`` per ratio, after its method, criterion and allocation."""
+    cells = []
+    for q in ratios:
+        hit = [r for r in rows if (r["criterion"], r["allocation"], r["recover"], r["ratio"]) == (c, a, rec, q)]
+        cells.append(cell(hit[0]) if hit else "n/a")
+    return f"{'bottleneck' if c == 'gates' else 'snpfi'} | {c} | {a} | ", " | ".join(cells)
+
+
 def table(results) -> str:
     lines = []
     for name, (base, plain, rows) in results.items():
@@ -195,12 +204,8 @@ def table(results) -> str:
         lines.append("| --- | --- | --- | --- | " + " | ".join("---" for _ in ratios) + " |")
         keys = list(dict.fromkeys((r["criterion"], r["allocation"], r["recover"]) for r in rows))
         for c, a, rec in keys:
-            cells = []
-            for q in ratios:
-                hit = [r for r in rows if (r["criterion"], r["allocation"], r["recover"], r["ratio"]) == (c, a, rec, q)]
-                cells.append(_cell(hit[0]) if hit else "n/a")
-            method = "bottleneck" if c == "gates" else "snpfi"
-            lines.append(f"| {method} | {c} | {a} | {'on' if rec else 'off'} | " + " | ".join(cells) + " |")
+            config, cells = _config_cells(rows, c, a, rec, ratios, _cell)
+            lines.append(f"| {config}{'on' if rec else 'off'} | {cells} |")
         lines.append("")
         shared = [r for r in rows if r["recover"] and r.get("accuracy_sliced") is not None]
         if shared:
@@ -210,14 +215,9 @@ def table(results) -> str:
             lines.append("| method | criterion | allocation | " + " | ".join(f"R={q}" for q in ratios) + " |")
             lines.append("| --- | --- | --- | " + " | ".join("---" for _ in ratios) + " |")
             for c, a, rec in keys:
-                if not rec:
-                    continue
-                cells = []
-                for q in ratios:
-                    hit = [r for r in shared if (r["criterion"], r["allocation"], r["ratio"]) == (c, a, q)]
-                    cells.append(_shared_cell(hit[0], base) if hit else "n/a")
-                method = "bottleneck" if c == "gates" else "snpfi"
-                lines.append(f"| {method} | {c} | {a} | " + " | ".join(cells) + " |")
+                if rec:
+                    config, cells = _config_cells(shared, c, a, rec, ratios, lambda r: _shared_cell(r, base))
+                    lines.append(f"| {config}{cells} |")
             lines.append("")
         timed = [r for r in rows if r["criterion"] == "snpfi" and r["allocation"] == "auto"]
         if timed:

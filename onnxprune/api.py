@@ -492,7 +492,7 @@ def _at_target(run: _Run, opts: PruneOptions, progress, first: bool) -> PruneRes
                 report.accuracy_without_refit = other
         report.eval_samples = len(y)
         seconds["evaluate"] = seconds.pop("evaluate", 0.0) + time.perf_counter() - t  # listed last
-    unwritten = None
+    unwritten = None  # a second pruned model: not held through the latency measurement
     if opts.latency:
         t = time.perf_counter()
         batches = [cal.spec.fixed_batch] if cal.spec.fixed_batch else sorted({1, opts.latency_batch})

@@ -51,10 +51,13 @@ def measure(before: onnx.ModelProto, after: onnx.ModelProto, input_name: str, sa
             batches: List[int], providers: List[str], after_sample: Optional[np.ndarray] = None) -> List[Latency]:
     """``sample``: one input (without the batch axis), repeated to each batch size; fed to both
     models, or to ``before`` only where ``after`` takes another shape (``after_sample``)."""
+    def batched(x, batch):
+        return {input_name: np.ascontiguousarray(np.repeat(x[None], batch, axis=0))}
+
     out = []
     for batch in batches:
-        feeds = {key: {input_name: np.ascontiguousarray(np.repeat(x[None], batch, axis=0))}
-                 for key, x in (("before", sample), ("after", sample if after_sample is None else after_sample))}
+        feeds = {"before": batched(sample, batch)}  # one copy for both models where they take the same
+        feeds["after"] = feeds["before"] if after_sample is None else batched(after_sample, batch)
         per: Dict[str, List[float]] = {"before": [], "after": []}
         for _ in range(SESSIONS):
             for key, model in (("before", before), ("after", after)):
