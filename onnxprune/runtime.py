@@ -138,8 +138,15 @@ def make_session(model: onnx.ModelProto, providers: Sequence[str], threads: int 
         if store is not None and store.lean and not optimize:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             opts.add_session_config_entry("session.disable_prepacking", "1")
-            for (name, _), value in zip(arrays, values):
-                opts.add_initializer(name, value)
+            if providers[0] == "CUDAExecutionProvider":
+                # the CUDA provider reads weights (a Gemm's, at least) while it partitions the
+                # graph, before initializers handed over in place are bound, and failed on the
+                # stubs (an H100 machine, onnxruntime-gpu 1.31): it gets them as in-memory
+                # external data, which onnxruntime copies (peak 2.9x the weights, not 2x)
+                opts.add_external_initializers([name for name, _ in arrays], values)
+            else:
+                for (name, _), value in zip(arrays, values):
+                    opts.add_initializer(name, value)
         else:
             opts.add_external_initializers([name for name, _ in arrays], values)
     try:
