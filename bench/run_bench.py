@@ -81,7 +81,29 @@ def accuracy(model, x, y) -> float:
     return verify_accuracy(onnx.load(model) if isinstance(model, str) else model, x, y, ["CPUExecutionProvider"])
 
 
-def plain_pass_seconds(model_path: str, calib, repeats: int = 3, batch_size: int = 32) -> float:
+def machine_text(device: str = "cpu") -> str:
+    """The machine a benchmark ran on, in words: the CPU's model and cores, and the GPU where
+    ``device`` is cuda (timings from machines of different kinds are not to be compared)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    text = f"{cpu}, {os.cpu_count()} cores"
+    if device == "cuda":
+        import subprocess
+        try:
+            gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            gpu = ""
+        text += f", GPU {gpu or 'unnamed (nvidia-smi did not answer)'}"
+    return text
+
+
+def plain_pass_seconds(model_path: str, calib, repeats: int = 3, batch_size: int = 32,
+                       providers=("CPUExecutionProvider",)) -> float:
     """One onnxruntime pass over the same calibration images the conversion uses, in batches of
     ``batch_size``, in a warm session: the fastest of ``repeats`` passes after one warm-up batch. (A session's
     first pass was 4-25% slower on the 28x28 models, which flattered every ratio against it.)"""
@@ -92,7 +114,7 @@ def plain_pass_seconds(model_path: str, calib, repeats: int = 3, batch_size: int
     spec = input_spec(onnx.load(model_path, load_external_data=False), opts)
     cal = load_calibration(calib, spec, opts)
     everything = np.arange(len(cal))
-    sess = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model_path, providers=list(providers))
     sess.run(None, {cal.spec.name: next(cal.batches(everything))})
     best = float("inf")
     for _ in range(repeats):

@@ -6,7 +6,7 @@ script times the same stages on ImageNet-sized torchvision networks (224x224, ra
 weights and random inputs: the costs, not the accuracy, are the point):
 
     python bench/scale_cost.py --export     # in a venv with torch + torchvision: writes the ONNX files
-    python bench/scale_cost.py [--images 256] [--ratio 0.5]   # onnxprune's venv: times them
+    python bench/scale_cost.py [--images 256] [--ratio 0.5] [--device cpu|cuda]   # onnxprune's venv: times them
 
 (The committed results used files exported with torch 2.15.0 and torchvision 0.29.2,
 the TorchScript exporter, opset 17.) Models go to ``$ONNXPRUNE_BENCH/scale`` (default ``~/.cache/onnxprune-bench/scale``).
@@ -17,8 +17,10 @@ recovery), each stage as a multiple of the plain pass. Then the same from a fold
 JPEGs, as users pass calibration data: ``--images`` synthetic 500x375 photos (the median
 ImageNet size; smooth colour fields plus noise, quality 90, seeded), where a plain pass
 decodes, resizes and crops every image (run_bench.plain_pass_seconds: onnxprune's own
-loader, a fresh one per pass) and runs it at the batch size found fastest above. Writes
-bench/results/DATE-scale-cost.md.
+loader, a fresh one per pass) and runs it at the batch size found fastest above. --device cuda
+runs the plain passes and the conversions on onnxruntime's CUDA provider (the default is the CPU
+provider whatever the machine has). Writes bench/results/DATE-scale-cost.md (DATE-scale-cost-cuda.md
+with --device cuda).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 import time
 
@@ -69,7 +70,7 @@ def write_jpegs(folder: str, images: int) -> None:
         Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i:04d}.jpg"), quality=90)
 
 
-def measure(images: int, ratio: float) -> None:
+def measure(images: int, ratio: float, device: str = "cpu") -> None:
     import tempfile
 
     import numpy as np
@@ -77,7 +78,10 @@ def measure(images: int, ratio: float) -> None:
 
     sys.path.insert(0, os.path.dirname(HERE))
     import onnxprune
-    from run_bench import plain_pass_seconds  # decodes in every timed pass: a fresh set each
+    from onnxprune.runtime import choose_providers
+    from run_bench import machine_text, plain_pass_seconds  # decodes in every timed pass: a fresh set each
+
+    providers, provider_text = choose_providers(device)
 
     rows = []
     jpegs = tempfile.TemporaryDirectory(prefix="onnxprune-scale-")
@@ -85,7 +89,7 @@ def measure(images: int, ratio: float) -> None:
     for name in MODELS:
         path = model_path(name)
         cal = np.random.default_rng(0).random((images, 3, 224, 224), dtype=np.float32)
-        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(path, providers=providers)
         sess.run(None, {"x": cal[:32]})  # warm
         passes = {}
         for _ in range(2):
@@ -99,24 +103,26 @@ def measure(images: int, ratio: float) -> None:
         del sess
         for recover in (False, True):
             start = time.perf_counter()
-            r = onnxprune.prune(path, cal, onnxprune.PruneOptions(flops=ratio, recover=recover, latency=False))
+            r = onnxprune.prune(path, cal, onnxprune.PruneOptions(flops=ratio, recover=recover, latency=False,
+                                                                  device=device))
             wall = time.perf_counter() - start
             s = r.report.seconds
             rows.append(_row(name, "random array", recover, plain, batch, s, wall, r.report.flops_reduction))
-        plain = plain_pass_seconds(path, jpegs.name, repeats=2, batch_size=batch)
+        plain = plain_pass_seconds(path, jpegs.name, repeats=2, batch_size=batch, providers=providers)
         for recover in (False, True):
             start = time.perf_counter()
-            r = onnxprune.prune(path, jpegs.name, onnxprune.PruneOptions(flops=ratio, recover=recover, latency=False))
+            r = onnxprune.prune(path, jpegs.name, onnxprune.PruneOptions(flops=ratio, recover=recover, latency=False,
+                                                                         device=device))
             wall = time.perf_counter() - start
             rows.append(_row(name, f"{images} JPEGs", recover, plain, batch, r.report.seconds, wall,
                              r.report.flops_reduction))
     jpegs.cleanup()
     stamp = datetime.date.today().isoformat()
-    out = os.path.join(HERE, "results", f"{stamp}-scale-cost.md")
+    out = os.path.join(HERE, "results", f"{stamp}-scale-cost{'-cuda' if device == 'cuda' else ''}.md")
     with open(out, "w") as f:
-        f.write(f"# Conversion cost at 224x224, {stamp}\n\nMachine: {platform.machine()}, {os.cpu_count()} cores; "
-                f"onnxruntime {ort.__version__}, CPU provider. Command: `python bench/scale_cost.py --images "
-                f"{images} --ratio {ratio}` (torchvision networks, random weights: costs only; inputs a random array, then a folder of synthetic JPEGs decoded by every pass).\n\n"
+        f.write(f"# Conversion cost at 224x224, {stamp}\n\nMachine: {machine_text(device)}; "
+                f"onnxruntime {ort.__version__}, {provider_text}. Command: `python bench/scale_cost.py --images "
+                f"{images} --ratio {ratio}{' --device cuda' if device == 'cuda' else ''}` (torchvision networks, random weights: costs only; inputs a random array, then a folder of synthetic JPEGs decoded by every pass).\n\n"
                 "| model | calibration input | recovery | plain pass | calibrate + score | refit | verify | whole conversion | FLOPs |\n"
                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n" + "\n".join(rows) + "\n")
     print(f"wrote {out}")
@@ -136,11 +142,12 @@ def main():
     p.add_argument("--export", action="store_true", help="write the ONNX files (needs torch and torchvision)")
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = p.parse_args()
     if args.export:
         export()
     else:
-        measure(args.images, args.ratio)
+        measure(args.images, args.ratio, args.device)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Measured onnxruntime CPU speed of pruned models against --round-to, to choose its default.
+"""Measured onnxruntime speed of pruned models against --round-to, to choose its default.
 
     python bench/speed.py [--models ...] [--ratio 0.5] [--round-to 1,4,8,16] [--latency-aware]
                           [--latency-target R] [--plan GROUP=N,...] [--repeat 1] [--name speed]
+                          [--device cpu|cuda]
 
 For every model and rounding: the pruned model's FLOPs reduction, accuracy on the full
 test split and latency before/after at each of --batches (median over fresh interleaved
@@ -12,7 +13,9 @@ share of measured latency at batch 32 to remove; 0.375 asks for 1.6x). --plan re
 allocation by a plan written by hand, to time channel counts the allocation did not choose:
 each GROUP=N keeps N channels (the best-ranked) of every group whose name, as the report
 prints it, contains GROUP; every other group stays whole, and the FLOPs removed are what the
-plan gives, not the target. Writes bench/results/DATE-NAME.md.
+plan gives, not the target. --device cuda prunes (calibration included) and times on the CUDA
+provider; the default is the CPU provider whatever the machine has. Writes
+bench/results/DATE-NAME.md.
 """
 
 from __future__ import annotations
@@ -21,17 +24,17 @@ import argparse
 import contextlib
 import datetime
 import os
-import platform
 
 import numpy as np
 import onnxruntime as ort
 
-from run_bench import HERE, MODELS, accuracy
+from run_bench import HERE, MODELS, accuracy, machine_text
 
 import onnxprune  # noqa: E402  (run_bench put the repository on sys.path)
+from onnxprune.runtime import choose_providers  # noqa: E402
 
 
-def _median_latency(model_path, result, calib, repeat, batches):
+def _median_latency(model_path, result, calib, repeat, batches, providers):
     """Per batch size, the median over ``repeat`` measurements like the report's."""
     import onnx
     from onnxprune import latency
@@ -41,7 +44,7 @@ def _median_latency(model_path, result, calib, repeat, batches):
     opts = onnxprune.PruneOptions(flops=0.5)
     cal = load_calibration(calib, input_spec(original, opts), opts)
     sample = next(cal.batches(cal.fit[:1]))[0]
-    runs = [latency.measure(original, result.model, cal.spec.name, sample, batches, ["CPUExecutionProvider"])
+    runs = [latency.measure(original, result.model, cal.spec.name, sample, batches, providers)
             for _ in range(max(1, repeat))]
     out = []
     for i, batch in enumerate(batches):
@@ -100,9 +103,11 @@ def main():
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--batches", default="1,32", help="batch sizes timed")
     p.add_argument("--name", default="speed")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    providers, provider_text = choose_providers(args.device)
     lines = ["| model | round-to | target | FLOPs removed | accuracy (base) | " +
              " | ".join(f"batch {b} ms before -> after | speedup" for b in batches) + " |",
              "| --- | --- | --- | --- | --- | " + " | ".join("--- | ---" for _ in batches) + " |"]
@@ -114,9 +119,10 @@ def main():
                 target = (dict(latency_target=args.latency_target) if args.latency_target
                           else dict(flops=args.ratio, latency_aware=aware))
                 with _forced_plan(_parse_plan(args.plan)) if args.plan else contextlib.nullcontext():
-                    r = onnxprune.prune(model_path, calib, onnxprune.PruneOptions(round_to=rt, latency=False, **target))
+                    r = onnxprune.prune(model_path, calib, onnxprune.PruneOptions(round_to=rt, latency=False,
+                                                                                 device=args.device, **target))
                 acc = accuracy(r.model, x, y)
-                timed = _median_latency(model_path, r, calib, args.repeat, batches)
+                timed = _median_latency(model_path, r, calib, args.repeat, batches, providers)
                 priced = (f"--latency {args.latency_target}" if args.latency_target else
                           f"--flops {args.ratio}" + (", steps priced by latency" if aware else ""))
                 if args.plan:
@@ -129,16 +135,16 @@ def main():
                 print(row, flush=True)
                 lines.append(row)
     stamp = datetime.date.today().isoformat()
-    machine = f"{platform.machine()}, {os.cpu_count()} cores"
+    machine = machine_text(args.device)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{stamp}-{args.name}.md")
     with open(path, "w") as f:
-        f.write(f"# Speed against --round-to, {stamp}\n\nMachine: {machine}; onnxruntime {ort.__version__}, CPU "
-                f"provider. Command: `python bench/speed.py --models {args.models} --ratio {args.ratio} "
+        f.write(f"# Speed against --round-to, {stamp}\n\nMachine: {machine}; onnxruntime {ort.__version__}, "
+                f"{provider_text}. Command: `python bench/speed.py --models {args.models} --ratio {args.ratio} "
                 f"--round-to {args.round_to}{' --latency-aware' if args.latency_aware else ''}"
                 f"{f' --latency-target {args.latency_target}' if args.latency_target else ''}"
                 f"{f' --plan {args.plan}' if args.plan else ''} --repeat {args.repeat} "
-                f"--batches {args.batches}`"
+                f"--batches {args.batches}{' --device cuda' if args.device == 'cuda' else ''}`"
                 "\n\n" + "\n".join(lines) + "\n")
     print(f"wrote {path}")
 
