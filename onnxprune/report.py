@@ -142,7 +142,11 @@ class Report:
                     add(f"{label:22}{'':14}{other:>14.2%}{(self.accuracy_before - other) * 100:>9.2f}p  ({which})")
         add("")
         if self.latency:
-            add(f"latency: median over fresh onnxruntime sessions on {self.provider.split(' (')[0]}, interleaved")
+            where = self.provider.split(' (')[0]
+            # on a GPU a run fed NumPy arrays copies them there and back, and at small sizes
+            # that is much of the time pruning cannot shorten: say what was timed
+            copies = "; each run copies its input to the GPU and output back" if "CUDA" in self.provider else ""
+            add(f"latency: median over fresh onnxruntime sessions on {where}, interleaved{copies}")
         if self.gates:
             add(f"learned bottleneck: {self.gates['steps']} steps, soft FLOPs {self.gates['soft_flops_ratio']:.1%} "
                 f"of the original, {self.gates['binary_share']:.0%} of gates below 0.1 or above 0.9")

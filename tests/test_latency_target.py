@@ -136,6 +136,24 @@ def test_a_model_that_got_slower_reads_as_a_signed_change():
     assert "(+20.0%)" in text and "-30.0% -> +12.0%" in text and "--2" not in text and "--1" not in text
 
 
+def test_the_summary_says_a_gpu_latency_includes_the_copies():
+    """On the CUDA provider the timed runs are fed NumPy arrays, so each copies its input to the
+    GPU and its output back; at small sizes that is much of the time, and the summary says so."""
+    from onnxprune.report import Report
+
+    def summary(provider):
+        report = Report(provider=provider)
+        report.macs_before, report.macs_after = 100, 50
+        report.fidelity_images, report.fidelity_relative_error = 10, 0.05
+        report.latency = [{"batch": 1, "before_ms": 1.0, "after_ms": 0.9}, {"batch": 32, "before_ms": 4.0, "after_ms": 3.0}]
+        return report.format_text()
+
+    gpu = summary("CUDA GPU (onnxruntime CUDAExecutionProvider)")
+    assert "sessions on CUDA GPU, interleaved; each run copies its input to the GPU and output back" in gpu
+    cpu = summary("CPU (onnxruntime CPUExecutionProvider)")
+    assert "sessions on CPU, interleaved" in cpu and "GPU" not in cpu
+
+
 def test_identical_layers_are_timed_once_and_priced_alike(monkeypatch):
     """Blocks of the same shape rebuild as the same single-layer model: one timing prices them
     all, so the allocation does not choose among them by timing noise."""
