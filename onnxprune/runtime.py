@@ -154,6 +154,9 @@ def make_session(model: onnx.ModelProto, providers: Sequence[str], threads: int 
                                     providers=_with_options(providers, optimize))
     except Exception as e:  # the model, not us: an IR version, op or type onnxruntime does not have
         text = ort_message(e)
+        if _says_out_of_memory(text):  # the weights, on a GPU smaller than the model needs
+            where = " on the GPU: use --device cpu" if providers[0] == "CUDAExecutionProvider" else ""
+            raise InputError(f"out of memory loading the model into onnxruntime{where}") from e
         if ours:  # a graph onnxprune made from one onnxruntime already ran: the fault is ours
             raise InternalError(f"onnxruntime cannot load a model onnxprune made (nothing written): {text}") from e
         if "is not a registered function/op" in text:
@@ -229,11 +232,23 @@ def run_feeds(sess: ort.InferenceSession, feeds: dict, outputs: Optional[List[st
         raise InputError(f"onnxruntime failed to run the model: {text}") from e
 
 
+# How onnxruntime says it ran out of memory: its arena and the C++ runtime on the host, the
+# CUDA provider's calls in two spellings, the CUDA driver (lower case compared)
+_OUT_OF_MEMORY = ("failed to allocate", "bad_alloc", "out of memory", "cudaerrormemoryallocation",
+                  "cuda_error_out_of_memory")
+
+
+def _says_out_of_memory(text: str) -> bool:
+    low = text.lower()
+    return any(words in low for words in _OUT_OF_MEMORY)
+
+
 def out_of_memory(error: BaseException, text: str, batch_size: Optional[int] = None) -> None:
     """Raise the out-of-memory InputError if onnxruntime's ``error`` (its message ``text``) says so."""
-    if "Failed to allocate" in text or "bad_alloc" in text:
+    if _says_out_of_memory(text):
         of = f" of {batch_size}" if batch_size is not None else ""
-        raise InputError(f"out of memory running a batch{of}: lower --batch-size") from error
+        gpu = " or use --device cpu" if "cuda" in text.lower() else ""
+        raise InputError(f"out of memory running a batch{of}: lower --batch-size{gpu}") from error
 
 
 def run(sess: ort.InferenceSession, input_name: str, batch: np.ndarray, outputs: Optional[List[str]] = None) -> List[np.ndarray]:

@@ -426,20 +426,36 @@ def test_cuda_asked_for_without_a_gpu(work, capsys):
     _expect_error(work, capsys, _prune_args(work) + ["--device", "cuda"], 2, ["--device cuda", "no usable CUDA GPU"])
 
 
-def test_a_batch_that_does_not_fit_says_what_to_do(work, capsys, monkeypatch):
+@pytest.mark.parametrize("message, advice", [
+    ("Failed to allocate memory for requested buffer of size 1073741824", "lower --batch-size"),
+    # the CUDA provider's own words: the GPU's memory, which the CPU provider does not share
+    ("CUDA failure 2: out of memory ; GPU=0 ; expr=cudaMalloc((void**)&p, size);",
+     "lower --batch-size or use --device cpu"),
+    ("CUDA error cudaErrorMemoryAllocation:out of memory", "lower --batch-size or use --device cpu"),
+])
+def test_a_batch_that_does_not_fit_says_what_to_do(work, capsys, monkeypatch, message, advice):
     import onnxruntime as ort
 
     real = ort.InferenceSession.run
 
     def out_of_memory(self, *args, **kwargs):
         if len(self.get_outputs()) > 1:  # the calibration session, with intermediate tensors exposed
-            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for "
-                               "requested buffer of size 1073741824")
+            raise RuntimeError(f"[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : {message}")
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(ort.InferenceSession, "run", out_of_memory)
     _expect_error(work, capsys, _prune_args(work) + ["--batch-size", "64"], 3,
-                  ["out of memory running a batch of 64", "lower --batch-size"])
+                  ["out of memory running a batch of 64", advice])
+
+
+def test_a_model_that_does_not_fit_in_memory_says_so(work, capsys, monkeypatch):
+    import onnxruntime as ort
+
+    def no_memory(self, *args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : CUDA failure 2: out of memory ; GPU=0")
+
+    monkeypatch.setattr(ort.InferenceSession, "__init__", no_memory)
+    _expect_error(work, capsys, _prune_args(work), 3, ["out of memory loading the model into onnxruntime"])
 
 
 def test_output_that_is_a_folder(work, capsys):
