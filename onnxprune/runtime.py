@@ -69,12 +69,48 @@ def _cuda_usable() -> bool:
     return True
 
 
+_CUDA_STARTS: Optional[bool] = None
+
+
+def _cuda_starts() -> bool:
+    """Whether onnxruntime's CUDA provider starts, tried once per process on a one-node model.
+
+    A GPU and its driver are not enough: the provider also needs the CUDA and cuDNN libraries
+    of the major version onnxruntime-gpu was built for, and without them onnxruntime quietly
+    runs on the CPU alone."""
+    global _CUDA_STARTS
+    if _CUDA_STARTS is None:
+        x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+        y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+        graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+        probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+        probe.ir_version = 8
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        ort.set_default_logger_severity(4)  # its failure to load the provider is our one line to say
+        try:
+            sess = ort.InferenceSession(probe.SerializeToString(), sess_options=opts,
+                                        providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+            _CUDA_STARTS = sess.get_providers()[0] == "CUDAExecutionProvider"
+        except Exception:  # onnxruntime's own error types: any failure means no CUDA here
+            _CUDA_STARTS = False
+        finally:
+            ort.set_default_logger_severity(3)
+    return _CUDA_STARTS
+
+
 def choose_providers(device: str) -> Tuple[List[str], str]:
     """Providers for ``device`` (auto|cpu|cuda) and a one-line description."""
     if device == "cpu":
         return ["CPUExecutionProvider"], "CPU (onnxruntime CPUExecutionProvider)"
     if _cuda_usable():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"], "CUDA GPU (onnxruntime CUDAExecutionProvider)"
+        if _cuda_starts():
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"], "CUDA GPU (onnxruntime CUDAExecutionProvider)"
+        if device == "cuda":
+            raise UsageError("--device cuda: onnxruntime's CUDA provider did not start (are the CUDA and cuDNN "
+                             "libraries onnxruntime-gpu was built for installed?); use --device cpu")
+        return ["CPUExecutionProvider"], ("CPU (onnxruntime CPUExecutionProvider; a GPU is present but "
+                                          "onnxruntime's CUDA provider did not start)")
     if device == "cuda":
         raise UsageError("--device cuda: no usable CUDA GPU found by onnxruntime")
     return ["CPUExecutionProvider"], "CPU (onnxruntime CPUExecutionProvider; no GPU found)"

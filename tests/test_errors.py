@@ -426,6 +426,30 @@ def test_cuda_asked_for_without_a_gpu(work, capsys):
     _expect_error(work, capsys, _prune_args(work) + ["--device", "cuda"], 2, ["--device cuda", "no usable CUDA GPU"])
 
 
+def test_a_gpu_whose_cuda_provider_does_not_start(work, capsys, monkeypatch):
+    """A GPU and its driver without the CUDA libraries onnxruntime-gpu needs: --device cuda is
+    refused before any work, and the default runs on the CPU and says why."""
+    from onnxprune import runtime
+
+    monkeypatch.setattr(runtime, "_cuda_usable", lambda: True)
+    monkeypatch.setattr(runtime, "_CUDA_STARTS", False)
+    _expect_error(work, capsys, _prune_args(work) + ["--device", "cuda"], 2,
+                  ["--device cuda", "CUDA provider did not start", "--device cpu"])
+    result = onnxprune.prune(str(work / "in.onnx"), CALIB, onnxprune.PruneOptions(flops=0.4, latency=False,
+                                                                                  max_images=16))
+    assert result.report.provider.startswith("CPU (") and "CUDA provider did not start" in result.report.provider
+
+
+def test_the_cuda_probe_is_silent_where_cuda_does_not_start(capfd, monkeypatch):
+    # onnxruntime logs its failure to load the CUDA provider on stderr; the probe keeps it quiet
+    from onnxprune import runtime
+
+    monkeypatch.setattr(runtime, "_CUDA_STARTS", None)
+    if runtime._cuda_starts():
+        pytest.skip("onnxruntime's CUDA provider starts here")
+    assert capfd.readouterr().err == ""
+
+
 @pytest.mark.parametrize("message, advice", [
     ("Failed to allocate memory for requested buffer of size 1073741824", "lower --batch-size"),
     # the CUDA provider's own words: the GPU's memory, which the CPU provider does not share
