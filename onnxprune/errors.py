@@ -23,6 +23,10 @@ class InputError(PruneError):
     exit_code = 3
 
 
+class OutOfMemory(InputError):
+    """onnxruntime ran out of memory: the user's to mend (a smaller batch, another device)."""
+
+
 class TargetError(PruneError):
     """The requested reduction cannot be reached on this model."""
 

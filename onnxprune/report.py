@@ -145,7 +145,7 @@ class Report:
             where = self.provider.split(' (')[0]
             # on a GPU a run fed NumPy arrays copies them there and back, and at small sizes
             # that is much of the time pruning cannot shorten: say what was timed
-            copies = "; each run copies its input to the GPU and output back" if "CUDA" in self.provider else ""
+            copies = "; each run copies its input to the GPU and output back" if where.startswith("CUDA") else ""
             add(f"latency: median over fresh onnxruntime sessions on {where}, interleaved{copies}")
         if self.gates:
             add(f"learned bottleneck: {self.gates['steps']} steps, soft FLOPs {self.gates['soft_flops_ratio']:.1%} "

@@ -14,7 +14,7 @@ import onnxruntime as ort
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from . import weights
-from .errors import InputError, InternalError, UsageError
+from .errors import InputError, InternalError, OutOfMemory, UsageError
 
 ort.set_default_logger_severity(3)  # provider fallbacks are reported by us, in one line
 
@@ -89,7 +89,7 @@ def _cuda_starts() -> bool:
         opts.log_severity_level = 4
         ort.set_default_logger_severity(4)  # its failure to load the provider is our one line to say
         try:
-            sess = ort.InferenceSession(probe.SerializeToString(), sess_options=opts,
+            sess = ort.InferenceSession(probe.SerializeToString(), sess_options=opts, enable_fallback=0,
                                         providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
             _CUDA_STARTS = sess.get_providers()[0] == "CUDAExecutionProvider"
         except Exception:  # onnxruntime's own error types: any failure means no CUDA here
@@ -186,13 +186,15 @@ def make_session(model: onnx.ModelProto, providers: Sequence[str], threads: int 
         else:
             opts.add_external_initializers([name for name, _ in arrays], values)
     try:
-        sess = ort.InferenceSession(model.SerializeToString(), sess_options=opts,
+        # no fallback: onnxruntime would print a block of text on stdout and retry on the CPU,
+        # where its error is ours to say in one line
+        sess = ort.InferenceSession(model.SerializeToString(), sess_options=opts, enable_fallback=0,
                                     providers=_with_options(providers, optimize))
     except Exception as e:  # the model, not us: an IR version, op or type onnxruntime does not have
         text = ort_message(e)
         if _says_out_of_memory(text):  # the weights, on a GPU smaller than the model needs
             where = " on the GPU: use --device cpu" if providers[0] == "CUDAExecutionProvider" else ""
-            raise InputError(f"out of memory loading the model into onnxruntime{where}") from e
+            raise OutOfMemory(f"out of memory loading the model into onnxruntime{where}") from e
         if ours:  # a graph onnxprune made from one onnxruntime already ran: the fault is ours
             raise InternalError(f"onnxruntime cannot load a model onnxprune made (nothing written): {text}") from e
         if "is not a registered function/op" in text:
@@ -262,7 +264,7 @@ def run_feeds(sess: ort.InferenceSession, feeds: dict, outputs: Optional[List[st
         return sess.run(outputs, feeds)
     except Exception as e:  # onnxruntime raises its own exception types per failure
         text = ort_message(e)
-        out_of_memory(e, text, batch_size)
+        out_of_memory(e, text, batch_size, on_gpu(sess))
         if getattr(sess, "_onnxprune_ours", False):
             raise InternalError(f"onnxruntime failed to run a model onnxprune made (nothing written): {text}") from e
         raise InputError(f"onnxruntime failed to run the model: {text}") from e
@@ -279,12 +281,19 @@ def _says_out_of_memory(text: str) -> bool:
     return any(words in low for words in _OUT_OF_MEMORY)
 
 
-def out_of_memory(error: BaseException, text: str, batch_size: Optional[int] = None) -> None:
-    """Raise the out-of-memory InputError if onnxruntime's ``error`` (its message ``text``) says so."""
+def on_gpu(sess: ort.InferenceSession) -> bool:
+    """Whether ``sess`` runs on onnxruntime's CUDA provider."""
+    return sess.get_providers()[0] == "CUDAExecutionProvider"
+
+
+def out_of_memory(error: BaseException, text: str, batch_size: Optional[int] = None, gpu: bool = False) -> None:
+    """Raise OutOfMemory if onnxruntime's ``error`` (its message ``text``) says it ran out; ``gpu``:
+    the session ran on the CUDA provider, whose arena reports a failed cudaMalloc as 'Failed to
+    allocate', without naming the GPU."""
     if _says_out_of_memory(text):
         of = f" of {batch_size}" if batch_size is not None else ""
-        gpu = " or use --device cpu" if "cuda" in text.lower() else ""
-        raise InputError(f"out of memory running a batch{of}: lower --batch-size{gpu}") from error
+        other = " or use --device cpu" if gpu or "cuda" in text.lower() else ""
+        raise OutOfMemory(f"out of memory running a batch{of}: lower --batch-size{other}") from error
 
 
 def run(sess: ort.InferenceSession, input_name: str, batch: np.ndarray, outputs: Optional[List[str]] = None) -> List[np.ndarray]:

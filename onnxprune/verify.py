@@ -10,9 +10,9 @@ import onnx
 
 from . import weights
 from .data import CalibrationSet, pad_batch
-from .errors import InputError, InternalError
+from .errors import InputError, InternalError, OutOfMemory
 from .progress import Progress, silent
-from .runtime import expose, make_session, ort_message, out_of_memory, run
+from .runtime import expose, make_session, on_gpu, ort_message, out_of_memory, run
 from .segments import real_rows, rows_seen
 
 
@@ -49,10 +49,11 @@ def check_outputs(original: onnx.ModelProto, outs_old: Sequence[np.ndarray], out
 def _session_checked(model: onnx.ModelProto, providers: List[str]):
     try:
         return make_session(model, providers)
+    except OutOfMemory:  # the user's to mend, not a fault of the pruned model
+        raise
     except Exception as e:
         cause = e.__cause__ or e  # onnxruntime's own error, under make_session's InputError
         text = ort_message(cause)
-        out_of_memory(cause, text)  # the user's to mend, not a fault of the pruned model
         raise InternalError(f"onnxruntime cannot load the pruned model (nothing written): {text}") from e
 
 
@@ -61,7 +62,7 @@ def _run_checked(sess, input_name: str, batch: np.ndarray, names: Optional[List[
         return sess.run(names, {input_name: batch})
     except Exception as e:
         text = ort_message(e)
-        out_of_memory(e, text, len(batch))
+        out_of_memory(e, text, len(batch), on_gpu(sess))
         raise InternalError(f"onnxruntime cannot run the pruned model (nothing written): {text}") from e
 
 

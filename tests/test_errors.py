@@ -447,17 +447,20 @@ def test_the_cuda_probe_is_silent_where_cuda_does_not_start(capfd, monkeypatch):
     monkeypatch.setattr(runtime, "_CUDA_STARTS", None)
     if runtime._cuda_starts():
         pytest.skip("onnxruntime's CUDA provider starts here")
-    assert capfd.readouterr().err == ""
+    assert capfd.readouterr() == ("", "")  # nor its fallback's block of text on stdout
 
 
-@pytest.mark.parametrize("message, advice", [
-    ("Failed to allocate memory for requested buffer of size 1073741824", "lower --batch-size"),
-    # the CUDA provider's own words: the GPU's memory, which the CPU provider does not share
-    ("CUDA failure 2: out of memory ; GPU=0 ; expr=cudaMalloc((void**)&p, size);",
+@pytest.mark.parametrize("message, gpu, advice", [
+    ("Failed to allocate memory for requested buffer of size 1073741824", False, "lower --batch-size"),
+    # the CUDA provider's arena reports a failed cudaMalloc in the same words: the session says
+    # where it ran, and on a GPU the CPU's memory is the other way out
+    ("Failed to allocate memory for requested buffer of size 1073741824", True,
      "lower --batch-size or use --device cpu"),
-    ("CUDA error cudaErrorMemoryAllocation:out of memory", "lower --batch-size or use --device cpu"),
+    ("CUDA failure 2: out of memory ; GPU=0 ; expr=cudaMalloc((void**)&p, size);", False,
+     "lower --batch-size or use --device cpu"),
+    ("CUDA error cudaErrorMemoryAllocation:out of memory", False, "lower --batch-size or use --device cpu"),
 ])
-def test_a_batch_that_does_not_fit_says_what_to_do(work, capsys, monkeypatch, message, advice):
+def test_a_batch_that_does_not_fit_says_what_to_do(work, capsys, monkeypatch, message, gpu, advice):
     import onnxruntime as ort
 
     real = ort.InferenceSession.run
@@ -468,18 +471,30 @@ def test_a_batch_that_does_not_fit_says_what_to_do(work, capsys, monkeypatch, me
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(ort.InferenceSession, "run", out_of_memory)
+    if gpu:
+        monkeypatch.setattr(ort.InferenceSession, "get_providers",
+                            lambda self: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     _expect_error(work, capsys, _prune_args(work) + ["--batch-size", "64"], 3,
                   ["out of memory running a batch of 64", advice])
+    if "--device cpu" not in advice:
+        assert "--device cpu" not in capsys.readouterr().err
 
 
-def test_a_model_that_does_not_fit_in_memory_says_so(work, capsys, monkeypatch):
+@pytest.mark.parametrize("gpu", [False, True])
+def test_a_model_that_does_not_fit_in_memory_says_so(work, capsys, monkeypatch, gpu):
     import onnxruntime as ort
 
-    def no_memory(self, *args, **kwargs):
-        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : CUDA failure 2: out of memory ; GPU=0")
+    from onnxprune import runtime
 
+    def no_memory(self, *args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested "
+                           "buffer of size 1073741824")
+
+    monkeypatch.setattr(runtime, "_cuda_usable", lambda: gpu)
+    monkeypatch.setattr(runtime, "_CUDA_STARTS", gpu)  # the probe's answer, so that it does not run
     monkeypatch.setattr(ort.InferenceSession, "__init__", no_memory)
-    _expect_error(work, capsys, _prune_args(work), 3, ["out of memory loading the model into onnxruntime"])
+    words = ["out of memory loading the model into onnxruntime"] + (["on the GPU: use --device cpu"] if gpu else [])
+    _expect_error(work, capsys, _prune_args(work), 3, words)
 
 
 def test_output_that_is_a_folder(work, capsys):
