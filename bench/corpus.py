@@ -52,6 +52,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))  # the exactness helpers of the 
 
 import onnxprune  # noqa: E402
 from onnxprune.api import analyze  # noqa: E402
+from run_bench import cpu_name as _cpu_name  # noqa: E402
 from surgery import (analysis_of, kill_players, outputs, prune_players, rel_error,  # noqa: E402
                      spare_one_per_layer, unuse_players)
 
@@ -526,17 +527,6 @@ def _git_rev() -> str:
         return f"commit {rev}" + (" (onnxprune/ modified)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown commit"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def main(argv=None) -> int:

@@ -7,7 +7,7 @@ The networks are bench/scale_cost.py's (torchvision, random weights, exported wi
 --export): latency, not accuracy, is the point. Each is pruned by --ratio of its FLOPs at
 each rounding with the local payoff and no recovery (the channel counts are what is timed),
 from 64 random images, then timed as the report times it (median over fresh interleaved
-sessions) at each of --batches. Prints a markdown table.
+sessions) at each of --batches. Prints the machine, the commit and a markdown table.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -26,6 +27,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 import onnxprune  # noqa: E402
 from onnxprune import latency  # noqa: E402
 from onnxprune.runtime import choose_providers  # noqa: E402
+from corpus import _git_rev  # noqa: E402
+from run_bench import machine_text  # noqa: E402
 from scale_cost import model_path  # noqa: E402
 
 
@@ -37,9 +40,10 @@ def main():
     p.add_argument("--batches", default="1,32,128")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = p.parse_args()
-    providers, _ = choose_providers(args.device)
+    providers, provider_text = choose_providers(args.device)
     batches = [int(b) for b in args.batches.split(",")]
     cal = np.random.default_rng(0).random((64, 3, 224, 224), dtype=np.float32)
+    print(f"Machine: {machine_text(args.device)}; onnxruntime {ort.__version__}, {provider_text}; {_git_rev()}\n")
     print("| model | round-to | FLOPs removed | " + " | ".join(f"batch {b} ms before -> after | speedup" for b in batches)
           + " | conversion |")
     print("| --- | --- | --- | " + " | ".join("--- | ---" for _ in batches) + " | --- |")

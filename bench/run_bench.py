@@ -81,16 +81,22 @@ def accuracy(model, x, y) -> float:
     return verify_accuracy(onnx.load(model) if isinstance(model, str) else model, x, y, ["CPUExecutionProvider"])
 
 
+def cpu_name() -> str:
+    """The CPU's model name, as Linux gives it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def machine_text(device: str = "cpu") -> str:
     """The machine a benchmark ran on, in words: the CPU's model and cores, and the GPU where
     ``device`` is cuda (timings from machines of different kinds are not to be compared)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    text = f"{cpu}, {os.cpu_count()} cores"
+    text = f"{cpu_name()}, {os.cpu_count()} cores"
     if device == "cuda":
         import subprocess
         try:
