@@ -195,6 +195,8 @@ def make_session(model: onnx.ModelProto, providers: Sequence[str], threads: int 
         if _says_out_of_memory(text):  # the weights, on a GPU smaller than the model needs
             where = " on the GPU: use --device cpu" if providers[0] == "CUDAExecutionProvider" else ""
             raise OutOfMemory(f"out of memory loading the model into onnxruntime{where}") from e
+        if providers[0] == "CUDAExecutionProvider":  # with no fallback, the GPU's failures land here too
+            text += " (on the CUDA provider: --device cpu may load it)"
         if ours:  # a graph onnxprune made from one onnxruntime already ran: the fault is ours
             raise InternalError(f"onnxruntime cannot load a model onnxprune made (nothing written): {text}") from e
         if "is not a registered function/op" in text:
@@ -265,6 +267,8 @@ def run_feeds(sess: ort.InferenceSession, feeds: dict, outputs: Optional[List[st
     except Exception as e:  # onnxruntime raises its own exception types per failure
         text = ort_message(e)
         out_of_memory(e, text, batch_size, on_gpu(sess))
+        if on_gpu(sess):
+            text += " (on the CUDA provider: --device cpu may run it)"
         if getattr(sess, "_onnxprune_ours", False):
             raise InternalError(f"onnxruntime failed to run a model onnxprune made (nothing written): {text}") from e
         raise InputError(f"onnxruntime failed to run the model: {text}") from e

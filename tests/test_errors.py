@@ -440,6 +440,35 @@ def test_a_gpu_whose_cuda_provider_does_not_start(work, capsys, monkeypatch):
     assert result.report.provider.startswith("CPU (") and "CUDA provider did not start" in result.report.provider
 
 
+@pytest.mark.parametrize("stage", ["load", "run"])
+def test_a_failure_on_the_gpu_points_to_the_cpu(work, capsys, monkeypatch, stage):
+    """With onnxruntime's own fallback off, the CUDA provider's failures are ours to say, and
+    the CPU provider is the way round them."""
+    import onnxruntime as ort
+
+    from onnxprune import runtime
+
+    monkeypatch.setattr(runtime, "_cuda_usable", lambda: True)
+    monkeypatch.setattr(runtime, "_CUDA_STARTS", True)
+    real_init = ort.InferenceSession.__init__
+
+    def on_cpu_instead(self, *args, **kwargs):  # no GPU here: build on the CPU, fail like the GPU would
+        if stage == "load":
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : CUDNN failure 4: CUDNN_STATUS_INTERNAL_ERROR")
+        kwargs["providers"] = ["CPUExecutionProvider"]
+        real_init(self, *args, **kwargs)
+
+    def fails(self, *args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : CUDA error cudaErrorLaunchFailure:unspecified launch failure")
+
+    monkeypatch.setattr(ort.InferenceSession, "__init__", on_cpu_instead)
+    monkeypatch.setattr(ort.InferenceSession, "get_providers", lambda self: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort.InferenceSession, "run", fails)
+    words = ["cannot load the model", "CUDNN_STATUS_INTERNAL_ERROR"] if stage == "load" else [
+        "failed to run the model", "cudaErrorLaunchFailure"]
+    _expect_error(work, capsys, _prune_args(work), 3, words + ["(on the CUDA provider: --device cpu may"])
+
+
 def test_the_cuda_probe_is_silent_where_cuda_does_not_start(capfd, monkeypatch):
     # onnxruntime logs its failure to load the CUDA provider on stderr; the probe keeps it quiet
     from onnxprune import runtime
