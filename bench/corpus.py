@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))  # the exactness helpers of the 
 
 import onnxprune  # noqa: E402
 from onnxprune.api import analyze  # noqa: E402
-from run_bench import cpu_name as _cpu_name  # noqa: E402
+from run_bench import cpu_name as _cpu_name, git_rev as _git_rev  # noqa: E402
 from surgery import (analysis_of, kill_players, outputs, prune_players, rel_error,  # noqa: E402
                      spare_one_per_layer, unuse_players)
 
@@ -514,19 +514,6 @@ def _stages(rows: List[Row]) -> List[str]:
 def _tail(tb: str, n: int) -> List[str]:
     lines = tb.rstrip().splitlines()
     return lines if len(lines) <= n else ["..."] + lines[-n:]
-
-
-def _git_rev() -> str:
-    import subprocess
-
-    try:
-        rev = subprocess.run(["git", "-C", ROOT, "log", "-1", "--format=%h %s"], capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "onnxprune"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return f"commit {rev}" + (" (onnxprune/ modified)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown commit"
 
 
 def main(argv=None) -> int:

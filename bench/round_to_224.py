@@ -27,8 +27,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import onnxprune  # noqa: E402
 from onnxprune import latency  # noqa: E402
 from onnxprune.runtime import choose_providers  # noqa: E402
-from corpus import _git_rev  # noqa: E402
-from run_bench import machine_text  # noqa: E402
+from run_bench import git_rev, machine_text  # noqa: E402
 from scale_cost import model_path  # noqa: E402
 
 
@@ -43,7 +42,7 @@ def main():
     providers, provider_text = choose_providers(args.device)
     batches = [int(b) for b in args.batches.split(",")]
     cal = np.random.default_rng(0).random((64, 3, 224, 224), dtype=np.float32)
-    print(f"Machine: {machine_text(args.device)}; onnxruntime {ort.__version__}, {provider_text}; {_git_rev()}\n")
+    print(f"Machine: {machine_text(args.device)}; onnxruntime {ort.__version__}, {provider_text}; {git_rev()}\n")
     print("| model | round-to | FLOPs removed | " + " | ".join(f"batch {b} ms before -> after | speedup" for b in batches)
           + " | conversion |")
     print("| --- | --- | --- | " + " | ".join("--- | ---" for _ in batches) + " | --- |")

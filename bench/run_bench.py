@@ -93,6 +93,20 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
+def git_rev() -> str:
+    """The commit benchmarked, and whether onnxprune/ differs from it."""
+    import subprocess
+
+    try:
+        rev = subprocess.run(["git", "-C", ROOT, "log", "-1", "--format=%h %s"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "onnxprune"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return f"commit {rev}" + (" (onnxprune/ modified)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown commit"
+
+
 def machine_text(device: str = "cpu") -> str:
     """The machine a benchmark ran on, in words: the CPU's model and cores, and the GPU where
     ``device`` is cuda (timings from machines of different kinds are not to be compared)."""

@@ -91,7 +91,7 @@ def _cuda_starts() -> bool:
         try:
             sess = ort.InferenceSession(probe.SerializeToString(), sess_options=opts, enable_fallback=0,
                                         providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-            _CUDA_STARTS = sess.get_providers()[0] == "CUDAExecutionProvider"
+            _CUDA_STARTS = on_gpu(sess)
         except Exception:  # onnxruntime's own error types: any failure means no CUDA here
             _CUDA_STARTS = False
         finally:
@@ -165,6 +165,7 @@ def make_session(model: onnx.ModelProto, providers: Sequence[str], threads: int 
         opts.intra_op_num_threads = threads
     values = []
     store = weights.active()
+    cuda = bool(providers) and providers[0] == "CUDAExecutionProvider"
     if weights.has_stubs(model):
         arrays = weights.session_arrays(model)
         values = [ort.OrtValue.ortvalue_from_numpy(a) for _, a in arrays]
@@ -174,7 +175,7 @@ def make_session(model: onnx.ModelProto, providers: Sequence[str], threads: int 
         if store is not None and store.lean and not optimize:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             opts.add_session_config_entry("session.disable_prepacking", "1")
-            if providers[0] == "CUDAExecutionProvider":
+            if cuda:
                 # the CUDA provider reads weights (a Gemm's, at least) while it partitions the
                 # graph, before initializers handed over in place are bound, and failed on the
                 # stubs (an H100 machine, onnxruntime-gpu 1.31): it gets them as in-memory
@@ -193,9 +194,9 @@ def make_session(model: onnx.ModelProto, providers: Sequence[str], threads: int 
     except Exception as e:  # the model, not us: an IR version, op or type onnxruntime does not have
         text = ort_message(e)
         if _says_out_of_memory(text):  # the weights, on a GPU smaller than the model needs
-            where = " on the GPU: use --device cpu" if providers[0] == "CUDAExecutionProvider" else ""
+            where = " on the GPU: use --device cpu" if cuda else ""
             raise OutOfMemory(f"out of memory loading the model into onnxruntime{where}") from e
-        if providers[0] == "CUDAExecutionProvider":  # with no fallback, the GPU's failures land here too
+        if cuda:  # with no fallback, the GPU's failures land here too
             text += " (on the CUDA provider: --device cpu may load it)"
         if ours:  # a graph onnxprune made from one onnxruntime already ran: the fault is ours
             raise InternalError(f"onnxruntime cannot load a model onnxprune made (nothing written): {text}") from e
@@ -205,7 +206,7 @@ def make_session(model: onnx.ModelProto, providers: Sequence[str], threads: int 
     # onnxruntime reads these arrays for as long as the session lives, without holding them
     sess._onnxprune_initializers = values
     sess._onnxprune_ours = ours
-    if providers[0] == "CUDAExecutionProvider" and sess.get_providers()[0] != "CUDAExecutionProvider":
+    if cuda and not on_gpu(sess):
         # the CUDA libraries failed to load after all: say so rather than pretend
         raise UsageError("onnxruntime could not start its CUDA provider; use --device cpu")
     return sess
@@ -266,8 +267,9 @@ def run_feeds(sess: ort.InferenceSession, feeds: dict, outputs: Optional[List[st
         return sess.run(outputs, feeds)
     except Exception as e:  # onnxruntime raises its own exception types per failure
         text = ort_message(e)
-        out_of_memory(e, text, batch_size, on_gpu(sess))
-        if on_gpu(sess):
+        gpu = on_gpu(sess)
+        out_of_memory(e, text, batch_size, gpu)
+        if gpu:
             text += " (on the CUDA provider: --device cpu may run it)"
         if getattr(sess, "_onnxprune_ours", False):
             raise InternalError(f"onnxruntime failed to run a model onnxprune made (nothing written): {text}") from e
@@ -281,8 +283,7 @@ _OUT_OF_MEMORY = ("failed to allocate", "bad_alloc", "out of memory", "cudaerror
 
 
 def _says_out_of_memory(text: str) -> bool:
-    low = text.lower()
-    return any(words in low for words in _OUT_OF_MEMORY)
+    return any(words in text.lower() for words in _OUT_OF_MEMORY)
 
 
 def on_gpu(sess: ort.InferenceSession) -> bool:
