@@ -25,10 +25,10 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 import numpy as np
 import onnx
 
-from .data import CalibrationSet
+from .data import CalibrationSet, pad_batch
 from .errors import InputError
 from .progress import Progress, silent
-from .runtime import Overlapped, blas_single_thread, make_session, run_feeds
+from .runtime import Overlapped, blas_single_thread, keeps_shapes, make_session, run_feeds
 
 FULL_GRAM_LIMIT = 4096
 # Over the whole calibration, not per batch: per batch (64 per channel, before), the smaller the
@@ -326,10 +326,13 @@ def collect_stats(model: onnx.ModelProto, tensors: Dict[str, int], cal: Calibrat
         _add_maps(stats, raw, [values[n] for n in graph.raw], real, batch)
         _add_reduced(stats, graph, values, real)
 
+    # the in-graph reductions sum over the batch: a padded image would count in them
+    steady = min(cal.batch_size, len(indices)) if keeps_shapes(sess) and not graph.plan else 0
     # a batch's statistics are taken while onnxruntime runs the next one
     with progress(label, len(indices)) as update, blas_single_thread(), Overlapped() as behind:
         for b, batch in enumerate(cal.batches(indices)):
             real = cal.real_count(b, indices)
+            batch = pad_batch(batch, steady)
             feeds = dict(graph.feeds(b, len(batch), real), **{cal.spec.name: batch})
             values = dict(zip(wanted, run_feeds(sess, feeds, wanted, len(batch))))
             behind.submit(accumulate, values, real, len(batch))

@@ -37,7 +37,7 @@ from .ops import rule_for
 from .ops.conv import grouping
 from .progress import Progress, silent
 from .refit import MIN_ROWS, PATCH_LIMIT, ROWS_PER_UNKNOWN, ChannelFit, PatchFit
-from .runtime import blas_single_thread, expose, make_session, run_feeds
+from .runtime import blas_single_thread, expose, keeps_shapes, make_session, run_feeds
 from .segments import Frontier, MemoryBudget, Segmenter, image_rows, real_rows, rows_per_image
 from .shapes import Shape
 
@@ -280,17 +280,20 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                 capture = (_Capture(original, o_nodes, patch_fits, set(channel_weights), targets, providers, shapes,
                                     bool(cal.spec.fixed_batch), rows, uses) if step == 0 else None)
                 new = Frontier(folder, budget)
+                # a fixed-batch model's runs, and every run on the CUDA provider (runtime.keeps_shapes),
+                # take whole batches: the last one padded
+                steady = bs if cal.spec.fixed_batch else (min(bs, n) if keeps_shapes(sess) else 0)
                 for b0 in range(0, n, bs):
                     real = min(bs, n - b0)
-                    images = bs if cal.spec.fixed_batch else real  # in this batch's runs
+                    images = steady or real  # in this batch's runs
                     if prev is None:
-                        batch = next(cal.batches(indices[b0:b0 + real]))
+                        batch = pad_batch(next(cal.batches(indices[b0:b0 + real])), steady)
                         capture.run(cal.spec.name, batch, b0, real)
                         feeds = {cal.spec.name: batch}
                     else:
                         feeds = {t: prev.read(t, b0, b0 + real) for t in prev_live}
-                        if cal.spec.fixed_batch:  # the frontiers keep the real rows only
-                            feeds = {t: pad_batch(v, bs * rows[t]) if rows[t] else v for t, v in feeds.items()}
+                        if steady:  # the frontiers keep the real rows only
+                            feeds = {t: pad_batch(v, steady * rows[t]) if rows[t] else v for t, v in feeds.items()}
                     outs = dict(zip(live, run_feeds(sess, feeds, live)))
                     for t in live:  # the rows of the real images, which the frontier and the fits take
                         r = image_rows(rows, t, outs[t], images)
@@ -399,13 +402,15 @@ class _Capture:
         self.session = make_session(model, providers, ours=True)
 
     def run(self, input_name: str, batch: np.ndarray, b0: int, real: int) -> None:
+        step = self.images_per_run or len(batch)
+        if keeps_shapes(self.session):  # runs of ``step`` images each, the last one padded
+            batch = pad_batch(batch, -(-len(batch) // step) * step)
         feeds, drawn = {input_name: batch}, {}
         for name, (pos_in, _, hw) in self.gathered.items():
             pos = drawn[name] = self.patch_fits[name].positions(real, hw)
             if len(batch) > real:  # a padded batch (fixed-batch models): any position for the padding
                 pos = np.concatenate([pos, np.zeros((len(batch) - real, pos.shape[1]), dtype=pos.dtype)])
             feeds[pos_in] = pos[:, None, :]
-        step = self.images_per_run or len(batch)
         runs = [run_feeds(self.session, {k: v[i:i + step] for k, v in feeds.items()}, self.outputs)
                 for i in range(0, len(batch), step)]
         outs = {t: np.concatenate([r[j] for r in runs]) if len(runs) > 1 else runs[0][j] for j, t in enumerate(self.outputs)}

@@ -12,7 +12,7 @@ from . import weights
 from .data import CalibrationSet, pad_batch
 from .errors import InputError, InternalError, OutOfMemory
 from .progress import Progress, silent
-from .runtime import expose, make_session, on_gpu, ort_message, out_of_memory, run
+from .runtime import expose, keeps_shapes, make_session, on_gpu, ort_message, out_of_memory, run
 from .segments import real_rows, rows_seen
 
 
@@ -132,6 +132,8 @@ def fidelity(original: onnx.ModelProto, candidates: Sequence[onnx.ModelProto], c
     at = [fetched.index(n) for n in names]
     s_new = [_session_checked(expose(c, names), providers) for c in candidates]
     s_old = make_session(expose(original, names), providers)
+    # every batch the size of the first (runtime.keeps_shapes); real_rows drops the padding's rows
+    steady = min(cal.batch_size, len(indices)) if keeps_shapes(s_old) else 0
     agree = [0] * len(candidates)
     # per compared output, made with the first batch: the original's summed squares (norm) and
     # each candidate's summed squared error (err)
@@ -142,6 +144,7 @@ def fidelity(original: onnx.ModelProto, candidates: Sequence[onnx.ModelProto], c
     with progress("measuring fidelity", len(indices)) as update:
         for b, batch in enumerate(cal.batches(indices)):
             real = cal.real_count(b, indices)
+            batch = pad_batch(batch, steady)
             first = b == 0
             outs = run(s_old, cal.spec.name, batch, fetched if first else names)
             if first:
@@ -187,19 +190,19 @@ def _relative_error(err: Optional[np.ndarray], norm: Optional[np.ndarray]) -> fl
 
 def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, providers: List[str], batch_size: int = 256) -> float:
     """Top-1 accuracy of the first output against integer labels. A model with a fixed batch
-    size is run at that size, its last batch padded (the padding's outputs are dropped)."""
+    size is run at that size, its last batch padded (the padding's outputs are dropped), and so
+    is one on the CUDA provider (runtime.keeps_shapes)."""
     sess = make_session(model, providers)
     first = sess.get_inputs()[0]
     name = first.name
     fixed = first.shape[0] if first.shape and isinstance(first.shape[0], int) and first.shape[0] > 0 else None
     step = fixed or batch_size
+    steady = fixed or (min(step, len(x)) if keeps_shapes(sess) else 0)
     correct = 0
     for start in range(0, len(x), step):
         batch = np.ascontiguousarray(x[start:start + step])
         real = len(batch)
-        if fixed:
-            batch = pad_batch(batch, fixed)
-        out = run(sess, name, batch)[0][:real]
+        out = run(sess, name, pad_batch(batch, steady))[0][:real]
         if is_classifier(out):
             out = out.reshape(len(out), -1)  # (N, K, 1, 1) from a fully convolutional classifier
         if start == 0 and (out.ndim != 2 or int(y.max()) >= out.shape[1]):

@@ -295,8 +295,9 @@ def _fixed_batch(model, batch):
 def test_rows_taken_inside_the_graph_are_the_rows_taken_from_the_whole_output(monkeypatch):
     """The capture pass takes a patch fit's rows with a GatherElements where the output's shape
     is known, and from the whole output where it is not; where activations are large it runs a
-    batch a few images at a time; a fixed-batch model's last batch is padded. The refit must
-    not tell any of them apart."""
+    batch a few images at a time; a fixed-batch model's last batch is padded, and so are every
+    batch and every run of a few images on the CUDA provider (runtime.keeps_shapes, forced here
+    on the CPU). The refit must not tell any of them apart."""
     from onnxprune import recover
     from onnxprune.data import input_spec, load_calibration
     from onnxprune.recover import refit_sequential
@@ -307,9 +308,12 @@ def test_rows_taken_inside_the_graph_are_the_rows_taken_from_the_whole_output(mo
     x = np.random.default_rng(1).normal(size=(50, 3, 8, 8)).astype(np.float32)
     opts = onnxprune.PruneOptions(flops=0.5, batch_size=16)  # 40 fitting images: batches of 16, 16 and 8
     refitted = []
-    for fixed, known, run_bytes in ((False, True, recover.CAPTURE_RUN_BYTES), (False, True, 3 * 8 * 8 * 8 * 4),
-                                    (False, False, recover.CAPTURE_RUN_BYTES), (True, True, recover.CAPTURE_RUN_BYTES)):
-        monkeypatch.setattr(recover, "CAPTURE_RUN_BYTES", run_bytes)  # the second: runs of 3 images
+    three = 3 * 8 * 8 * 8 * 4  # runs of 3 images
+    for fixed, known, run_bytes, steady in ((False, True, recover.CAPTURE_RUN_BYTES, False), (False, True, three, False),
+                                            (False, False, recover.CAPTURE_RUN_BYTES, False),
+                                            (True, True, recover.CAPTURE_RUN_BYTES, False), (False, True, three, True)):
+        monkeypatch.setattr(recover, "CAPTURE_RUN_BYTES", run_bytes)
+        monkeypatch.setattr(recover, "keeps_shapes", lambda sess, steady=steady: steady)
         model = _fixed_batch(_redundant_model(), 16) if fixed else _redundant_model()
         cal = load_calibration(x, input_spec(model, opts), opts)
         assert len(cal.fit) == 40 and bool(cal.spec.fixed_batch) == fixed
@@ -327,6 +331,46 @@ def test_rows_taken_inside_the_graph_are_the_rows_taken_from_the_whole_output(mo
         assert other.keys() == refitted[0].keys()
         for name, values in refitted[0].items():
             np.testing.assert_array_equal(values, other[name])
+
+
+def test_padding_every_batch_to_one_shape_changes_nothing_the_tool_writes_or_reports(monkeypatch):
+    """On the CUDA provider every batch is padded to one shape (runtime.keeps_shapes): the
+    statistics, the refit, the fidelity and --eval must drop what the padding computes. Forced
+    here on the CPU, with partial batches at every stage (72 fitting images and 18 held out in
+    batches of 16, 300 labelled images in batches of 256)."""
+    import os
+    from onnxprune import calibrate, recover, verify
+
+    model_path, calib = _shipped("mnist_cnn")
+    test = np.load(os.path.join(os.path.dirname(model_path), "mnist_cnn_test.npz"))
+    x, y = test["x"][:300].astype(np.float32), test["y"][:300].astype(np.int64)
+    opts = onnxprune.PruneOptions(flops=0.4, latency=False, max_images=90, batch_size=16)
+    import onnxruntime as ort
+
+    shapes_seen = {}  # session -> the set of its feeds' shapes, run by run
+    run = ort.InferenceSession.run
+
+    def recording_run(sess, names, feeds, *args, **kwargs):
+        shapes_seen.setdefault(id(sess), set()).add(tuple(sorted((k, np.shape(v)) for k, v in feeds.items())))
+        return run(sess, names, feeds, *args, **kwargs)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", recording_run)
+    monkeypatch.setattr(recover, "CAPTURE_RUN_BYTES", 5 * 32 * 28 * 28 * 4)  # the capture in runs of 5 images
+    results, shapes = [], []
+    for steady in (False, True):
+        for module in (calibrate, recover, verify):
+            monkeypatch.setattr(module, "keeps_shapes", lambda sess, steady=steady: steady)
+        shapes_seen.clear()
+        results.append(onnxprune.prune(model_path, calib, opts, evaluate=(x, y)))
+        shapes.append(sorted(len(seen) for seen in shapes_seen.values()))
+    plain, padded = results
+    # every session that ran saw one shape of feeds; without the padding some saw several
+    assert set(shapes[1]) <= {1} and max(shapes[0]) > 1, shapes
+    assert plain.report.refitted_layers > 0
+    for a, b in zip(plain.model.graph.initializer, padded.model.graph.initializer):
+        np.testing.assert_allclose(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b), rtol=1e-5, atol=1e-6)
+    for field in ("fidelity_relative_error", "fidelity_top1_agreement", "accuracy_after", "accuracy_before"):
+        assert getattr(padded.report, field) == pytest.approx(getattr(plain.report, field), rel=1e-5), field
 
 
 def test_depthwise_convs_keep_their_filters_and_the_layers_around_them_are_refitted():
