@@ -344,14 +344,18 @@ def test_padding_every_batch_to_one_shape_changes_nothing_the_tool_writes_or_rep
     model_path, calib = _shipped("mnist_cnn")
     test = np.load(os.path.join(os.path.dirname(model_path), "mnist_cnn_test.npz"))
     x, y = test["x"][:300].astype(np.float32), test["y"][:300].astype(np.int64)
-    opts = onnxprune.PruneOptions(flops=0.4, latency=False, max_images=90, batch_size=16)
+    # the CPU provider: this compares numbers to 1e-5; on an H100, in a run of the suite beside
+    # seven other test processes, the two conversions' weights differed by up to 4e-5
+    opts = onnxprune.PruneOptions(flops=0.4, latency=False, max_images=90, batch_size=16, device="cpu")
     import onnxruntime as ort
 
-    shapes_seen = {}  # session -> the set of its feeds' shapes, run by run
+    # session -> the set of its feeds' shapes, run by run; keyed by the session itself, which
+    # stays alive so, since a freed session's id() is soon another's
+    shapes_seen = {}
     run = ort.InferenceSession.run
 
     def recording_run(sess, names, feeds, *args, **kwargs):
-        shapes_seen.setdefault(id(sess), set()).add(tuple(sorted((k, np.shape(v)) for k, v in feeds.items())))
+        shapes_seen.setdefault(sess, set()).add(tuple(sorted((k, np.shape(v)) for k, v in feeds.items())))
         return run(sess, names, feeds, *args, **kwargs)
 
     monkeypatch.setattr(ort.InferenceSession, "run", recording_run)
@@ -362,10 +366,10 @@ def test_padding_every_batch_to_one_shape_changes_nothing_the_tool_writes_or_rep
             monkeypatch.setattr(module, "keeps_shapes", lambda sess, steady=steady: steady)
         shapes_seen.clear()
         results.append(onnxprune.prune(model_path, calib, opts, evaluate=(x, y)))
-        shapes.append(sorted(len(seen) for seen in shapes_seen.values()))
+        shapes.append([seen for seen in shapes_seen.values() if len(seen) > 1])
     plain, padded = results
     # every session that ran saw one shape of feeds; without the padding some saw several
-    assert set(shapes[1]) <= {1} and max(shapes[0]) > 1, shapes
+    assert not shapes[1] and shapes[0], shapes[1]
     assert plain.report.refitted_layers > 0
     for a, b in zip(plain.model.graph.initializer, padded.model.graph.initializer):
         np.testing.assert_allclose(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b), rtol=1e-5, atol=1e-6)
@@ -629,7 +633,10 @@ def test_layers_whose_input_is_made_before_a_step_share_it_and_the_model_is_the_
 
     model = residual_cnn(seed=3)
     calib = np.random.default_rng(0).normal(size=(64, 3, 8, 8)).astype(np.float32)
-    opts = onnxprune.PruneOptions(flops=0.3, round_to=1, latency=False)
+    # the CPU provider: weight for weight equality is a claim about the schedule; on an H100 the
+    # two conversions were equal when run alone, padded or not, but not in a run of the suite
+    # beside seven other test processes (cuDNN's choice of kernels can depend on the memory free)
+    opts = onnxprune.PruneOptions(flops=0.3, round_to=1, latency=False, device="cpu")
     steps = []
     real = recover._waves
 
