@@ -402,13 +402,14 @@ class _Capture:
         self.session = make_session(model, providers, ours=True)
 
     def run(self, input_name: str, batch: np.ndarray, b0: int, real: int) -> None:
-        step = self.images_per_run or len(batch)
+        # at most the batch: on small inputs the memory bound allows hundreds of images a run
+        step = min(self.images_per_run or len(batch), len(batch))
         if keeps_shapes(self.session):  # runs of ``step`` images each, the last one padded
             batch = pad_batch(batch, -(-len(batch) // step) * step)
         feeds, drawn = {input_name: batch}, {}
         for name, (pos_in, _, hw) in self.gathered.items():
             pos = drawn[name] = self.patch_fits[name].positions(real, hw)
-            if len(batch) > real:  # a padded batch (fixed-batch models): any position for the padding
+            if len(batch) > real:  # a padded batch (fixed-batch models, keeps_shapes): any position for the padding
                 pos = np.concatenate([pos, np.zeros((len(batch) - real, pos.shape[1]), dtype=pos.dtype)])
             feeds[pos_in] = pos[:, None, :]
         runs = [run_feeds(self.session, {k: v[i:i + step] for k, v in feeds.items()}, self.outputs)
