@@ -5,8 +5,9 @@
 Runs the default conversion (-50%, latency off) of MODEL, a 224x224 RGB network with a
 dynamic batch axis, on random images, and prints per onnxprune function that made sessions:
 how many, the seconds spent creating them, in their first runs and in their other runs.
-``--device mixed`` runs the statistics on the CUDA provider and the refit's and verification's
-sessions on the CPU. On the CUDA provider a first run includes cuDNN's choice of kernels for
+``recover.py:__init__`` is the refit's capture (a run of the original, its targets exposed).
+``--device mixed`` runs the refit's and verification's sessions on the CPU and the others (the
+statistics among them) on the CUDA provider. On the CUDA provider a first run includes cuDNN's choice of kernels for
 the shape it meets (bench/shape_costs.py). Results: bench/results/2026-11-22-scale-cost-cuda.md.
 """
 

@@ -33,6 +33,8 @@ def main() -> None:
             start = time.perf_counter()
             sess = ort.InferenceSession(model, opts, providers=[("CUDAExecutionProvider", options), "CPUExecutionProvider"])
             made = time.perf_counter() - start
+            if sess.get_providers()[0] != "CUDAExecutionProvider":
+                sys.exit("shape_costs.py: onnxruntime's CUDA provider did not start; these timings need it")
             times = []
             for n in SEQUENCE:
                 start = time.perf_counter()

@@ -300,7 +300,7 @@ def keeps_shapes(sess: ort.InferenceSession) -> bool:
     (onnxruntime-gpu 1.31, heuristic choice), a run at a new shape cost MobileNetV2 at 224x224
     0.6-1.7 s and ResNet-18 about 50 ms, against 1-10 ms at the shape of the run before; the
     refit's capture, which ran the original a few images at a time with a shorter last run,
-    took 10-12 s of a 29-30 s conversion (bench/results/2026-11-22-scale-cost-cuda.md). On
+    took 9.7-12.4 s of a 28.7-30.3 s conversion (bench/results/2026-11-22-scale-cost-cuda.md). On
     the CPU a smaller batch costs less, so it is not padded."""
     return on_gpu(sess)
 
