@@ -36,9 +36,9 @@ import onnx
 from onnx import TensorProto, helper
 
 from .analyse import Analysis
-from .data import CalibrationSet
+from .data import CalibrationSet, pad_batch
 from .errors import InputError, UsageError
-from .runtime import make_session
+from .runtime import keeps_shapes, make_session
 from .shapes import static_shapes
 from .snpfi import GroupGame
 from .verify import compared_tensors, one_class_score, per_image
@@ -124,6 +124,7 @@ def output_games(model: onnx.ModelProto, analysis: Analysis, cal: CalibrationSet
     for _, _, _, _, ungated in gates:
         gated.graph.output.extend([helper.make_empty_tensor_value_info(ungated)])
     sess = make_session(gated, providers, ours=True)
+    steady = keeps_shapes(sess)
     input_name = cal.spec.name
     indices = cal.fit[:EVAL_IMAGES] if len(cal.fit) else cal.holdout[:EVAL_IMAGES]
     x = np.concatenate(list(cal.batches(indices)))[: len(indices)]
@@ -164,14 +165,17 @@ def output_games(model: onnx.ModelProto, analysis: Analysis, cal: CalibrationSet
         per_run = max(1, ROWS_PER_RUN // m) if not fixed else 1
         for s in range(0, len(masks), per_run):
             chunk = masks[s:s + per_run]
-            k = len(chunk)
-            f = {input_name: np.tile(x, (k,) + (1,) * (x.ndim - 1))}
+            k = len(chunk)  # the coalitions asked for
+            if steady:  # runs of per_run on the CUDA provider (runtime.keeps_shapes); the padding's results are dropped
+                chunk = pad_batch(chunk, per_run)
+            n = len(chunk)
+            f = {input_name: np.tile(x, (n,) + (1,) * (x.ndim - 1))}
             for (gate, offset, atoms, rank, _), mu in zip(gates, means):
-                keep = chunk[:, analysis.atom_player[atoms]].astype(np.float32)  # (k, C)
-                gv = np.repeat(keep, m, axis=0).reshape((k * m, len(atoms)) + (1,) * (rank - 2))
+                keep = chunk[:, analysis.atom_player[atoms]].astype(np.float32)  # (n, C)
+                gv = np.repeat(keep, m, axis=0).reshape((n * m, len(atoms)) + (1,) * (rank - 2))
                 f[gate] = gv
                 f[offset] = ((1.0 - gv) * mu.reshape((1, -1) + (1,) * (rank - 2))).astype(np.float32)
-            ys = [y.astype(np.float64).reshape((k, m) + r.shape[1:])
+            ys = [y.astype(np.float64).reshape((n, m) + r.shape[1:])
                   for y, r in zip(sess.run(scores, f), references)]
             for j in range(k):
                 if classifier:

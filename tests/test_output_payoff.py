@@ -65,6 +65,41 @@ def test_dead_channels_get_no_value_and_rank_below_useful_ones():
     assert found.evaluations <= 4000
 
 
+def test_coalitions_padded_to_one_shape_give_the_same_games(monkeypatch):
+    """On the CUDA provider every run of coalitions takes ROWS_PER_RUN rows, the last chunk
+    padded (runtime.keeps_shapes; forced here on the CPU): the games are those of unpadded runs,
+    and the session meets one shape of feeds after its first run with every gate open."""
+    import onnxruntime as ort
+
+    from onnxprune import output_payoff
+
+    model = residual_cnn()
+    prepared, analysis = analysis_of(model)
+    cal = _calibration(model)
+    providers, _ = choose_providers("cpu")
+    seen = []
+    run = ort.InferenceSession.run
+
+    def recording_run(sess, names, feeds, *args, **kwargs):
+        seen.append(tuple(sorted((k, np.shape(v)) for k, v in feeds.items())))
+        return run(sess, names, feeds, *args, **kwargs)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", recording_run)
+    found = []
+    for steady in (False, True):
+        monkeypatch.setattr(output_payoff, "keeps_shapes", lambda sess, steady=steady: steady)
+        seen.clear()
+        found.append(output_games(prepared, analysis, cal, providers, centred=True, budget=1000))
+        shapes = set(seen[1:])
+        assert len(shapes) == 1 if steady else len(shapes) > 1, shapes
+    plain, padded = found
+    assert plain.evaluations == padded.evaluations
+    for g, game in plain.games.items():
+        np.testing.assert_allclose(padded.games[g].shapley, game.shapley, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(padded.games[g].loss, game.loss, rtol=1e-6, atol=1e-9)
+        assert np.array_equal(padded.games[g].order, game.order)
+
+
 def test_budget_too_small_is_a_usage_error():
     model = residual_cnn()
     prepared, analysis = analysis_of(model)
