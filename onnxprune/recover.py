@@ -400,11 +400,12 @@ class _Capture:
             model.graph.input.extend(inputs)
             model.graph.initializer.extend(inits + [weights.make_tensor(np.array([0, 0, -1], dtype=np.int64), flat)])
         self.session = make_session(model, providers, ours=True)
+        self.steady = keeps_shapes(self.session)  # runs of one size, the last one padded
 
     def run(self, input_name: str, batch: np.ndarray, b0: int, real: int) -> None:
         # at most the batch: on small inputs the memory bound allows hundreds of images a run
         step = min(self.images_per_run or len(batch), len(batch))
-        if keeps_shapes(self.session):  # runs of ``step`` images each, the last one padded
+        if self.steady:
             batch = pad_batch(batch, -(-len(batch) // step) * step)
         feeds, drawn = {input_name: batch}, {}
         for name, (pos_in, _, hw) in self.gathered.items():
