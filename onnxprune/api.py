@@ -18,6 +18,7 @@ from .calibrate import ChannelStats, collect_stats
 from .data import CalibrationSet, as_samples, input_spec, load_calibration
 from .errors import InputError, TargetError, UsageError
 from .flops import count_macs, count_params
+from .kernels import conv_kernels
 from . import latency
 from .load import default_opset, load_model
 from .options import PruneOptions
@@ -499,6 +500,8 @@ def _at_target(run: _Run, opts: PruneOptions, progress, first: bool) -> PruneRes
         with progress("measuring latency", 1) as update:
             report.latency = [dataclasses.asdict(l) for l in latency.measure(reference, pruned, spec.name,
                                                                               cal.first_sample(), batches, providers)]
+            if not store.lean:  # onnxruntime would write a copy of a large model's weights to read its graph
+                report.kernel_macs = _kernel_macs(reference, pruned, run.input_shapes, providers)
             update(1)
         seconds["latency"] = time.perf_counter() - t
 
@@ -576,6 +579,19 @@ def _checked_refit(refitted: onnx.ModelProto, make_sliced, report: Report, origi
     report.refitted_layers = 0
     report.refit_rejected = True
     return sliced, without, refitted
+
+
+def _kernel_macs(before: onnx.ModelProto, after: onnx.ModelProto, input_shapes, providers) -> Optional[dict]:
+    """The report's view of :mod:`onnxprune.kernels`: convolution MACs counted and executed by
+    onnxruntime, before and after, and the pruned model's layers it pads (None off the CPU)."""
+    was, now = (conv_kernels(m, input_shapes, providers, ours=m is after) for m in (before, after))
+    if was is None or now is None or not was.counted:
+        return None
+    padded_before = {c.name for c in was.convs if c.padded}
+    return dict(counted_before=was.counted, executed_before=was.executed, counted_after=now.counted,
+                executed_after=now.executed,
+                padded=[dict(layer=c.name, held=list(c.held[:2]), run=list(c.run[:2]))
+                        for c in now.convs if c.padded and c.name not in padded_before])
 
 
 def peak_rss_bytes() -> Optional[int]:

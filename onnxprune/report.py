@@ -74,6 +74,9 @@ class Report:
     payoff_cost: Optional[dict] = None  # --payoff output: coalitions evaluated, seconds
     gates: Optional[dict] = None  # bottleneck: steps, soft FLOPs ratio, fidelity loss, binarised share
     latency: List[dict] = field(default_factory=list)  # batch, before_ms, after_ms per batch size
+    # on the CPU provider, with latency: convolution MACs per sample counted and executed by
+    # onnxruntime before and after, and the layers it pads that the original did not have padded
+    kernel_macs: Optional[dict] = None
     seconds: Dict[str, float] = field(default_factory=dict)  # per stage (latency_* inside score_allocate)
     wall_seconds: Optional[float] = None  # the whole conversion, writing excepted
     peak_rss_bytes: Optional[int] = None  # most resident memory of the process up to the end
@@ -147,6 +150,9 @@ class Report:
             # that is much of the time pruning cannot shorten: say what was timed
             copies = "; each run copies its input to the GPU and output back" if where.startswith("CUDA") else ""
             add(f"latency: median over fresh onnxruntime sessions on {where}, interleaved{copies}")
+        kernels = _kernel_text(self.kernel_macs) if self.kernel_macs else None
+        if kernels:
+            add(kernels)
         if self.gates:
             add(f"learned bottleneck: {self.gates['steps']} steps, soft FLOPs {self.gates['soft_flops_ratio']:.1%} "
                 f"of the original, {self.gates['binary_share']:.0%} of gates below 0.1 or above 0.9")
@@ -201,6 +207,33 @@ class Report:
         for note in self.notes:
             add(f"note: {note}")
         return "\n".join(lines)
+
+
+PADDED_LISTED = 3  # padded layers named in the summary; --report lists them all
+
+
+def _kernel_text(k: dict) -> Optional[str]:
+    """One line: the convolution MACs onnxruntime's CPU kernels run, against those counted;
+    None where they agree within half a point and no pruned layer is padded."""
+    counted = 1 - k["counted_after"] / k["counted_before"]
+    executed = 1 - k["executed_after"] / k["executed_before"]
+    padded = k["padded"]
+    if not padded and abs(counted - executed) < 0.005:
+        return None
+    text = (f"CPU kernels: onnxruntime's convolutions run {_fewer(executed)} multiply-accumulates than the "
+            f"original's ({_fewer(counted)} counted)")
+    if padded:
+        named = ", ".join(f"{_cut(p['layer'], 40)} {p['held'][0]} -> {p['run'][0]} filters"
+                          if p["held"][0] != p["run"][0] else
+                          f"{_cut(p['layer'], 40)} {p['held'][1]} -> {p['run'][1]} inputs" for p in padded[:PADDED_LISTED])
+        more = f" and {len(padded) - PADDED_LISTED} more" if len(padded) > PADDED_LISTED else ""
+        text += (f"; it pads {len(padded)} pruned layer{'s' if len(padded) > 1 else ''} to whole channel blocks "
+                 f"({named}{more}), where a cut saves less than it counts")
+    return text
+
+
+def _fewer(reduction: float) -> str:
+    return f"{reduction:.1%} fewer" if reduction >= 0 else f"{-reduction:.1%} more"
 
 
 _STAGE_NAMES = {"load_prepare_analyse": "load", "score_allocate": "score and allocate",

@@ -147,7 +147,7 @@ def kernel_channel_block(providers: Sequence[str]) -> Tuple[int, int]:
 
 
 def make_session(model: onnx.ModelProto, providers: Sequence[str], threads: int = 0,
-                 optimize: bool = False, ours: bool = False) -> ort.InferenceSession:
+                 optimize: bool = False, ours: bool = False, optimised_to: Optional[str] = None) -> ort.InferenceSession:
     """An onnxruntime session for ``model``, whose large weights may be stubs in the weight store.
 
     Small models (and ``optimize``, for latency) get onnxruntime's full graph optimisations;
@@ -155,8 +155,16 @@ def make_session(model: onnx.ModelProto, providers: Sequence[str], threads: int 
     Large models (the store's ``lean`` mode) share the store's arrays with onnxruntime in place:
     no copy, and so no optimisation that would rewrite a weight and no pre-packing, which would
     copy it; a serialised model over 2 GB could not be made at all.
+
+    ``optimised_to``: a path where onnxruntime writes the graph it optimised (its weights in a
+    file beside it), to read what it runs (:mod:`onnxprune.kernels`).
     """
     opts = ort.SessionOptions()
+    if optimised_to:
+        opts.optimized_model_filepath = optimised_to
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                      os.path.basename(optimised_to) + ".data")
+        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     opts.log_severity_level = 3
     # onnxruntime's threads otherwise spin for a while after each run, starving the NumPy
     # work (statistics, solves) that follows every batch on small machines
