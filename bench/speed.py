@@ -4,8 +4,9 @@
                           [--latency-target R] [--plan GROUP=N,...] [--repeat 1] [--name speed]
                           [--device cpu|cuda]
 
-For every model and rounding: the pruned model's FLOPs reduction, accuracy on the full
-test split and latency before/after at each of --batches (median over fresh interleaved
+For every model and rounding: the pruned model's FLOPs reduction, the reduction of the
+convolution MACs onnxruntime's CPU kernels run (onnxprune.kernels: channel counts padded to
+their blocks; "-" on CUDA), accuracy on the full test split and latency before/after at each of --batches (median over fresh interleaved
 sessions, as the report measures it; with --repeat N, the median of N such measurements).
 --latency-aware adds, for every rounding, the run whose allocation prices each step by
 the latency it saves. --latency-target R prunes with --latency R instead of --flops (the
@@ -52,6 +53,18 @@ def _median_latency(model_path, result, calib, repeat, batches, providers):
         after = float(np.median([r[i].after_ms for r in runs]))
         out.append(dict(batch=batch, before_ms=before, after_ms=after))
     return out
+
+
+def _kernels_reduction(model_path, pruned, providers) -> str:
+    """The share of the original's convolution MACs that onnxruntime's CPU kernels no longer run."""
+    import onnx
+    from onnxprune.kernels import conv_kernels
+
+    original = onnx.load(model_path)
+    name = original.graph.input[0].name
+    shape = (1,) + tuple(d.dim_value for d in original.graph.input[0].type.tensor_type.shape.dim[1:])
+    was, now = (conv_kernels(m, {name: shape}, providers) for m in (original, pruned))
+    return "-" if was is None else f"{1 - now.executed / was.executed:.1%}"
 
 
 def _parse_plan(text):
@@ -108,9 +121,9 @@ def main():
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     providers, provider_text = choose_providers(args.device)
-    lines = ["| model | round-to | target | FLOPs removed | accuracy (base) | " +
+    lines = ["| model | round-to | target | FLOPs removed | conv MACs run removed | accuracy (base) | " +
              " | ".join(f"batch {b} ms before -> after | speedup" for b in batches) + " |",
-             "| --- | --- | --- | --- | --- | " + " | ".join("--- | ---" for _ in batches) + " |"]
+             "| --- | --- | --- | --- | --- | --- | " + " | ".join("--- | ---" for _ in batches) + " |"]
     for name in args.models.split(","):
         model_path, calib, (x, y) = MODELS[name]()
         base = accuracy(model_path, x, y)
@@ -122,6 +135,7 @@ def main():
                     r = onnxprune.prune(model_path, calib, onnxprune.PruneOptions(round_to=rt, latency=False,
                                                                                  device=args.device, **target))
                 acc = accuracy(r.model, x, y)
+                run = _kernels_reduction(model_path, r.model, providers)
                 timed = _median_latency(model_path, r, calib, args.repeat, batches, providers)
                 priced = (f"--latency {args.latency_target}" if args.latency_target else
                           f"--flops {args.ratio}" + (", steps priced by latency" if aware else ""))
@@ -129,7 +143,7 @@ def main():
                     priced = f"plan by hand: {args.plan}"
                 rounding = "none (the plan's counts)" if args.plan else rt or "default: " + r.report.rounding
                 row = (f"| {name} | {rounding} | {priced} | "
-                       f"{r.report.flops_reduction:.1%} | {acc:.2%} ({base:.2%}) | " +
+                       f"{r.report.flops_reduction:.1%} | {run} | {acc:.2%} ({base:.2%}) | " +
                        " | ".join(f"{t['before_ms']:.3f} -> {t['after_ms']:.3f} | {t['before_ms'] / t['after_ms']:.2f}x"
                                   for t in timed) + " |")
                 print(row, flush=True)
