@@ -13,7 +13,9 @@ It is read from onnxruntime's own optimised graph, not assumed: whatever padding
 the installed build does is what is reported. Convolutions are paired with the model's by
 name: a rewritten one is named after the tensor it writes, the model's convolution output or,
 where an activation or a residual Add was fused into it, a tensor a few elementwise ops
-downstream. A convolution that cannot be paired is counted as the model holds it.
+downstream. A convolution that cannot be paired (unnamed, or whose partner is not its own
+weights padded) is counted as the model holds it. Read it on a prepared model: preparing
+names every node and folds weights held in Constant nodes into initializers.
 """
 
 from __future__ import annotations
@@ -65,27 +67,39 @@ def _conv_weights(model: onnx.ModelProto) -> List[Tuple[onnx.NodeProto, Optional
     return [(n, dims.get(n.input[1]) if len(n.input) > 1 else None) for n in model.graph.node if n.op_type == "Conv"]
 
 
+def _plausible(held: Tuple[int, ...], run: Optional[Tuple[int, ...]]) -> bool:
+    """``run`` can be ``held`` padded: the same kernel, at least as many filters and inputs."""
+    return (run is not None and len(run) == len(held) and run[2:] == held[2:]
+            and all(r >= h for r, h in zip(run[:2], held[:2])))
+
+
 def _run_dims(model: onnx.ModelProto, optimised: onnx.ModelProto) -> Dict[str, Tuple[int, ...]]:
-    """Conv name in ``model`` -> the weight dims of the convolution onnxruntime runs for it."""
+    """Conv name in ``model`` -> the weight dims of the convolution onnxruntime runs for it:
+    the optimised convolution of the same name, else the one named after the tensor it writes
+    (``<tensor>_nchwc``), that tensor being this conv's output or a few single-reader
+    elementwise ops downstream of it (an activation, a residual Add fused into it)."""
     run = _conv_weights(optimised)
-    by_name = {n.name: w for n, w in run if w is not None}
+    by_name = {n.name: w for n, w in run if w is not None and n.name}
     by_output = {n.name[:-len(NCHWC_SUFFIX)]: w for n, w in run if w is not None and n.name.endswith(NCHWC_SUFFIX)}
     readers: Dict[str, List[onnx.NodeProto]] = {}
     for n in model.graph.node:
         for t in n.input:
             readers.setdefault(t, []).append(n)
     paired = {}
-    for node, _ in _conv_weights(model):
+    for node, held in _conv_weights(model):
+        if held is None or not node.name:
+            continue
+        found = by_name.get(node.name)
         tensor = node.output[0]
         for _ in range(FUSED_DEPTH):
-            if tensor in by_output:
+            if found is not None or tensor in by_output:
                 break
             nxt = readers.get(tensor, [])
             if len(nxt) != 1 or nxt[0].op_type == "Conv" or not nxt[0].output:
                 break
             tensor = nxt[0].output[0]
-        found = by_output.get(tensor, by_name.get(node.name))
-        if found is not None:
+        found = found if found is not None else by_output.get(tensor)
+        if _plausible(held, found):
             paired[node.name] = found
     return paired
 

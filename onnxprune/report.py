@@ -223,13 +223,20 @@ def _kernel_text(k: dict) -> Optional[str]:
     text = (f"CPU kernels: onnxruntime's convolutions run {_fewer(executed)} multiply-accumulates than the "
             f"original's ({_fewer(counted)} counted)")
     if padded:
-        named = ", ".join(f"{_cut(p['layer'], 40)} {p['held'][0]} -> {p['run'][0]} filters"
-                          if p["held"][0] != p["run"][0] else
-                          f"{_cut(p['layer'], 40)} {p['held'][1]} -> {p['run'][1]} inputs" for p in padded[:PADDED_LISTED])
+        named = ", ".join(f"{_cut(p['layer'], 40)} {_padding(p['held'], p['run'])}" for p in padded[:PADDED_LISTED])
         more = f" and {len(padded) - PADDED_LISTED} more" if len(padded) > PADDED_LISTED else ""
         text += (f"; it pads {len(padded)} pruned layer{'s' if len(padded) > 1 else ''} to whole channel blocks "
                  f"({named}{more}), where a cut saves less than it counts")
     return text
+
+
+def _padding(held, run) -> str:
+    """8 -> 16 filters, 12 -> 16 inputs, or 24x28 -> 32x32 filters x inputs."""
+    axes = [i for i in (0, 1) if held[i] != run[i]]
+    if len(axes) == 2:
+        return f"{held[0]}x{held[1]} -> {run[0]}x{run[1]} filters x inputs"
+    i = axes[0] if axes else 0
+    return f"{held[i]} -> {run[i]} {('filters', 'inputs')[i]}"
 
 
 def _fewer(reduction: float) -> str:

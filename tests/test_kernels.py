@@ -4,6 +4,7 @@ layer whose filters are not a whole number of channel blocks runs padded, and th
 import platform
 
 import numpy as np
+import onnx
 import pytest
 
 import onnxprune
@@ -52,20 +53,48 @@ def test_a_conv_keeping_12_of_16_filters_runs_16():
     assert conv_kernels(model, _input_shapes(model), ["CUDAExecutionProvider", "CPUExecutionProvider"]) is None
 
 
-def test_pruning_with_latency_reports_the_kernels_macs():
+def _unnamed_with_a_constant_weight():
+    """three_convs with no node names and the middle conv's weight in a Constant node, as some
+    exporters write them: the report must read the prepared model, which names and folds them."""
     model = three_convs()
+    conv = [n for n in model.graph.node if n.op_type == "Conv"][1]
+    weight = next(t for t in model.graph.initializer if t.name == conv.input[1])
+    model.graph.initializer.remove(weight)
+    model.graph.node.insert(0, onnx.helper.make_node("Constant", [], [weight.name], value=weight))
+    for n in model.graph.node:
+        n.name = ""
+    return model
+
+
+def test_pruning_with_latency_reports_the_kernels_macs():
+    model = _unnamed_with_a_constant_weight()
     x = np.random.default_rng(0).normal(size=(48, 3, 16, 16)).astype(np.float32)
     result = onnxprune.prune(model, x, onnxprune.PruneOptions(flops=0.4, round_to=1, latency_batch=4, device="cpu"))
     k = result.report.kernel_macs
-    convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    assert k["counted_before"] == sum(16 * 16 * 16 * (3 if i == 0 else 16) * 9 for i, _ in enumerate(convs))
+    assert k["counted_before"] == 16 * 16 * 9 * (16 * 3 + 2 * 16 * 16)  # three convs on 16x16 maps
     assert k["counted_after"] < k["counted_before"]
+    assert k["executed_before"] >= k["counted_before"] and k["executed_after"] >= k["counted_after"]
     if X86:
-        assert k["executed_before"] == k["counted_before"]
-        kept = {c.name: c for c in conv_kernels(result.model, _input_shapes(result.model), CPU).convs}
-        # a layer is listed where it runs padded, and only there
-        assert {p["layer"] for p in k["padded"]} == {n for n, c in kept.items() if c.padded}
-        assert k["executed_after"] == sum(c.executed for c in kept.values())
+        assert k["executed_before"] == k["counted_before"]  # 16 filters each: whole blocks
+        held = {c.name: c for c in conv_kernels(result.model, _input_shapes(result.model), CPU).convs}
+        # listed: every pruned conv that runs padded, with what it holds and what it runs
+        assert k["padded"] and {p["layer"] for p in k["padded"]} == {n for n, c in held.items() if c.padded}
+        for p in k["padded"]:
+            assert p["held"] == list(held[p["layer"]].held[:2]) and p["run"] == list(held[p["layer"]].run[:2])
+            assert p["run"][0] > p["held"][0] or p["run"][1] > p["held"][1]
+        assert k["executed_after"] == sum(c.executed for c in held.values()) > k["counted_after"]
+
+
+def test_kernels_that_cannot_be_read_leave_the_conversion_alone(monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("onnxprune.api.conv_kernels", full_disk)
+    x = np.random.default_rng(0).normal(size=(48, 3, 16, 16)).astype(np.float32)
+    result = onnxprune.prune(three_convs(), x, onnxprune.PruneOptions(flops=0.4, latency_batch=4, device="cpu"))
+    assert result.report.flops_reduction > 0.39 and result.report.latency
+    assert result.report.kernel_macs is None
+    assert any("were not read: No space left on device" in n for n in result.report.notes)
 
 
 def test_summary_names_the_padded_layers_and_is_silent_where_kernels_match():
@@ -75,5 +104,8 @@ def test_summary_names_the_padded_layers_and_is_silent_where_kernels_match():
     assert ("CPU kernels: onnxruntime's convolutions run 40.0% fewer multiply-accumulates than the original's "
             "(50.0% fewer counted); it pads 2 pruned layers to whole channel blocks (conv1 8 -> 16 filters, "
             "conv2 12 -> 16 inputs)") in text
+    both = dict(padded, padded=[dict(layer="conv3", held=[24, 28], run=[32, 32])])
+    assert "(conv3 24x28 -> 32x32 filters x inputs)" in Report(macs_before=1, macs_after=1, fidelity_relative_error=0.0,
+                                                                 kernel_macs=both).format_text()
     same = dict(padded, executed_after=500, padded=[])
     assert "CPU kernels" not in Report(macs_before=1, macs_after=1, fidelity_relative_error=0.0, kernel_macs=same).format_text()
