@@ -127,8 +127,6 @@ def conv_kernels(model: onnx.ModelProto, input_shapes: Dict[str, Shape], provide
             continue  # no MAC count for it here, as in flops.count_macs
         pixels = int(np.prod(shape[2:], dtype=np.int64))
         ran = run.get(node.name, held)
-        if len(ran) != len(held):
-            ran = held
         out.convs.append(ConvKernel(node.name, held, ran, int(np.prod(held, dtype=np.int64)) * pixels,
                                     int(np.prod(ran, dtype=np.int64)) * pixels))
     return out

@@ -75,7 +75,7 @@ class Report:
     gates: Optional[dict] = None  # bottleneck: steps, soft FLOPs ratio, fidelity loss, binarised share
     latency: List[dict] = field(default_factory=list)  # batch, before_ms, after_ms per batch size
     # on the CPU provider, with latency: convolution MACs per sample counted and executed by
-    # onnxruntime before and after, and the layers it pads that the original did not have padded
+    # onnxruntime before and after, and the layers the pruning cut that it runs padded
     kernel_macs: Optional[dict] = None
     seconds: Dict[str, float] = field(default_factory=dict)  # per stage (latency_* inside score_allocate)
     wall_seconds: Optional[float] = None  # the whole conversion, writing excepted
