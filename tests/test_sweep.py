@@ -27,8 +27,11 @@ def test_sweep_writes_a_model_per_target_a_table_and_a_plot(tmp_path, capsys):
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     assert [r["target"] for r in rows] == [0.3, 0.6]
     assert all(r["accuracy_after"] > 0.95 and len(r["latency"]) == 2 for r in rows)
+    # the convolution MACs onnxruntime's CPU kernels no longer run, beside the counted FLOPs
+    assert all(0 < r["kernels_reduction"] < 1 for r in rows) and rows[0]["kernels_reduction"] < rows[1]["kernels_reduction"]
     table = (out / "sweep.md").read_text()
     assert "| 0.3 |" in table and "| 0.6 |" in table
+    assert "| target | FLOPs removed | conv MACs run removed | params removed |" in table
     try:
         import matplotlib  # noqa: F401
     except ImportError:
