@@ -189,6 +189,12 @@ def _refit_candidates(pruned: onnx.ModelProto, changed: set, kind_of) -> Tuple[L
     return dense, grouped
 
 
+# What a layer's fit can raise on a layer shape it does not handle (a shape mismatch, a solve
+# that cannot be made): that layer is left as sliced and the report says so, the others are
+# fitted. Anything else is a fault of ours and ends the conversion with nothing written.
+FIT_ERRORS = (ValueError, np.linalg.LinAlgError, scipy.linalg.LinAlgError, FloatingPointError)
+
+
 @dataclass
 class SequentialLog:
     patch: List[str] = field(default_factory=list)
@@ -252,7 +258,8 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
     channel_weights = {}  # layer -> (rule, one-node graph node) over views of its weights; the fit copies them at its turn
     o_protos = {t.name: t for t in original.graph.initializer}
     for name in names:
-        readable = None if patch_fits[name] is not None else _channel_weights(original, o_nodes[name], o_protos)
+        readable = None if patch_fits[name] is not None else _channel_weights(original, o_nodes[name], o_protos,
+                                                                                 shapes)
         if readable is not None:
             channel_weights[name] = readable
     # axis 0 of a tensor crossing a cut is not always the batch: a MatMul's (N x H x W, C) input
@@ -270,6 +277,7 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
         with progress("refitting layers", len(layers)) as update, blas_single_thread():
             for step, wave in enumerate(waves):
                 fits = {}
+                broken = set()  # layers whose fit raised: left as sliced, as an ill-conditioned one
                 for k in wave:
                     name = names[k]
                     fits[name] = patch_fits[name] or (_channel_fit(*channel_weights[name], o_nodes[name], keep, repeat)
@@ -300,21 +308,30 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                         outs[t] = real_rows(outs[t], r, real)
                         new.write(t, b0, outs[t], r)
                     for name, fit in fits.items():
-                        if fit is None:
+                        if fit is None or name in broken:
                             continue
                         x_new = outs[inputs[name]]
-                        if isinstance(fit, PatchFit):
-                            pos = targets[name].read("positions", b0, b0 + real) if targets[name].has("positions") else None
-                            skip = uses[name].skip
-                            skip = fit.skip_rows(outs[skip], pos) if skip is not None else None
-                            fit.add(targets[name].read("rows", b0, b0 + real), pos, x_new, skip)
-                        else:
-                            fit.add(targets[name].read("input", b0, b0 + real), x_new)
+                        try:
+                            if isinstance(fit, PatchFit):
+                                pos = (targets[name].read("positions", b0, b0 + real)
+                                       if targets[name].has("positions") else None)
+                                skip = uses[name].skip
+                                skip = fit.skip_rows(outs[skip], pos) if skip is not None else None
+                                fit.add(targets[name].read("rows", b0, b0 + real), pos, x_new, skip)
+                            else:
+                                fit.add(targets[name].read("input", b0, b0 + real), x_new)
+                        except FIT_ERRORS:
+                            broken.add(name)
                 for k in wave:
                     name = names[k]
                     fit = fits.pop(name)
                     targets[name].close()
-                    solved = fit.solve(ridge) if fit is not None else None
+                    solved = None
+                    if fit is not None and name not in broken:
+                        try:
+                            solved = fit.solve(ridge)
+                        except FIT_ERRORS:
+                            broken.add(name)
                     if fit is None:
                         log.unsupported.append(name)
                     elif solved is None:
@@ -573,11 +590,16 @@ def _patch_fit(node_o: onnx.NodeProto, inits, keep, images: int, seed: int, relu
                     seed=seed, relu_steps=relu_steps)
 
 
-def _channel_weights(original: onnx.ModelProto, node_o: onnx.NodeProto, inits: Dict[str, onnx.TensorProto]):
+def _channel_weights(original: onnx.ModelProto, node_o: onnx.NodeProto, inits: Dict[str, onnx.TensorProto],
+                     shapes: Dict[str, Shape]):
     """(rule, the layer as a one-node graph's node) of a layer whose weights the op rule can read
     per input channel and per output channel, or None (a MatMul's batched weight, a weight that
-    is not an initializer). ``inits``: ``original``'s initializers by name."""
+    is not an initializer, a MatMul whose input is not known to be (rows, features): the fit
+    reads channels on axis 1, and a sequence head's (N, L, F) has its features last).
+    ``inits``: ``original``'s initializers by name; ``shapes``: its static shapes."""
     if len(node_o.input) < 2 or inits.get(node_o.input[1]) is None:
+        return None
+    if node_o.op_type == "MatMul" and len(shapes.get(node_o.input[0]) or ()) != 2:
         return None
     g_node = _mini_graph(original, node_o, inits).nodes[0]
     rule = rule_for(node_o.op_type, node_o.domain)

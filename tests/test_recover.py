@@ -836,3 +836,52 @@ def test_a_refit_on_few_calibration_images_says_how_little_backs_it(images, held
     plain = onnxprune.prune(model, calib, onnxprune.PruneOptions(flops=0.4, max_images=images, latency=False,
                                                                   recover=False)).report
     assert not any(n.startswith("only ") for n in plain.notes)
+
+
+def _sequence_head():
+    """A CRNN-style head: conv backbone, then Transpose/Reshape to a sequence (N, L=8, F=64) and a
+    MatMul over its features, which sit on the last axis."""
+    b = Builder(size=8, seed=41)
+    x = b.relu(b.conv("input", 3, 16))
+    x = b.relu(b.conv(x, 16, 16))
+    x = b.relu(b.conv(x, 16, 8))
+    x = b.node("Transpose", [x], perm=[0, 3, 1, 2])
+    x = b.node("Reshape", [x, b.ints([0, 8, 64])])
+    x = b.relu(b.node("MatMul", [x, b.init(b.rng.normal(0, 1 / 8, (64, 32)))]))
+    x = b.node("ReduceMean", [x], axes=[1], keepdims=0)
+    return b.model(b.gemm(x, 32, 10), ["N", 10])
+
+
+def test_a_matmul_over_a_sequence_downstream_of_a_cut_is_left_alone_not_refitted_on_the_wrong_axis():
+    # the refit read axis 1 as the MatMul's channels, the sequence here: the solve raised on the
+    # shapes and the conversion failed
+    model = _sequence_head()
+    matmul = next(n.name for n in model.graph.node if n.op_type == "MatMul")
+    x = np.random.default_rng(1).normal(size=(80, 3, 8, 8)).astype(np.float32)
+    on = onnxprune.prune(model, x, onnxprune.PruneOptions(flops=0.4, round_to=1, min_keep=0.0, latency=False))
+    off = onnxprune.prune(model, x, onnxprune.PruneOptions(flops=0.4, round_to=1, min_keep=0.0, latency=False,
+                                                            recover=False))
+    onnx.checker.check_model(on.model, full_check=True)
+    assert any(n.startswith("no refit for these layers") and n.endswith(matmul) for n in on.report.notes)
+    assert on.report.refitted_layers > 0
+    assert on.report.fidelity_relative_error < off.report.fidelity_relative_error
+
+
+def test_a_fit_that_raises_leaves_its_layer_as_sliced_and_the_others_refitted(monkeypatch):
+    from onnxprune import refit
+
+    model, calib = _shipped("mnist_cnn")
+    solve = refit.PatchFit.solve
+    failing = []
+
+    def solve_or_fail(self, ridge):
+        if not failing:  # the first patch fit made
+            failing.append(self)
+            raise ValueError("shapes do not match")
+        return solve(self, ridge)
+
+    monkeypatch.setattr(refit.PatchFit, "solve", solve_or_fail)
+    report = onnxprune.prune(model, calib, onnxprune.PruneOptions(flops=0.4, max_images=64, latency=False)).report
+    failed = [n for n in report.notes if n.startswith("refit not solved")]
+    assert len(failed) == 1 and "," not in failed[0].split("left as sliced: ")[1]  # one layer named
+    assert report.refitted_layers >= 2
