@@ -47,14 +47,23 @@ ROWS_PER_UNKNOWN = 16
 MIN_ROWS = 4096
 
 
-def _factor(gram: np.ndarray, ridge: float):
-    """The Cholesky factor of ``gram`` with the ridge added, or None where it has none."""
+def _ridge(gram: np.ndarray, ridge: float) -> Optional[np.ndarray]:
+    """The ridge added to each unknown of a system with ``gram`` (its last unknown the
+    intercept, which is not shrunk), or None where the Gram matrix has no scale."""
     d = np.diag(gram)[:-1]
     scale = float(d.mean()) if len(d) else 1.0
     if not np.isfinite(scale) or scale <= 0:
         return None
     reg = np.full(len(gram), ridge * scale)
-    reg[-1] = 1e-9 * scale  # the intercept is not shrunk
+    reg[-1] = 1e-9 * scale
+    return reg
+
+
+def _factor(gram: np.ndarray, ridge: float):
+    """The Cholesky factor of ``gram`` with the ridge added, or None where it has none."""
+    reg = _ridge(gram, ridge)
+    if reg is None:
+        return None
     try:
         return scipy.linalg.cho_factor(gram + np.diag(reg))
     except (np.linalg.LinAlgError, ValueError):
@@ -183,9 +192,12 @@ class PatchFit:
     layer's input when the refit reaches the layer."""
 
     def __init__(self, kernel, attrs: dict, keep_in: np.ndarray, keep_out: np.ndarray, rows_per_image: int,
-                 seed: int = 0, relu_steps: int = 0):
+                 seed: int = 0, relu_steps: int = 0, prior=None):
         """``relu_steps``: the layer's output (or its sum with a skip tensor, see :meth:`add`) goes
-        into a Relu, and the fit takes this many majorize-minimize steps on the error after it."""
+        into a Relu, and the fit takes this many majorize-minimize steps on the error after it.
+        ``prior``: the original layer's (weight, bias or None), all channels, which the ridge
+        shrinks the fit toward (sliced to the kept ones) rather than toward zero, so that a
+        layer whose slicing is already exact stays exact; held by reference, read at the solve."""
         self.kernel = list(kernel)
         self.attrs = attrs
         self.strides = list(attrs.get("strides", [1, 1]))
@@ -197,6 +209,7 @@ class PatchFit:
         self.gram = self.rhs = None  # made at the first batch: a fit waits for its turn holding nothing
         self.relu_steps = relu_steps
         self.kept: list = []  # (rows, the original pre-activation, skip) per batch, for the ReLU steps
+        self.prior = prior
 
     def positions(self, images: int, positions: int) -> Optional[np.ndarray]:
         """The output positions to fit at, ``rows_per_image`` random ones of each image's
@@ -262,6 +275,9 @@ class PatchFit:
         if self.gram is None:
             return None
         factor = _factor(self.gram, ridge)
+        if factor is not None and self.prior is not None:
+            # (G + R) theta = rhs + R theta_0: the ridge pulls toward the sliced original weights
+            self.rhs = self.rhs + _ridge(self.gram, ridge)[:, None] * self._prior_theta()
         sol = None if factor is None else _solve_with(factor, self.rhs)
         if sol is not None and self.kept:
             sol = self._relu_steps(sol, factor)
@@ -270,6 +286,16 @@ class PatchFit:
             return None
         k = int(self.keep_in.sum())
         return sol[:-1].T.reshape((len(self.keep_out), k) + tuple(self.kernel)), sol[-1]
+
+    def _prior_theta(self) -> np.ndarray:
+        """The original layer's weights on the kept inputs and outputs, in the solution's layout
+        (im2col columns x kept outputs, the bias last)."""
+        weight, bias = self.prior
+        w = np.asarray(weight)[self.keep_out][:, self.keep_in]
+        theta = np.empty((w[0].size + 1, len(self.keep_out)))
+        theta[:-1] = w.reshape(len(self.keep_out), -1).T
+        theta[-1] = 0.0 if bias is None else np.asarray(bias)[self.keep_out]
+        return theta
 
     def _relu_steps(self, sol: np.ndarray, factor) -> np.ndarray:
         """Least squares on the pre-activation charges errors that the Relu after the layer
@@ -327,17 +353,22 @@ class ChannelFit:
         self.cross += a.T @ t
         self.rows += a.shape[0]
 
+    def _selection(self) -> np.ndarray:
+        """Each kept channel standing for itself and each removed one for nothing: the layer
+        merely sliced, in the regression's layout (kept channels x original ones, intercept last)."""
+        k = self.gram.shape[0] - 1
+        keep = self.keep_in if self.keep_in is not None else np.arange(self.cross.shape[1]) < k
+        theta = np.zeros((k + 1, self.cross.shape[1]))
+        theta[np.arange(k), np.flatnonzero(keep)] = 1.0
+        return theta
+
     def _means_only(self) -> np.ndarray:
         """Each kept channel stands for itself, shifted to its original mean; each removed one
         for its mean. Used when there are too few samples for a regression."""
-        k = self.gram.shape[0] - 1
         mean_new = self.gram[-1, :-1] / self.rows
-        mean_orig = self.cross[-1] / self.rows
-        keep = self.keep_in if self.keep_in is not None else np.arange(self.cross.shape[1]) < k
-        theta = np.zeros((k + 1, self.cross.shape[1]))
-        kept = np.flatnonzero(keep)
-        theta[np.arange(k), kept] = 1.0
-        theta[-1] = mean_orig
+        theta = self._selection()
+        kept = theta[:-1].argmax(axis=1)
+        theta[-1] = self.cross[-1] / self.rows
         theta[-1, kept] -= mean_new
         return theta
 
@@ -347,7 +378,10 @@ class ChannelFit:
         if 8 * self.rows < self.gram.shape[0]:
             theta = self._means_only()  # far fewer samples than unknowns: a regression would be noise
         else:
-            theta = _solve(self.gram, self.cross, ridge)  # x_orig ~ [x_new, 1] theta
+            # x_orig ~ [x_new, 1] theta, the ridge pulling toward the merely sliced layer, so that
+            # a layer whose input the pruning left as it was stays as it was
+            reg = _ridge(self.gram, ridge)
+            theta = None if reg is None else _solve(self.gram, self.cross + reg[:, None] * self._selection(), ridge)
         if theta is None:
             return None
         return _combine(theta, self.f, self.b)
