@@ -115,9 +115,11 @@ def load_labelled(path: str) -> Labelled:
 
 
 # notes about the refit, dropped when the refit is not what is written
+# notes about the refit, dropped where the refit is not written
 REFIT_NOTES = ("ill-conditioned refit, ",
                "no refit for these layers (grouped convs, a weight the op rules cannot read, or a MatMul whose "
-               "input is not (rows, features)), left as sliced: ")
+               "input is not (rows, features)), left as sliced: ",
+               "refit not solved (ill-conditioned, or a layer shape the fit does not handle), left as sliced: ")
 
 
 def prune(model: ModelSource, calib: CalibSource, options: Optional[PruneOptions] = None, *,
@@ -447,8 +449,7 @@ def _at_target(run: _Run, opts: PruneOptions, progress, first: bool) -> PruneRes
         seconds["refit"] = time.perf_counter() - t
         report.refitted_layers += len(seq.patch) + len(seq.channel)
         if seq.failed:
-            report.notes.append("refit not solved (ill-conditioned, or a layer shape the fit does not handle), "
-                                "left as sliced: " + ", ".join(seq.failed))
+            report.notes.append(REFIT_NOTES[2] + ", ".join(seq.failed))
         if seq.unsupported:
             report.notes.append(REFIT_NOTES[1] + ", ".join(seq.unsupported))
     def drift_corrected(model: onnx.ModelProto) -> List[str]:

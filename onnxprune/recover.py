@@ -197,6 +197,12 @@ def _refit_candidates(pruned: onnx.ModelProto, changed: set, kind_of) -> Tuple[L
 FIT_ERRORS = (ValueError, np.linalg.LinAlgError, scipy.linalg.LinAlgError, FloatingPointError)
 
 
+def _reason(error: Exception) -> str:
+    """What a fit raised, in a few words for the report."""
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text[:120]}" if text else type(error).__name__
+
+
 @dataclass
 class SequentialLog:
     patch: List[str] = field(default_factory=list)
@@ -279,7 +285,7 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
         with progress("refitting layers", len(layers)) as update, blas_single_thread():
             for step, wave in enumerate(waves):
                 fits = {}
-                broken = set()  # layers whose fit raised: left as sliced, as an ill-conditioned one
+                broken = {}  # layer -> why its fit raised: left as sliced, as an ill-conditioned one
                 for k in wave:
                     name = names[k]
                     fits[name] = patch_fits[name] or (_channel_fit(*channel_weights[name], o_nodes[name], keep, repeat)
@@ -322,8 +328,8 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                                 fit.add(targets[name].read("rows", b0, b0 + real), pos, x_new, skip)
                             else:
                                 fit.add(targets[name].read("input", b0, b0 + real), x_new)
-                        except FIT_ERRORS:
-                            broken.add(name)
+                        except FIT_ERRORS as e:
+                            broken[name] = _reason(e)
                 for k in wave:
                     name = names[k]
                     fit = fits.pop(name)
@@ -332,12 +338,12 @@ def refit_sequential(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: C
                     if fit is not None and name not in broken:
                         try:
                             solved = fit.solve(ridge)
-                        except FIT_ERRORS:
-                            broken.add(name)
+                        except FIT_ERRORS as e:
+                            broken[name] = _reason(e)
                     if fit is None:
                         log.unsupported.append(name)
                     elif solved is None:
-                        log.failed.append(name)
+                        log.failed.append(name + (f" ({broken[name]})" if name in broken else ""))
                     else:
                         _apply(pruned, layers[k], solved, fit, shared, biases.get(name))
                         (log.channel if isinstance(fit, ChannelFit) else log.patch).append(name)

@@ -275,12 +275,13 @@ class PatchFit:
         if self.gram is None:
             return None
         factor = _factor(self.gram, ridge)
+        rhs = self.rhs
         if factor is not None and self.prior is not None:
             # (G + R) theta = rhs + R theta_0: the ridge pulls toward the sliced original weights
-            self.rhs = self.rhs + _ridge(self.gram, ridge)[:, None] * self._prior_theta()
-        sol = None if factor is None else _solve_with(factor, self.rhs)
+            rhs = rhs + _ridge(self.gram, ridge)[:, None] * self._prior_theta()
+        sol = None if factor is None else _solve_with(factor, rhs)
         if sol is not None and self.kept:
-            sol = self._relu_steps(sol, factor)
+            sol = self._relu_steps(sol, factor, rhs)
         self.kept = []
         if sol is None:
             return None
@@ -297,7 +298,7 @@ class PatchFit:
         theta[-1] = 0.0 if bias is None else np.asarray(bias)[self.keep_out]
         return theta
 
-    def _relu_steps(self, sol: np.ndarray, factor) -> np.ndarray:
+    def _relu_steps(self, sol: np.ndarray, factor, rhs: np.ndarray) -> np.ndarray:
         """Least squares on the pre-activation charges errors that the Relu after the layer
         erases: wherever the original pre-activation y is negative, any prediction u below zero
         gives the same output. Majorize-minimize on |relu(u) - relu(y)|^2: each step sets the
@@ -315,7 +316,7 @@ class PatchFit:
                     if skip is not None:
                         u += skip
                     shift += a.T @ np.where(y > 0, 0.0, np.minimum(u, 0.0) - y)
-            step = _solve_with(factor, self.rhs + shift)
+            step = _solve_with(factor, rhs + shift)
             if step is None:
                 break
             sol = step

@@ -205,13 +205,28 @@ def test_sliced_refit_channels_are_written_when_they_beat_no_recover(monkeypatch
     the rejected refit's channels, sliced, are what is written."""
     import onnxprune.api as api
 
+    from onnxprune import refit
+
     _sabotage_refit(monkeypatch)
     _make_no_recover_lose(monkeypatch)
+    # and one layer's fit raises, so that the refit's own report names it as left as sliced
+    solve, calls, raised = refit.PatchFit.solve, [], []
+
+    def solve_or_fail(self, ridge):
+        calls.append(self)
+        if len(calls) == 2:  # the second: the first layer's refit, negated, still spoils the model
+            raised.append(self)
+            raise ValueError("shapes do not match")
+        return solve(self, ridge)
+
+    monkeypatch.setattr(refit.PatchFit, "solve", solve_or_fail)
     model, calib = _shipped("mnist_cnn")
     result = api.prune(model, calib, onnxprune.PruneOptions(flops=0.5, max_images=128, latency=False))
     report = result.report
-    assert report.refit_rejected and report.payoff == "refit"
+    assert raised and report.refit_rejected and report.payoff == "refit"
     assert any("did no better" in n for n in report.notes)
+    # nothing said of the refit's layers survives: none of them is in the written model
+    assert not any("left as sliced" in n or "ill-conditioned" in n for n in report.notes)
     # what is written is the refit's channels merely sliced: not refitted, and said so
     assert report.refitted_layers == 0 and report.fidelity_without_refit is None
     assert report.fidelity_rejected_refit["relative_error"] > report.fidelity_relative_error
@@ -883,8 +898,21 @@ def test_a_fit_that_raises_leaves_its_layer_as_sliced_and_the_others_refitted(mo
     monkeypatch.setattr(refit.PatchFit, "solve", solve_or_fail)
     report = onnxprune.prune(model, calib, onnxprune.PruneOptions(flops=0.4, max_images=64, latency=False)).report
     failed = [n for n in report.notes if n.startswith("refit not solved")]
-    assert len(failed) == 1 and "," not in failed[0].split("left as sliced: ")[1]  # one layer named
+    assert len(failed) == 1 and failed[0].endswith("(ValueError: shapes do not match)")  # one layer, and why
     assert report.refitted_layers >= 2
+
+
+def test_a_patch_fit_solves_the_same_twice():
+    # the prior's term is added to the right-hand side for the solve, not into the fit's sums
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 3, 6, 6)).astype(np.float32)
+    w = rng.normal(size=(5, 3, 3, 3)).astype(np.float32)
+    fit = PatchFit([3, 3], {"pads": [1, 1, 1, 1]}, np.array([1, 1, 0], dtype=bool), np.ones(5, dtype=bool),
+                   rows_per_image=36, prior=(w, None))
+    target = im2col(x, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]) @ w.reshape(5, -1).T
+    fit.add(target.reshape(4, 36, 5), None, x[:, :2])
+    first, second = fit.solve(ridge=0.1), fit.solve(ridge=0.1)
+    assert np.array_equal(first[0], second[0]) and np.array_equal(first[1], second[1])
 
 
 def test_where_slicing_is_exact_the_refit_stays_exact():
