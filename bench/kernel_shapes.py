@@ -28,13 +28,18 @@ from run_bench import HERE, machine_text
 from onnxprune.kernels import conv_kernels  # noqa: E402  (run_bench put the repository on sys.path)
 
 
-def kernel_table(path: str):
-    """Rows (node name, held dims, run dims, counted MACs, executed MACs) per Conv of ``path``, at batch 1."""
-    model = onnx.load(path)
+def model_kernels(model, providers=("CPUExecutionProvider",)):
+    """onnxprune.kernels.conv_kernels of a model (or a model file) at batch 1 of its first
+    input's own shape; None off the CPU provider."""
+    model = onnx.load(model) if isinstance(model, str) else model
     x = model.graph.input[0]
     shape = (1,) + tuple(d.dim_value for d in x.type.tensor_type.shape.dim[1:])
-    kernels = conv_kernels(model, {x.name: shape}, ["CPUExecutionProvider"])
-    return [(c.name, c.held, c.run, c.counted, c.executed) for c in kernels.convs]
+    return conv_kernels(model, {x.name: shape}, list(providers))
+
+
+def kernel_table(path: str):
+    """Rows (node name, held dims, run dims, counted MACs, executed MACs) per Conv of ``path``, at batch 1."""
+    return [(c.name, c.held, c.run, c.counted, c.executed) for c in model_kernels(path).convs]
 
 
 def main() -> None:

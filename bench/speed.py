@@ -24,11 +24,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import os
 
 import numpy as np
 import onnxruntime as ort
 
+from kernel_shapes import model_kernels
 from run_bench import HERE, MODELS, accuracy, machine_text
 
 import onnxprune  # noqa: E402  (run_bench put the repository on sys.path)
@@ -55,16 +57,15 @@ def _median_latency(model_path, result, calib, repeat, batches, providers):
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _original_kernels(model_path, providers):
+    return model_kernels(model_path, providers)
+
+
 def _kernels_reduction(model_path, pruned, providers) -> str:
     """The share of the original's convolution MACs that onnxruntime's CPU kernels no longer run."""
-    import onnx
-    from onnxprune.kernels import conv_kernels
-
-    original = onnx.load(model_path)
-    name = original.graph.input[0].name
-    shape = (1,) + tuple(d.dim_value for d in original.graph.input[0].type.tensor_type.shape.dim[1:])
-    was, now = (conv_kernels(m, {name: shape}, providers) for m in (original, pruned))
-    return "-" if was is None else f"{1 - now.executed / was.executed:.1%}"
+    was = _original_kernels(model_path, tuple(providers))  # the same for every row of a model
+    return "-" if was is None else f"{1 - model_kernels(pruned, providers).executed / was.executed:.1%}"
 
 
 def _parse_plan(text):

@@ -114,7 +114,6 @@ def load_labelled(path: str) -> Labelled:
     return x.astype(np.float32, copy=False), y.astype(np.int64, copy=False)
 
 
-# notes about the refit, dropped when the refit is not what is written
 # notes about the refit, dropped where the refit is not written
 REFIT_NOTES = ("ill-conditioned refit, ",
                "no refit for these layers (grouped convs, a weight the op rules cannot read, or a MatMul whose "

@@ -59,9 +59,9 @@ def _ridge(gram: np.ndarray, ridge: float) -> Optional[np.ndarray]:
     return reg
 
 
-def _factor(gram: np.ndarray, ridge: float):
-    """The Cholesky factor of ``gram`` with the ridge added, or None where it has none."""
-    reg = _ridge(gram, ridge)
+def _factor(gram: np.ndarray, reg: Optional[np.ndarray]):
+    """The Cholesky factor of ``gram`` with the ridge ``reg`` (:func:`_ridge`) added, or None
+    where it has none."""
     if reg is None:
         return None
     try:
@@ -75,11 +75,18 @@ def _solve_with(factor, rhs: np.ndarray) -> Optional[np.ndarray]:
     return sol if np.isfinite(sol).all() else None
 
 
-def _solve(gram: np.ndarray, rhs: np.ndarray, ridge: float) -> Optional[np.ndarray]:
-    """Ridge least squares from the normal equations. An ill-conditioned system (dead or
-    duplicate channels) is what the ridge is for."""
-    factor = _factor(gram, ridge)
-    return None if factor is None else _solve_with(factor, rhs)
+def _solve_toward(gram: np.ndarray, rhs: np.ndarray, ridge: float, prior: Optional[np.ndarray]):
+    """Ridge least squares from the normal equations, (G + R) theta = rhs + R theta_0: the
+    ridge pulls the solution toward ``prior`` (theta_0; zero where None). An ill-conditioned
+    system (dead or duplicate channels) is what the ridge is for. Returns the factor and the
+    right-hand side used (the ReLU steps solve again with both), and the solution, or Nones."""
+    reg = _ridge(gram, ridge)
+    factor = _factor(gram, reg)
+    if factor is None:
+        return None, None, None
+    if prior is not None:
+        rhs = rhs + reg[:, None] * prior
+    return factor, rhs, _solve_with(factor, rhs)
 
 
 BLOCK_ELEMENTS = 2 ** 22  # weights are taken to float64 this many elements at a time
@@ -274,12 +281,9 @@ class PatchFit:
     def solve(self, ridge: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
         if self.gram is None:
             return None
-        factor = _factor(self.gram, ridge)
-        rhs = self.rhs
-        if factor is not None and self.prior is not None:
-            # (G + R) theta = rhs + R theta_0: the ridge pulls toward the sliced original weights
-            rhs = rhs + _ridge(self.gram, ridge)[:, None] * self._prior_theta()
-        sol = None if factor is None else _solve_with(factor, rhs)
+        # the ridge pulls toward the sliced original weights
+        factor, rhs, sol = _solve_toward(self.gram, self.rhs, ridge,
+                                         self._prior_theta() if self.prior is not None else None)
         if sol is not None and self.kept:
             sol = self._relu_steps(sol, factor, rhs)
         self.kept = []
@@ -381,8 +385,7 @@ class ChannelFit:
         else:
             # x_orig ~ [x_new, 1] theta, the ridge pulling toward the merely sliced layer, so that
             # a layer whose input the pruning left as it was stays as it was
-            reg = _ridge(self.gram, ridge)
-            theta = None if reg is None else _solve(self.gram, self.cross + reg[:, None] * self._selection(), ridge)
+            theta = _solve_toward(self.gram, self.cross, ridge, self._selection())[2]
         if theta is None:
             return None
         return _combine(theta, self.f, self.b)

@@ -87,6 +87,13 @@ class Report:
         return 1.0 - self.macs_after / self.macs_before if self.macs_before else 0.0
 
     @property
+    def kernels_reduction(self) -> Optional[float]:
+        """The share of the original's convolution MACs onnxruntime's CPU kernels no longer run
+        (None where they were not read)."""
+        k = self.kernel_macs
+        return 1.0 - k["executed_after"] / k["executed_before"] if k else None
+
+    @property
     def params_reduction(self) -> float:
         return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
 
@@ -150,7 +157,7 @@ class Report:
             # that is much of the time pruning cannot shorten: say what was timed
             copies = "; each run copies its input to the GPU and output back" if where.startswith("CUDA") else ""
             add(f"latency: median over fresh onnxruntime sessions on {where}, interleaved{copies}")
-        kernels = _kernel_text(self.kernel_macs) if self.kernel_macs else None
+        kernels = _kernel_text(self.kernel_macs, self.kernels_reduction) if self.kernel_macs else None
         if kernels:
             add(kernels)
         if self.gates:
@@ -212,11 +219,11 @@ class Report:
 PADDED_LISTED = 3  # padded layers named in the summary; --report lists them all
 
 
-def _kernel_text(k: dict) -> Optional[str]:
-    """One line: the convolution MACs onnxruntime's CPU kernels run, against those counted;
-    None where they agree within half a point and no pruned layer is padded."""
+def _kernel_text(k: dict, executed: float) -> Optional[str]:
+    """One line: the convolution MACs onnxruntime's CPU kernels run (``executed``: the share
+    removed), against those counted; None where they agree within half a point and no pruned
+    layer is padded."""
     counted = 1 - k["counted_after"] / k["counted_before"]
-    executed = 1 - k["executed_after"] / k["executed_before"]
     padded = k["padded"]
     if not padded and abs(counted - executed) < 0.005:
         return None

@@ -68,7 +68,7 @@ def run_sweep(model_path: str, calib, targets: Sequence[float], out_dir: str, op
             target, True, path, r.flops_reduction, r.params_reduction, r.accuracy_before, r.accuracy_after,
             r.fidelity_top1_agreement, r.fidelity_relative_error, list(r.latency),
             r.wall_seconds - r.seconds.get("latency", 0.0), rounding=r.rounding,  # the conversion proper
-            kernels_reduction=_kernels_reduction(r.kernel_macs)))
+            kernels_reduction=r.kernels_reduction))
 
     def announce(target):
         log(f"sweep: --flops {target:g}")
@@ -85,10 +85,6 @@ def run_sweep(model_path: str, calib, targets: Sequence[float], out_dir: str, op
     except ImportError:
         sweep.notes.append("matplotlib is not installed, so no plot: pip install 'onnxprune[plot]'")
     return sweep
-
-
-def _kernels_reduction(k: Optional[dict]) -> Optional[float]:
-    return 1.0 - k["executed_after"] / k["executed_before"] if k else None
 
 
 def _latency_cell(row: SweepRow, index: int) -> str:
