@@ -239,14 +239,16 @@ def _check_reachable(plan: _Planner, before: int, target: int, flops: float, wha
 def allocate(analysis: Analysis, ranked: Dict[int, np.ndarray], flops: float, min_keep: float, round_to: int,
              mode: str = "uniform", loss: Optional[Dict[int, np.ndarray]] = None,
              gates: Optional[Dict[int, np.ndarray]] = None, cost_model=None, rank_model=None,
-             narrow_unit: int = 0) -> Allocation:
+             narrow_unit: int = 0, exhaustive: bool = True) -> Allocation:
     """``ranked``: per prunable group, its players most important first.
     ``loss`` (auto mode): per group, loss[k] = payoff lost when the k best are kept, loss[n] = 0.
     ``gates`` (threshold mode): per group, a gate (or any increasing function of it, such as its
     logit, which does not saturate) per player, in any order.
     ``cost_model``: what ``flops`` is a share of; MACs by default, or a
     :class:`onnxprune.latency_model.LatencyModel` for a latency target. The Allocation's
-    ``macs_*`` fields are then in that model's units."""
+    ``macs_*`` fields are then in that model's units. ``exhaustive`` (auto mode): where the
+    greedy steps and the trades land more than a point past the target, search every plan
+    (:func:`_exact_plan`)."""
     ranked, essential = essentials_first(analysis, ranked)
     plan = _Planner(analysis, ranked, min_keep, round_to, essential, cost_model, narrow_unit)
     before = plan.model.macs(np.ones(analysis.num_players, dtype=bool))
@@ -259,7 +261,10 @@ def allocate(analysis: Analysis, ranked: Dict[int, np.ndarray], flops: float, mi
     else:
         kept = _greedy(plan, target, loss, rank_model)
     kept = _give_back(plan, kept, target, loss)
-    kept = _close_gap(plan, kept, target, int(math.floor(before * 0.01)), loss)
+    tolerance = int(math.floor(before * 0.01))
+    kept = _close_gap(plan, kept, target, tolerance, loss)
+    if mode == "auto" and exhaustive and target - plan.macs(kept) > tolerance:
+        kept = _exact_plan(plan, target, tolerance, loss) or kept
     return Allocation(plan.mask(kept), kept, before, plan.macs(kept), target)
 
 
@@ -427,6 +432,60 @@ def _cheapest_trade(plan: _Planner, kept: Dict[int, int], target: int, tolerance
                     lost = sum(float(loss[g][k]) for g, k in trial.items())
                     if lost < best_loss:
                         best, best_loss = trial, lost
+    return best
+
+
+EXACT_PLAN_LIMIT = 1 << 18  # plans up to which a missed target is searched for exhaustively
+EXACT_CHUNK = 1 << 14  # plans costed at once
+
+
+def _exact_plan(plan: _Planner, target: int, tolerance: int,
+                loss: Dict[int, np.ndarray]) -> Optional[Dict[int, int]]:
+    """Of all plans (every allowed count of every group, none under its floor), the one that
+    lands within ``tolerance`` under the target losing least payoff; None if none does or there
+    are more than EXACT_PLAN_LIMIT plans.
+
+    Run only where the greedy steps and the trades missed the window: few, coarse groups (a
+    small network at a --round-to as wide as its groups allow), where a plan that lands can
+    sit several steps of several groups away from the greedy one. The counts are linear in each group's
+    kept count, so every plan's channel counts are a sum of one column per group, and all of a
+    chunk's MACs come from one vectorised product."""
+    model = plan.model
+    groups = sorted(plan.size)
+    options = {g: [int(k) for k in plan.allowed[g] if k >= plan.floor[g]] for g in groups}
+    total = 1
+    for g in groups:
+        total *= max(len(options[g]), 1)
+        if total > EXACT_PLAN_LIMIT:
+            return None
+    full = model.counts(np.ones(plan.analysis.num_players, dtype=bool))
+    removed, lost = {}, {}
+    for g in groups:  # per option, the counts it takes away and the payoff it loses
+        removed[g] = np.stack([model.per_player[:, plan.ranked[g][k:]].sum(axis=1) for k in options[g]], axis=1)
+        lost[g] = np.array([float(loss[g][k]) for k in options[g]])
+    best, best_loss, best_macs = None, math.inf, -1.0
+    for start in range(0, total, EXACT_CHUNK):
+        index = np.arange(start, min(start + EXACT_CHUNK, total))
+        counts = np.repeat(full[:, None], len(index), axis=1)
+        lost_here = np.zeros(len(index))
+        digits = {}
+        rest = index
+        for g in groups:  # mixed radix: each plan's option per group
+            digits[g] = rest % len(options[g])
+            rest = rest // len(options[g])
+            counts -= removed[g][:, digits[g]]
+            lost_here += lost[g][digits[g]]
+        macs = model.macs_of_counts(counts)
+        fits = np.flatnonzero((macs <= target) & (macs >= target - tolerance))
+        if len(fits) == 0:
+            continue
+        # least payoff lost; of equal losses, the plan nearest the target
+        i = fits[np.lexsort((-macs[fits], lost_here[fits]))[0]]
+        if (lost_here[i], -macs[i]) < (best_loss, -best_macs):
+            best_loss, best_macs = float(lost_here[i]), float(macs[i])
+            best = {g: options[g][int(digits[g][i])] for g in groups}
+    if best is not None and plan.macs(best) > target:  # rounding in the vectorised sum
+        return None
     return best
 
 

@@ -367,7 +367,7 @@ def _at_target(run: _Run, opts: PruneOptions, progress, first: bool) -> PruneRes
         with progress("learning gates", 1) as update:
             ranked, loss, importance, gated = _gate(analysis, opts, stats)
             update(1)
-        alloc, opts, narrow = _allocate_rounded(roundings, opts, opts.flops, lambda r, u: allocate(
+        alloc, opts, narrow = _allocate_rounded(roundings, opts, opts.flops, lambda r, u, last: allocate(
             analysis, ranked, opts.flops, opts.min_keep, r, "threshold", loss, gates=gated.logits,
             narrow_unit=u))
     else:
@@ -382,9 +382,9 @@ def _at_target(run: _Run, opts: PruneOptions, progress, first: bool) -> PruneRes
             rank_model = timed
 
         def allocate_at(share, opts=opts):
-            return _allocate_rounded(roundings, opts, share, lambda r, u: allocate(
+            return _allocate_rounded(roundings, opts, share, lambda r, u, last: allocate(
                 analysis, ranked, share, opts.min_keep, r, opts.allocation, loss, cost_model=cost_model,
-                rank_model=rank_model, narrow_unit=u))
+                rank_model=rank_model, narrow_unit=u, exhaustive=last))
 
         if opts.latency_target is not None:
             t_steer = time.perf_counter()
@@ -688,11 +688,15 @@ def _rounding_text(round_to: int, narrow: int) -> str:
 def _allocate_rounded(roundings: List[Tuple[int, int]], opts: PruneOptions, target: float, attempt):
     """The first allocation, over ``roundings``, that meets the target within one point; else
     the closest one made; else the last rounding's error. Returns it, ``opts`` with the
-    --round-to used, and the narrow unit used."""
+    --round-to used, and the narrow unit used. ``attempt(round_to, narrow_unit, last)``: ``last``
+    is true for the last rounding, the only one allowed the exhaustive search for a plan within
+    the point (:func:`onnxprune.allocate.allocate`): a coarser rounding that misses gives way to
+    a finer one, whose plans lost less on mnist_cnn than the coarse plans that search finds
+    (bench/results/2026-11-22-exact-plans.md)."""
     best, error = None, None
-    for r, u in roundings:
+    for i, (r, u) in enumerate(roundings):
         try:
-            alloc = attempt(r, u)
+            alloc = attempt(r, u, i == len(roundings) - 1)
         except TargetError as e:
             error = e
             continue

@@ -53,6 +53,18 @@ def test_finer_rounding_where_the_blocks_overshoot_the_target(block_16):
     assert report.rounding.startswith("channels in multiples of 8;") and "could not meet the target" in report.rounding
 
 
+def test_an_explicit_round_to_lands_within_a_point_where_some_plan_does():
+    # mnist_cnn in whole blocks at -50%: the greedy steps and their trades land more than a
+    # point past the target (its five groups move in steps of 16), though a plan of the same
+    # blocks lands within it; an explicit --round-to, with no finer rounding to fall back to,
+    # takes that plan
+    report = _prune("mnist_cnn", 0.5, round_to=16)
+    assert 0.5 <= report.flops_reduction <= 0.51
+    assert not any("more than 1 point" in n for n in report.notes)
+    for g in report.groups:
+        assert g.kept % 16 == 0 or g.kept == g.channels, (g.name, g.kept, g.channels)
+
+
 @pytest.mark.parametrize("round_to, advice", [(8, "try --round-to 1"), (None, "with channels unrounded"), (1, "with channels unrounded")])
 def test_missed_target_note_advises_only_what_was_not_tried(round_to, advice):
     """A two-channel group moves in steps of half its FLOPs: -20% cannot be met within a point.
