@@ -15,6 +15,12 @@ def _ranked(analysis):
     return {g.index: np.flatnonzero(analysis.player_group == g.index) for g in analysis.prunable_groups()}
 
 
+def _random_curves(ranked, rng):
+    """Per group, a falling loss curve of random steps and scale (loss[n] = 0)."""
+    return {g: np.concatenate([np.sort(rng.random(len(p)))[::-1] * rng.uniform(0.1, 3), [0.0]])
+            for g, p in ranked.items()}
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_incremental_mac_model_equals_full_count(name):
     _, analysis = analysis_of(MODELS[name]())
@@ -103,8 +109,7 @@ def test_gap_closing_trades_the_steps_that_lose_least_payoff():
     rng = np.random.default_rng(0)
     checked = 0
     for _ in range(60):
-        loss = {g: np.concatenate([np.sort(rng.random(len(p)))[::-1] * rng.uniform(0.1, 3), [0.0]])
-                for g, p in ranked.items()}
+        loss = _random_curves(ranked, rng)
         ratio = float(rng.uniform(0.2, 0.6))
         a = allocate(analysis, ranked, ratio, 0.1, 2, "auto", loss)
         ordered, essential = essentials_first(analysis, ranked)
@@ -144,8 +149,7 @@ def test_auto_lands_within_a_point_whenever_some_plan_does(monkeypatch):
     rng = np.random.default_rng(1)
     rescued = 0
     for _ in range(200):
-        loss = {g: np.concatenate([np.sort(rng.random(len(p)))[::-1] * rng.uniform(0.1, 3), [0.0]])
-                for g, p in ranked.items()}
+        loss = _random_curves(ranked, rng)
         ratio = float(rng.uniform(0.15, 0.6))
         try:
             a = allocate(analysis, ranked, ratio, 0.0, 1, "auto", loss)
