@@ -617,7 +617,8 @@ def _kernel_macs(run: "_Run", pruned: onnx.ModelProto, notes: List[str]) -> Opti
     held_before = {c.name: c.held for c in was.convs}
     # a layer the pruning cut that runs padded: there the cut saved less than it counts
     return dict(counted_before=was.counted, executed_before=was.executed, counted_after=now.counted,
-                executed_after=now.executed,
+                executed_after=now.executed, layout_changes_before=was.layout_changes,
+                layout_changes_after=now.layout_changes,
                 padded=[dict(layer=c.name, held=list(c.held[:2]), run=list(c.run[:2]))
                         for c in now.convs if c.padded and held_before.get(c.name) != c.held])
 

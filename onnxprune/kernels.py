@@ -8,6 +8,10 @@ whole blocks. Measured with onnxruntime 1.31 on an AVX-512 CPU (bench/kernel_sha
 faster, and resnet20_fmnist pruned by 50.2% of its counted MACs runs 41.5% fewer. So the
 report says how many convolution MACs the runtime executes beside how many the model holds:
 that, not the count, bounds the speedup, and the padded layers say where a cut bought nothing.
+A conv reading fewer channels than a block, or not a whole number of blocks, reads the plain
+layout: onnxruntime converts the blocked tensor back for it (ReorderOutput), a pass over the
+data that the original did not make (three of them took 3% of resnet20_fmnist's pruned model's
+time at batch 128, bench/results/2026-11-22-node-profile-resnet20.md); the report counts them too.
 
 It is read from onnxruntime's own optimised graph, not assumed: whatever padding (or none)
 the installed build does is what is reported. Convolutions are paired with the model's by
@@ -33,6 +37,7 @@ from .runtime import make_session
 from .shapes import Shape, static_shapes
 
 NCHWC_SUFFIX = "_nchwc"
+LAYOUT_OPS = ("ReorderInput", "ReorderOutput")  # onnxruntime's conversions to and from its blocked layout
 FUSED_DEPTH = 4  # elementwise ops after a convolution that onnxruntime may fuse into it
 
 
@@ -52,6 +57,7 @@ class ConvKernel:
 @dataclass
 class KernelMacs:
     convs: List[ConvKernel] = field(default_factory=list)
+    layout_changes: int = 0  # LAYOUT_OPS nodes in the optimised graph, each a pass over a tensor
 
     @property
     def counted(self) -> int:
@@ -120,7 +126,7 @@ def conv_kernels(model: onnx.ModelProto, input_shapes: Dict[str, Shape], provide
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     run = _run_dims(model, optimised)
-    out = KernelMacs()
+    out = KernelMacs(layout_changes=sum(n.op_type in LAYOUT_OPS for n in optimised.graph.node))
     for node, held in _conv_weights(model):
         shape = shapes.get(node.output[0])
         if held is None or shape is None or len(shape) < 3 or any(d is None for d in shape[2:]):

@@ -221,11 +221,12 @@ PADDED_LISTED = 3  # padded layers named in the summary; --report lists them all
 
 def _kernel_text(k: dict, executed: float) -> Optional[str]:
     """One line: the convolution MACs onnxruntime's CPU kernels run (``executed``: the share
-    removed), against those counted; None where they agree within half a point and no pruned
-    layer is padded."""
+    removed), against those counted; None where they agree within half a point, no pruned
+    layer is padded and onnxruntime converts layouts no more often than for the original."""
     counted = 1 - k["counted_after"] / k["counted_before"]
     padded = k["padded"]
-    if not padded and abs(counted - executed) < 0.005:
+    conversions = k.get("layout_changes_after", 0) - k.get("layout_changes_before", 0)
+    if not padded and abs(counted - executed) < 0.005 and conversions <= 0:
         return None
     text = (f"CPU kernels: onnxruntime's convolutions run {_fewer(executed)} multiply-accumulates than the "
             f"original's ({_fewer(counted)} counted)")
@@ -234,6 +235,9 @@ def _kernel_text(k: dict, executed: float) -> Optional[str]:
         more = f" and {len(padded) - PADDED_LISTED} more" if len(padded) > PADDED_LISTED else ""
         text += (f"; it pads {len(padded)} pruned layer{'s' if len(padded) > 1 else ''} to whole channel blocks "
                  f"({named}{more}), where a cut saves less than it counts")
+    if conversions > 0:
+        text += (f"; it converts {conversions} more tensor{'s' if conversions > 1 else ''} between its blocked "
+                 f"layout and the plain one, for layers reading part of a block")
     return text
 
 

@@ -49,6 +49,8 @@ def test_a_conv_keeping_12_of_16_filters_runs_16():
     assert row.executed == row.counted * 16 // 12
     assert cut.executed > cut.counted
     assert cut.counted < whole.counted and cut.executed < whole.executed  # its consumer still reads 12
+    # that consumer reads 12 channels, under a block: onnxruntime converts the padded output back
+    assert cut.layout_changes > whole.layout_changes
 
     assert conv_kernels(model, _input_shapes(model), ["CUDAExecutionProvider", "CPUExecutionProvider"]) is None
 
@@ -107,5 +109,9 @@ def test_summary_names_the_padded_layers_and_is_silent_where_kernels_match():
     both = dict(padded, padded=[dict(layer="conv3", held=[24, 28], run=[32, 32])])
     assert "(conv3 24x28 -> 32x32 filters x inputs)" in Report(macs_before=1, macs_after=1, fidelity_relative_error=0.0,
                                                                  kernel_macs=both).format_text()
-    same = dict(padded, executed_after=500, padded=[])
+    same = dict(padded, executed_after=500, padded=[], layout_changes_before=1, layout_changes_after=1)
     assert "CPU kernels" not in Report(macs_before=1, macs_after=1, fidelity_relative_error=0.0, kernel_macs=same).format_text()
+    converted = dict(same, layout_changes_after=4)
+    assert ("(50.0% fewer counted); it converts 3 more tensors between its blocked layout and the plain one, "
+            "for layers reading part of a block") in Report(macs_before=1, macs_after=1, fidelity_relative_error=0.0,
+                                                            kernel_macs=converted).format_text()
