@@ -80,6 +80,7 @@ def main() -> None:
         lines.append(f"| `{node}` | {nodes0.get(node, 0):.0f} | {nodes1.get(node, 0):.0f} |")
     text = "\n".join(lines) + "\n"
     print(text)
+    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{datetime.date.today()}-{args.name}.md")
     with open(path, "w") as f:
         f.write(text)

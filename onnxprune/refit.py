@@ -59,11 +59,9 @@ def _ridge(gram: np.ndarray, ridge: float) -> Optional[np.ndarray]:
     return reg
 
 
-def _factor(gram: np.ndarray, reg: Optional[np.ndarray]):
+def _factor(gram: np.ndarray, reg: np.ndarray):
     """The Cholesky factor of ``gram`` with the ridge ``reg`` (:func:`_ridge`) added, or None
     where it has none."""
-    if reg is None:
-        return None
     try:
         return scipy.linalg.cho_factor(gram + np.diag(reg))
     except (np.linalg.LinAlgError, ValueError):
@@ -81,7 +79,7 @@ def _solve_toward(gram: np.ndarray, rhs: np.ndarray, ridge: float, prior: Option
     system (dead or duplicate channels) is what the ridge is for. Returns the factor and the
     right-hand side used (the ReLU steps solve again with both), and the solution, or Nones."""
     reg = _ridge(gram, ridge)
-    factor = _factor(gram, reg)
+    factor = None if reg is None else _factor(gram, reg)
     if factor is None:
         return None, None, None
     if prior is not None:
@@ -358,13 +356,17 @@ class ChannelFit:
         self.cross += a.T @ t
         self.rows += a.shape[0]
 
+    def _kept(self) -> np.ndarray:
+        """The original channels kept, in the pruned input's order."""
+        k = self.gram.shape[0] - 1
+        return np.flatnonzero(self.keep_in if self.keep_in is not None else np.arange(self.cross.shape[1]) < k)
+
     def _selection(self) -> np.ndarray:
         """Each kept channel standing for itself and each removed one for nothing: the layer
         merely sliced, in the regression's layout (kept channels x original ones, intercept last)."""
-        k = self.gram.shape[0] - 1
-        keep = self.keep_in if self.keep_in is not None else np.arange(self.cross.shape[1]) < k
-        theta = np.zeros((k + 1, self.cross.shape[1]))
-        theta[np.arange(k), np.flatnonzero(keep)] = 1.0
+        kept = self._kept()
+        theta = np.zeros((len(kept) + 1, self.cross.shape[1]))
+        theta[np.arange(len(kept)), kept] = 1.0
         return theta
 
     def _means_only(self) -> np.ndarray:
@@ -372,9 +374,8 @@ class ChannelFit:
         for its mean. Used when there are too few samples for a regression."""
         mean_new = self.gram[-1, :-1] / self.rows
         theta = self._selection()
-        kept = theta[:-1].argmax(axis=1)
         theta[-1] = self.cross[-1] / self.rows
-        theta[-1, kept] -= mean_new
+        theta[-1, self._kept()] -= mean_new
         return theta
 
     def solve(self, ridge: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
